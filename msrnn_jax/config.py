@@ -1,0 +1,224 @@
+"""Model configuration: one frozen, hashable dataclass that `jit` treats as static.
+
+`ModelConfig.from_hf_config` reads a Hugging Face `config.json` dictionary (the old
+`rope_theta`/`rope_scaling` layout and the newer `rope_parameters` layout alike) and
+raises `UnsupportedConfigError` naming any field that would change the math and that
+this implementation does not handle — better a loud error than a quietly wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+class MsrnnError(Exception):
+    """An error that the command line reports as one line (exit status 1)."""
+
+
+class UnsupportedConfigError(MsrnnError):
+    """A checkpoint asks for math this implementation does not do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and switches of a llama-like decoder. Hashable: safe as a static jit arg."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    # or ("linear", factor) or None.
+    rope_scaling: tuple | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # mistral: attend only to positions > p - W
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UnsupportedConfigError(
+                f"unknown model type {self.family!r} (supported: {', '.join(FAMILIES)})")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise UnsupportedConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies [D/2], float32, with the configured scaling."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+        inv = inv.astype(np.float32)
+        if self.rope_scaling is None:
+            return inv
+        kind = self.rope_scaling[0]
+        if kind == "linear":
+            return (inv / np.float32(self.rope_scaling[1])).astype(np.float32)
+        if kind == "llama3":
+            _, factor, low, high, old_ctx = self.rope_scaling
+            low_wl, high_wl = old_ctx / low, old_ctx / high
+            wavelen = 2 * math.pi / inv
+            out = np.where(wavelen > low_wl, inv / factor, inv)
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * out / factor + smooth * out
+            medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+            return np.where(medium, smoothed, out).astype(np.float32)
+        raise UnsupportedConfigError(f"rope scaling {kind!r}")  # pragma: no cover (checked on load)
+
+    # -- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = list(self.rope_scaling) if self.rope_scaling else None
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = tuple(d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UnsupportedConfigError(f"unknown config fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config dict; raise on any unhandled math."""
+        return _from_hf(hf)
+
+
+# Fields of HF configs that never change the forward math of these families.
+_IGNORED = {
+    "architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id", "dtype",
+    "torch_dtype", "transformers_version", "use_cache", "initializer_range", "model_type",
+    "attention_dropout", "output_hidden_states", "output_attentions", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "_name_or_path", "pretraining_tp", "tie_word_embeddings", "tokenizer_class", "name_or_path",
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "bias",
+    "is_llama_config", "rope_interleaved", "use_return_dict", "torchscript",
+    "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task",
+    "tf_legacy_loss", "pruned_heads", "cross_attention_hidden_size", "add_cross_attention",
+    "tie_encoder_decoder", "is_decoder", "typical_p", "temperature", "top_k", "top_p",
+    "max_length", "min_length", "do_sample", "num_beams", "repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "num_beam_groups", "diversity_penalty", "length_penalty",
+    "early_stopping", "encoder_no_repeat_ngram_size", "torch_compile", "_attn_implementation",
+    "_attn_implementation_autoset", "keys_to_ignore_at_inference", "base_model_tp_plan",
+    "base_model_pp_plan", "unsloth_fixed", "unsloth_version", "quantization_config",
+    "embedding_multiplier", "logits_scaling", "attention_multiplier", "residual_multiplier",
+    "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+    "partial_rotary_factor", "qk_layernorm", "use_qk_norm",
+}
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, tuple | None]:
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    if isinstance(params, dict) and params:
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else scaling
+    else:
+        theta = float(hf.get("rope_theta", 10000.0))
+    if isinstance(params, dict) and params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedConfigError(
+            f"unsupported config field partial_rotary_factor={params['partial_rotary_factor']}")
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, ("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        return theta, ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                       float(scaling["high_freq_factor"]),
+                       int(scaling["original_max_position_embeddings"]))
+    raise UnsupportedConfigError(f"unsupported config field rope_scaling type {kind!r}")
+
+
+def _from_hf(hf: dict[str, Any]) -> ModelConfig:
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise UnsupportedConfigError(
+            f"unknown model type {family!r} (supported: {', '.join(FAMILIES)})")
+    unknown = sorted(k for k in hf if k not in _IGNORED)
+    if unknown:
+        raise UnsupportedConfigError(f"unsupported config field {unknown[0]!r}"
+                                     + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedConfigError(f"unsupported config field hidden_act={hf['hidden_act']!r}")
+    if hf.get("mlp_bias"):
+        raise UnsupportedConfigError("unsupported config field mlp_bias=true")
+    if family == "llama" and hf.get("attention_bias"):
+        raise UnsupportedConfigError("unsupported config field attention_bias=true")
+    if hf.get("quantization_config"):
+        raise UnsupportedConfigError("unsupported config field quantization_config")
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types) and family != "mistral":
+        raise UnsupportedConfigError(f"unsupported config field layer_types={sorted(set(layer_types))}")
+    sliding = None
+    if family == "mistral":
+        sliding = hf.get("sliding_window")
+    elif family == "qwen2" and hf.get("use_sliding_window"):
+        raise UnsupportedConfigError("unsupported config field use_sliding_window=true")
+    for key in ("embedding_multiplier", "logits_scaling", "attention_multiplier", "residual_multiplier",
+                "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+                "partial_rotary_factor", "qk_layernorm", "use_qk_norm"):
+        if hf.get(key) not in (None, False, 1, 1.0):
+            raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r}")
+    theta, scaling = _rope(hf)
+    heads = int(hf["num_attention_heads"])
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    return ModelConfig(
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=(family == "qwen2"),
+        sliding_window=int(sliding) if sliding else None,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )

@@ -1,0 +1,308 @@
+"""A llama-like decoder written as a multi-state RNN (DESIGN.md §3).
+
+`step` consumes one token per batch row: every layer attends over its kept slots plus
+the new token, the policy picks the candidate to drop, and the new (key, value) is
+written into that slot in place. `lax.scan` drives the step over layers (stacked on a
+leading axis) and over tokens. Nothing ever changes shape.
+
+`forward_parallel` is the ordinary causal forward pass over a whole sequence; it serves
+the `oneshot` prompt mode and shows that the RNN and the transformer are one model.
+`chunk_step` is the middle ground: S tokens at a time against the state.
+Shapes follow the notation in `state.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .policies import Policy, drop_slot, select_keep
+from .state import State
+
+F32 = jnp.float32
+
+
+# -- building blocks -------------------------------------------------------------------
+def rms_norm(x, w, eps):
+    x32 = x.astype(F32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+    return w * x32.astype(x.dtype)
+
+
+def rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x: [..., H, D]; positions: int [...] broadcast over H."""
+    freqs = positions.astype(F32)[..., None] * inv_freq  # [..., D/2]
+    emb = jnp.concatenate([freqs, freqs], -1)[..., None, :]  # [..., 1, D]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, -1)
+    return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def qkv(cfg: ModelConfig, lp, h, positions):
+    """Project and rotate. h: [..., E] -> q [..., Hq, D], k, v [..., Hkv, D]."""
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    D = cfg.head_dim
+    q = q.reshape(*q.shape[:-1], cfg.num_heads, D)
+    k = k.reshape(*k.shape[:-1], cfg.num_kv_heads, D)
+    v = v.reshape(*v.shape[:-1], cfg.num_kv_heads, D)
+    inv_freq = jnp.asarray(cfg.inv_freq())
+    return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+
+
+def mlp(lp, h):
+    return (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params, x):
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.matmul(x, head, preferred_element_type=F32)
+
+
+def _visible(cfg: ModelConfig, key_pos, query_pos):
+    """Keys a query may see: real (pos >= 0), not in its future, inside Mistral's window."""
+    ok = (key_pos >= 0) & (key_pos <= query_pos)
+    if cfg.sliding_window is not None:
+        ok &= key_pos > query_pos - cfg.sliding_window
+    return ok
+
+
+def _layer_slice(tree, layer):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), tree)
+
+
+# -- the recurrent step ----------------------------------------------------------------
+def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
+    """One token per row through every layer. tokens: int [B]; active: bool [B] (rows
+    with active=False leave their state untouched). Returns (logits [B, V] f32, state)."""
+    B, C = state.batch, state.capacity
+    Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    if active is None:
+        active = jnp.ones((B,), bool)
+    p = state.length  # [B] position of the new token
+    x = params["embed"][tokens]  # [B, E]
+    b_idx = jnp.arange(B)[:, None]
+    h_idx = jnp.arange(Hkv)[None, :]
+
+    def layer(carry, xs):
+        x, st = carry
+        lp, l = xs
+        K, V, P, S = _layer_slice((st.keys, st.values, st.pos, st.score), l)  # [B,Hkv,C,(D)]
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qkv(cfg, lp, h, p)  # [B,Hq,D], [B,Hkv,D], [B,Hkv,D]
+        q = q.reshape(B, Hkv, G, D)
+
+        # 2-3. attend over the kept slots plus the new token; softmax in float32
+        scale = 1.0 / math.sqrt(D)
+        s_old = jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32) * scale
+        s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
+        s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
+        w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]
+        out = (jnp.einsum("bhgc,bhcd->bhgd", w[..., :C].astype(V.dtype), V, preferred_element_type=F32)
+               + w[..., C:] * v[:, :, None, :].astype(F32))
+        x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+
+        # 4. the policy picks one of the C + 1 candidates to drop
+        cand_pos = jnp.concatenate([P, jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))], -1)
+        if policy.head_wise:
+            attn = w.mean(2)  # [B,Hkv,C+1]  a_h
+        else:
+            attn = jnp.broadcast_to(w.mean((1, 2))[:, None, :], (B, Hkv, C + 1))  # a
+        cand_score = jnp.concatenate([S, jnp.zeros((B, Hkv, 1), F32)], -1) + attn
+        slot = drop_slot(policy, cand_pos, attn, cand_score, C)  # [B,Hkv] in [0, C]
+        slot = jnp.where(active[:, None], slot, C)  # C = "drop the new token" = no write
+
+        # write the new token into the dropped slot, in place (slot C is out of range: dropped)
+        at = (l, b_idx, h_idx, slot)
+        st = st._replace(
+            keys=st.keys.at[at].set(k.astype(st.keys.dtype), mode="drop"),
+            values=st.values.at[at].set(v.astype(st.values.dtype), mode="drop"),
+            pos=st.pos.at[at].set(jnp.broadcast_to(p[:, None], (B, Hkv)), mode="drop"),
+        )
+        if policy.uses_score:
+            new_s = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
+            new_s = jnp.where(active[:, None, None], new_s, S)
+            st = st._replace(score=jax.lax.dynamic_update_index_in_dim(st.score, new_s, l, 0))
+        return (x, st), None
+
+    (x, state), _ = jax.lax.scan(layer, (x, state), (params["layers"], jnp.arange(cfg.num_layers)))
+    state = state._replace(length=state.length + active.astype(jnp.int32))
+    return logits_from_hidden(cfg, params, x), state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos"), donate_argnames=("state",))
+def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
+                record_pos: bool = False):
+    """Feed tokens [B, T] step by step. Returns (logits [B, T, V], state) — and, with
+    record_pos, the kept positions after every step [T, L, B, Hkv, C]."""
+    if active is None:
+        active = jnp.ones(tokens.shape, bool)
+
+    def body(st, xs):
+        tok, act = xs
+        logits, st = step(params, cfg, policy, st, tok, act)
+        return st, ((logits, st.pos) if record_pos else logits)
+
+    state, out = jax.lax.scan(body, state, (tokens.T, active.T))
+    if record_pos:
+        logits, pos = out
+        return jnp.swapaxes(logits, 0, 1), state, pos
+    return jnp.swapaxes(out, 0, 1), state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, targets, active=None):
+    """Feed tokens [B, T]; return the NLL of `targets` [B, T] at every step (f32) and the
+    state. Only the per-token loss leaves the loop, so long texts need no [T, V] buffer."""
+    if active is None:
+        active = jnp.ones(tokens.shape, bool)
+
+    def body(st, xs):
+        tok, tgt, act = xs
+        logits, st = step(params, cfg, policy, st, tok, act)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[:, None], -1)[:, 0]
+        return st, jnp.where(act, nll, 0.0)
+
+    state, nll = jax.lax.scan(body, state, (tokens.T, targets.T, active.T))
+    return nll.T, state
+
+
+# -- the parallel (transformer) view ---------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
+    """The ordinary causal forward over tokens [B, T] (rows valid up to `lengths`).
+
+    Returns (logits [B,T,V], keys [L,B,Hkv,T,D], values, last-token attention averaged
+    per KV head [L,B,Hkv,T], column-summed attention averaged per KV head [L,B,Hkv,T]).
+    """
+    B, T = tokens.shape
+    if lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)
+    pos = jnp.where(t[None] < lengths[:, None], t[None], -1)  # [B,T]
+    x = params["embed"][tokens]
+    last = jnp.maximum(lengths - 1, 0)
+
+    def layer(x, lp):
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qkv(cfg, lp, h, jnp.maximum(pos, 0))
+        kpos = jnp.broadcast_to(pos[:, None, :], (B, cfg.num_kv_heads, T))
+        out, w = _attend_heads(cfg, q, k, v, pos, kpos)
+        x = x + out.reshape(B, T, -1).astype(x.dtype) @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        w_last = jnp.take_along_axis(w, last[:, None, None, None, None], 3)[:, :, :, 0]  # [B,Hkv,G,T]
+        colsum = w.sum(3)  # [B,Hkv,G,N]
+        return x, (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), w_last.mean(2), colsum.mean(2))
+
+    x, (K, V, a_last, colsum) = jax.lax.scan(layer, x, params["layers"])
+    return logits_from_hidden(cfg, params, x), K, V, a_last, colsum
+
+
+def _head_average(policy: Policy, a):
+    """[..., Hkv, N] per-KV-head average -> what the policy ranks by (a or a_h)."""
+    if policy.head_wise:
+        return a
+    return jnp.broadcast_to(a.mean(-2, keepdims=True), a.shape)
+
+
+def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, score):
+    """Keep the top-C of N candidates per layer/head by the policy's keys.
+
+    keys, values: [L,B,Hkv,N,D]; pos: [L,B,Hkv,N]; attn, score: [L,B,Hkv,N] f32 (attn
+    already averaged the way the policy wants). Returns (keys, values, pos, score) with C.
+    """
+    n = pos.shape[-1]
+    if n < capacity:  # pad with empty candidates so there is something to keep
+        pad = capacity - n
+        padn = lambda a, v: jnp.pad(a, [(0, 0)] * 3 + [(0, pad)] + [(0, 0)] * (a.ndim - 4), constant_values=v)
+        keys, values, pos = padn(keys, 0), padn(values, 0), padn(pos, -1)
+        attn, score = padn(attn, 0.0), padn(score, 0.0)
+    idx = select_keep(policy, pos, attn, score, capacity)  # [L,B,Hkv,C]
+    take = lambda a: jnp.take_along_axis(a, idx[..., None] if a.ndim == 5 else idx, 3)
+    pos = take(pos)
+    score = jnp.where(pos >= 0, take(score), 0.0) if policy.uses_score else jnp.zeros(pos.shape, F32)
+    return take(keys), take(values), pos, score
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity"))
+def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tokens, lengths=None):
+    """The official TOVA code's prompt handling: one parallel causal forward over the
+    prompt, then each layer keeps a top-C mask ranked by the last prompt token's
+    head-averaged attention (H2O: recent C/2 plus top by column-summed attention).
+    Returns (logits [B,T,V], state)."""
+    B, T = tokens.shape
+    if lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    logits, K, V, a_last, colsum = forward_parallel(params, cfg, tokens, lengths)
+    t = jnp.arange(T, dtype=jnp.int32)
+    pos = jnp.where(t[None] < lengths[:, None], t[None], -1)  # [B,T]
+    pos = jnp.broadcast_to(pos[None, :, None, :], K.shape[:-1])
+    keys, values, pos, score = reduce_candidates(
+        policy, capacity, K, V, pos, _head_average(policy, a_last), _head_average(policy, colsum))
+    state = State(keys.astype(params["embed"].dtype), values.astype(params["embed"].dtype),
+                  pos, score, lengths.astype(jnp.int32))
+    return logits, state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
+    """S tokens per row at once: the chunk attends to the state plus itself (causally),
+    then every layer reduces its C + S candidates back to C with the attention of the
+    chunk's last token (H2O: accumulated column sums). No chunk sees a token that an
+    earlier chunk evicted. tokens, active: [B, S]. Returns (logits [B,S,V], state)."""
+    B, S = tokens.shape
+    C = state.capacity
+    if active is None:
+        active = jnp.ones(tokens.shape, bool)
+    n_act = active.sum(1).astype(jnp.int32)  # active tokens form a prefix of the chunk
+    qpos = jnp.where(active, state.length[:, None] + jnp.arange(S, dtype=jnp.int32)[None], -1)
+    last = jnp.maximum(n_act - 1, 0)
+    x = params["embed"][tokens]
+
+    def layer(x, xs):
+        lp, K, V, P, Sc = xs  # K: [B,Hkv,C,D], P: [B,Hkv,C]
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qkv(cfg, lp, h, jnp.maximum(qpos, 0))
+        keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)  # [B,C+S,Hkv,D]
+        vals = jnp.concatenate([jnp.swapaxes(V, 1, 2), v.astype(V.dtype)], 1)
+        # a slot's position is the same across heads for layer-wise policies, but not for
+        # head-wise ones: mask per head
+        kpos = jnp.concatenate([P, jnp.broadcast_to(qpos[:, None], (B, cfg.num_kv_heads, S))], -1)
+        out, w = _attend_heads(cfg, q, keys, vals, qpos, kpos)  # w: [B,Hkv,G,S,C+S]
+        x = x + out.reshape(B, S, -1).astype(x.dtype) @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        a_last = jnp.take_along_axis(w, last[:, None, None, None, None], 3)[:, :, :, 0].mean(2)
+        colsum = w.sum(3).mean(2)  # [B,Hkv,C+S]
+        score = jnp.concatenate([Sc, jnp.zeros((B, cfg.num_kv_heads, S), F32)], -1)
+        score = score + _head_average(policy, colsum)
+        return x, (jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), kpos,
+                   _head_average(policy, a_last), score)
+
+    x, (K, V, P, A, Sc) = jax.lax.scan(
+        layer, x, (params["layers"], state.keys, state.values, state.pos, state.score))
+    keys, values, pos, score = reduce_candidates(policy, C, K, V, P, A, Sc)
+    state = State(keys, values, pos, score, state.length + n_act)
+    return logits_from_hidden(cfg, params, x), state
+
+
+def _attend_heads(cfg, q, k, v, q_pos, k_pos):
+    """Causal attention of T queries over N keys with per-KV-head key positions. q: [B,T,Hq,D];
+    k, v: [B,N,Hkv,D]; q_pos [B,T] (-1 = padding); k_pos [B,Hkv,N] (-1 = masked).
+    Returns (out [B,T,Hq,D] f32, weights [B,Hkv,G,T,N] f32)."""
+    B, T = q.shape[:2]
+    Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    qg = q.reshape(B, T, Hkv, G, D)
+    s = jnp.einsum("bthgd,bnhd->bhgtn", qg, k, preferred_element_type=F32) / math.sqrt(D)
+    vis = _visible(cfg, k_pos[:, :, None, :], q_pos[:, None, :, None])  # [B,Hkv,T,N]
+    vis = vis & (q_pos >= 0)[:, None, :, None]
+    s = jnp.where(vis[:, :, None], s, -jnp.inf)
+    w = jnp.where(vis[:, :, None], jax.nn.softmax(s, -1), 0.0)
+    out = jnp.einsum("bhgtn,bnhd->bthgd", w.astype(v.dtype), v, preferred_element_type=F32)
+    return out.reshape(B, T, Hkv * G, D), w

@@ -1,0 +1,166 @@
+"""Eviction policies: which (key, value) pair a bounded multi-state RNN forgets.
+
+Every policy is a small frozen dataclass that turns the candidates of one layer —
+their original positions, their attention from the current query and (for H2O) their
+accumulated attention — into *eviction keys*: a tuple of arrays compared
+lexicographically, lowest evicted first. Two generic routines use those keys:
+
+* `drop_slot` (one decoding step, C + 1 candidates: the kept slots and the new token)
+  returns the single candidate to drop, so the step can overwrite that slot in place;
+* `select_keep` (prompt prefill, N candidates) returns the C candidates to keep.
+
+Both put empty slots first (they are filled before anything is evicted) and break every
+remaining tie by the smallest position (DESIGN.md §3), so one definition serves both.
+Policies differ only in array logic, never in shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .config import MsrnnError
+
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base class. `head_wise`: one choice per KV head instead of one per layer."""
+
+    head_wise: bool = dataclasses.field(default=False, init=False)
+    uses_score: bool = dataclasses.field(default=False, init=False)
+    name: str = dataclasses.field(default="", init=False)
+
+    def eviction_keys(self, pos, attn, score, capacity):
+        """Keys, lowest evicted first. pos: int32 [..., N]; attn, score: float32 [..., N]."""
+        raise NotImplementedError
+
+    def validate(self, capacity: int) -> None:
+        if capacity < 1:
+            raise MsrnnError(f"capacity must be >= 1, got {capacity}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(Policy):
+    """Keep the most recent C tokens. With C >= T this is the unbounded `full` MSRNN."""
+
+    name: str = dataclasses.field(default="window", init=False)
+
+    def eviction_keys(self, pos, attn, score, capacity):
+        return (pos,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Window):
+    """The unbounded MSRNN: capacity = sequence length, so nothing is ever dropped."""
+
+    name: str = dataclasses.field(default="full", init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sink(Policy):
+    """Window + i attention sinks: never drop positions < sinks (StreamingLLM)."""
+
+    sinks: int = 4
+    name: str = dataclasses.field(default="sink", init=False)
+
+    def eviction_keys(self, pos, attn, score, capacity):
+        return (jnp.where(pos < self.sinks, _BIG, pos),)
+
+    def validate(self, capacity: int) -> None:
+        super().validate(capacity)
+        if self.sinks < 0:
+            raise MsrnnError(f"--sinks must be >= 0, got {self.sinks}")
+        if capacity <= self.sinks:
+            raise MsrnnError(f"sink policy needs capacity > sinks, got capacity {capacity} "
+                             f"and sinks {self.sinks}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tova(Policy):
+    """TOVA: drop the candidate with the lowest attention from the current query,
+    averaged over the heads of the layer (`tova`) or of each KV head (`tova-head`)."""
+
+    head_wise: bool = False
+    name: str = dataclasses.field(default="tova", init=False)
+
+    def eviction_keys(self, pos, attn, score, capacity):
+        return (attn,)
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O(Policy):
+    """Heavy-hitter oracle: protect the floor(C/2) most recent candidates, drop the
+    unprotected one with the lowest accumulated attention."""
+
+    head_wise: bool = False
+    uses_score: bool = dataclasses.field(default=True, init=False)
+    name: str = dataclasses.field(default="h2o", init=False)
+
+    def eviction_keys(self, pos, attn, score, capacity):
+        recent = capacity // 2
+        if recent == 0:
+            protected = jnp.zeros(pos.shape, jnp.int32)
+        else:
+            kth = jax.lax.top_k(pos, recent)[0][..., -1:]  # the recent-th largest position
+            protected = (pos >= kth).astype(jnp.int32)
+        return (protected, score)
+
+
+POLICY_NAMES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
+
+
+def make_policy(name: str, sinks: int = 4) -> Policy:
+    """Policy from its command-line name."""
+    if name == "full":
+        return Full()
+    if name == "window":
+        return Window()
+    if name == "sink":
+        return Sink(sinks=sinks)
+    if name in ("tova", "tova-head"):
+        return Tova(head_wise=name.endswith("-head"))
+    if name in ("h2o", "h2o-head"):
+        return H2O(head_wise=name.endswith("-head"))
+    raise MsrnnError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+
+
+def policy_name(policy: Policy) -> str:
+    return policy.name + ("-head" if policy.head_wise and policy.name in ("tova", "h2o") else "")
+
+
+# --------------------------------------------------------------------------------------
+def _all_keys(policy: Policy, pos, attn, score, capacity):
+    # Empty candidates (pos < 0) sort first, then the policy's keys, then position.
+    return ((pos >= 0).astype(jnp.int32),) + tuple(policy.eviction_keys(pos, attn, score, capacity)) + (pos,)
+
+
+def lex_argmin(keys) -> jax.Array:
+    """Index of the lexicographically smallest entry along the last axis (first on ties)."""
+    alive = jnp.ones(keys[0].shape, bool)
+    for k in keys:
+        hi = jnp.inf if jnp.issubdtype(k.dtype, jnp.floating) else _BIG
+        k = jnp.where(alive, k, hi)
+        alive = alive & (k == k.min(-1, keepdims=True))
+    return jnp.argmax(alive, -1)
+
+
+def drop_slot(policy: Policy, pos, attn, score, capacity) -> jax.Array:
+    """Which of the C + 1 candidates (slot index, or C for the new token) to drop.
+
+    pos: int32 [..., C+1]; attn, score: float32 [..., C+1] (score already includes attn).
+    """
+    return lex_argmin(_all_keys(policy, pos, attn, score, capacity))
+
+
+def select_keep(policy: Policy, pos, attn, score, capacity) -> jax.Array:
+    """Indices [..., C] of the candidates to keep out of N >= C (the top C by the keys)."""
+    n = pos.shape[-1]
+    keys = _all_keys(policy, pos, attn, score, capacity)
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), pos.shape)
+    keys = tuple(jnp.broadcast_to(k, pos.shape) for k in keys)
+    out = jax.lax.sort(keys + (idx,), dimension=-1, num_keys=len(keys) + 1)
+    return out[-1][..., n - capacity:]
