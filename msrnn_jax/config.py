@@ -22,6 +22,10 @@ class MsrnnError(Exception):
     """An error that the command line reports as one line (exit status 1)."""
 
 
+class UsageError(MsrnnError):
+    """Bad command-line usage (exit status 2)."""
+
+
 class UnsupportedConfigError(MsrnnError):
     """A checkpoint asks for math this implementation does not do."""
 

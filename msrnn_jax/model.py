@@ -174,6 +174,28 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
     return nll.T, state
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
+                     last_logits=None):
+    """Feed tokens [B, T] step by step and return only each row's logits after its last
+    active token ([B, V] f32; rows with no active token keep `last_logits`) and the state.
+    This is the `exact` prompt prefill; right-padding (active=False) never enters a row."""
+    B = tokens.shape[0]
+    if active is None:
+        active = jnp.ones(tokens.shape, bool)
+    if last_logits is None:
+        last_logits = jnp.zeros((B, cfg.vocab_size), F32)
+
+    def body(carry, xs):
+        st, last = carry
+        tok, act = xs
+        logits, st = step(params, cfg, policy, st, tok, act)
+        return (st, jnp.where(act[:, None], logits, last)), None
+
+    (state, last), _ = jax.lax.scan(body, (state, last_logits), (tokens.T, active.T))
+    return last, state
+
+
 # -- the parallel (transformer) view ---------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):

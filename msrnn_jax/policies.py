@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .config import MsrnnError
+from .config import UsageError
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -40,7 +40,7 @@ class Policy:
 
     def validate(self, capacity: int) -> None:
         if capacity < 1:
-            raise MsrnnError(f"capacity must be >= 1, got {capacity}")
+            raise UsageError(f"capacity must be >= 1, got {capacity}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +73,9 @@ class Sink(Policy):
     def validate(self, capacity: int) -> None:
         super().validate(capacity)
         if self.sinks < 0:
-            raise MsrnnError(f"--sinks must be >= 0, got {self.sinks}")
+            raise UsageError(f"--sinks must be >= 0, got {self.sinks}")
         if capacity <= self.sinks:
-            raise MsrnnError(f"sink policy needs capacity > sinks, got capacity {capacity} "
+            raise UsageError(f"sink policy needs capacity > sinks, got capacity {capacity} "
                              f"and sinks {self.sinks}")
 
 
@@ -125,7 +125,7 @@ def make_policy(name: str, sinks: int = 4) -> Policy:
         return Tova(head_wise=name.endswith("-head"))
     if name in ("h2o", "h2o-head"):
         return H2O(head_wise=name.endswith("-head"))
-    raise MsrnnError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+    raise UsageError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
 
 
 def policy_name(policy: Policy) -> str:

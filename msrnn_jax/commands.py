@@ -1,0 +1,330 @@
+"""The bodies of the `msrnn` subcommands (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import api
+from .config import MsrnnError, UsageError
+from .generate import generate as _generate
+from .policies import POLICY_NAMES, make_policy
+from .sampling import Sampling
+
+
+# -- shared ---------------------------------------------------------------------------
+def _policy(args, name=None):
+    name = name or args.policy
+    if name not in POLICY_NAMES:
+        raise UsageError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+    if args.sinks < 0:
+        raise UsageError(f"--sinks must be >= 0, got {args.sinks}")
+    return make_policy(name, args.sinks)
+
+
+def _check_capacity(args, pol, capacity):
+    if pol.name == "full":
+        if capacity is not None:
+            print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
+        return None
+    if capacity is None:
+        raise UsageError(f"--policy {pol.name}{'-head' if pol.head_wise else ''} needs --capacity C")
+    pol.validate(capacity)
+    return capacity
+
+
+def _sampling(args) -> Sampling:
+    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    if args.greedy and sampled:
+        raise UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    if not sampled:
+        return Sampling()
+    t = 1.0 if args.temperature is None else args.temperature
+    if not t > 0:
+        raise UsageError(f"--temperature must be > 0 for sampling, got {t}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    return Sampling(temperature=t, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+
+
+def _prefill_args(args):
+    if args.prefill == "chunked" and args.chunk is None:
+        raise UsageError("--prefill chunked needs --chunk S")
+    if args.chunk is not None and args.prefill != "chunked":
+        raise UsageError("--chunk applies to --prefill chunked only")
+
+
+# -- ppl ------------------------------------------------------------------------------
+def ppl(args):
+    policies = [_policy(args, n.strip()) for n in args.policy.split(",") if n.strip()]
+    if not policies:
+        raise UsageError("--policy needs at least one policy")
+    capacities = args.capacity
+    if any(p.name != "full" for p in policies):
+        if not capacities:
+            raise UsageError("--capacity C[,C...] is required by every policy but full")
+        for p in policies:
+            if p.name != "full":
+                for c in capacities:
+                    p.validate(c)
+    if args.tokens is not None and args.tokens < 2:
+        raise UsageError(f"--tokens must be >= 2, got {args.tokens}")
+    _prefill_args(args)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot must name a .png file, got {args.plot}")
+    texts = [api.read_text(f) for f in args.files]
+    model = api.load_model(args.model, args.dtype)
+    limit = model.cfg.max_position_embeddings
+    if args.tokens is not None and args.tokens > limit:
+        raise UsageError(f"--tokens {args.tokens} is beyond the model's trained context of {limit} tokens")
+    if args.tokens is None:
+        shortest = min(len(model.encode(t)) for t in texts)
+        n_tokens = min(shortest // (args.batch if len(texts) == 1 else 1), limit)
+    else:
+        n_tokens = args.tokens
+    rows = api.text_rows(model, texts, n_tokens, args.batch)
+    if rows.shape[1] < 2:
+        raise MsrnnError("the text has fewer than 2 tokens")
+
+    runs = [(p, None) for p in policies if p.name == "full"]
+    runs += [(p, c) for p in policies if p.name != "full" for c in capacities]
+    results = []
+    from tqdm.auto import tqdm
+
+    total = len(runs) * rows.size
+    with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False) as bar:
+        for pol, cap in runs:
+            name = _name(pol)
+            bar.set_description(f"{name} C={cap or 'all'}")
+            run = api.run_policy(model, pol, cap, rows, prefill=args.prefill, chunk=args.chunk,
+                                 progress=bar.update)
+            bar.update(rows.shape[0])  # the first token of each row is read, not predicted
+            rec = {"policy": name, "capacity": cap if cap is not None else rows.shape[1],
+                   "tokens": int(rows.shape[1]), "batch": int(rows.shape[0]),
+                   "mean_nll": run.mean_nll, "ppl": run.ppl, "tokens_per_s": run.tokens_per_s,
+                   "compile_s": run.compile_seconds, "prefill": args.prefill,
+                   "model": model.source}
+            if pol.name == "sink":
+                rec["sinks"] = pol.sinks
+            results.append(rec)
+            if args.json:
+                bar.clear()
+                print(json.dumps(rec), flush=True)
+    if not args.json:
+        _print_table(results)
+    if args.csv:
+        _write_atomic(args.csv, lambda f: _csv(results, f))
+    if args.plot:
+        _plot(results, args.plot, title=f"{Path(args.files[0]).name}, {rows.shape[1]} tokens")
+    return 0
+
+
+def _name(pol):
+    return pol.name + ("-head" if pol.head_wise else "")
+
+
+def _print_table(results):
+    print(f"{'policy':<10} {'capacity':>8} {'tokens':>7} {'mean_nll':>9} {'ppl':>9} {'tok/s':>9}")
+    for r in results:
+        print(f"{r['policy']:<10} {r['capacity']:>8} {r['tokens']:>7} {r['mean_nll']:>9.4f} "
+              f"{r['ppl']:>9.3f} {r['tokens_per_s']:>9.1f}")
+
+
+def _csv(results, f):
+    keys = ["policy", "capacity", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s"]
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(results)
+
+
+def _write_atomic(path, write, mode="w"):
+    import os
+    import tempfile
+
+    path = Path(path)
+    if not path.parent.exists():
+        raise MsrnnError(f"folder does not exist: {path.parent}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plot(results, path, title=""):
+    from .plots import plot_ppl_vs_capacity
+
+    _write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), mode="wb")
+
+
+# -- generate / chat -----------------------------------------------------------------
+class _Streamer:
+    """Prints one row's tokens as they arrive, decoding incrementally so multi-byte
+    characters and merged BPE pieces come out whole."""
+
+    def __init__(self, model, out=sys.stdout):
+        self.model, self.out, self.ids, self.printed = model, out, [], 0
+
+    def __call__(self, toks, emitted):
+        self.ids.extend(int(t) for t in toks[0][emitted[0]])
+        text = self.model.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self):
+        text = self.model.decode(self.ids)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+
+
+def _chat_ids(model, messages, add_generation_prompt=True):
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise MsrnnError(f"the model {model.source} has no chat template")
+    return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True, return_dict=False))
+
+
+def generate(args):
+    pol = _policy(args)
+    cap = _check_capacity(args, pol, args.capacity)
+    sampling = _sampling(args)
+    _prefill_args(args)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompts and args.prompt:
+        raise UsageError("give a prompt or --prompts FILE, not both")
+    if args.prompts:
+        lines = api.read_text(args.prompts).splitlines()
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                raise UsageError(f"{args.prompts}: line {i} is empty")
+        prompts = lines
+    else:
+        text = " ".join(args.prompt)
+        if not text.strip():
+            raise UsageError("empty prompt")
+        prompts = [text]
+    model = api.load_model(args.model, args.dtype)
+    if args.chat:
+        ids = [_chat_ids(model, [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        ids = [model.encode(p) for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        raise UsageError("the prompt encodes to no tokens")
+    state = None
+    if args.load_state:
+        from .state_io import load_state
+
+        state = load_state(args.load_state, model, pol, batch=len(ids))
+        cap = state.capacity
+    else:
+        needed = max(len(i) for i in ids) + args.max_new_tokens
+        cap = api.capacity_for(pol, cap, needed)
+    streamer = _Streamer(model) if len(ids) == 1 else None
+    res = _generate(model.params, model.cfg, pol, cap, ids, args.max_new_tokens, sampling,
+                    seed=args.seed, prefill_mode=args.prefill, chunk=args.chunk, state=state,
+                    eos_ids=model.eos_ids, on_tokens=streamer)
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for i, row in enumerate(res.tokens):
+            if i:
+                print("---")
+            print(model.decode(row))
+    if args.save_state:
+        from .state_io import save_state
+
+        save_state(args.save_state, res.state, model, pol)
+    if args.stats:
+        _print_stats(res, [len(i) for i in ids])
+    return 0
+
+
+def _print_stats(res, prompt_lengths):
+    n = sum(len(t) for t in res.tokens)
+    print(f"[stats] prompt tokens {sum(prompt_lengths)}, new tokens {n}, "
+          f"time to first token {res.time_to_first_token * 1000:.0f} ms, "
+          f"decode {res.decode_tokens_per_s:.1f} tokens/s, "
+          f"state {res.state.nbytes() / 2**20:.2f} MiB ({res.state.nbytes()} bytes, "
+          f"capacity {res.state.capacity})", file=sys.stderr)
+
+
+def chat(args):
+    pol = _policy(args)
+    cap = _check_capacity(args, pol, args.capacity)
+    sampling = _sampling(args)
+    _prefill_args(args)
+    if args.prefill == "oneshot":
+        raise UsageError("chat continues its state across turns: use --prefill exact or chunked")
+    model = api.load_model(args.model, args.dtype)
+    cap = api.capacity_for(pol, cap, model.cfg.max_position_embeddings)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    state, consumed = None, ""
+    interactive = sys.stdin.isatty()
+    eos_text = model.tokenizer.eos_token or ""
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        full = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not full.startswith(consumed):  # the template re-rendered the reply (e.g. stripped it)
+            prev = model.tokenizer.apply_chat_template(messages[:-1], tokenize=False)
+            if not full.startswith(prev):
+                raise MsrnnError("the chat template does not extend the conversation so far")
+            consumed = prev
+        new_ids = list(model.tokenizer(full[len(consumed):], add_special_tokens=False)["input_ids"])
+        streamer = _Streamer(model)
+        res = _generate(model.params, model.cfg, pol, cap, [new_ids], args.max_new_tokens, sampling,
+                        seed=args.seed + len(messages), prefill_mode=args.prefill, chunk=args.chunk,
+                        state=state, eos_ids=model.eos_ids, on_tokens=streamer)
+        streamer.finish()
+        state = res.state
+        reply = model.decode(res.tokens[0])
+        ended = bool(res.tokens[0]) and res.tokens[0][-1] in model.eos_ids
+        messages.append({"role": "assistant", "content": reply})
+        # what the state has read: the prompt, the reply and (if emitted) the end-of-turn token
+        consumed = full + model.tokenizer.decode(res.tokens[0], skip_special_tokens=False)
+        if not ended:
+            state, _ = _feed(model, pol, cap, state, eos_text)
+            consumed += eos_text
+        if args.stats:
+            _print_stats(res, [len(new_ids)])
+    return 0
+
+
+def _feed(model, pol, cap, state, text):
+    from .generate import prefill
+
+    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        return state, None
+    logits, state = prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")
+    return state, logits
+
+
+# -- convert ----------------------------------------------------------------------------
+def convert(args):
+    from convert import convert_cli
+
+    convert_cli(args.src, args.out, args.dtype)
+    print(f"converted {args.src} -> {args.out}", file=sys.stderr)
+    return 0

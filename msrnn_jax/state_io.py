@@ -1,0 +1,91 @@
+"""Keep a state: save it with orbax, restore it, and refuse one from another model.
+
+A saved state is a folder with `state.json` (which model, policy, capacity, dtype)
+and the arrays under `arrays/`, written atomically like converted checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import MsrnnError, UsageError
+from .policies import Policy, policy_name
+from .state import State
+
+FORMAT = "msrnn-state/1"
+
+
+def model_fingerprint(model) -> str:
+    """Identifies a model's shapes and weights cheaply (config + a few parameter rows)."""
+    h = hashlib.sha256(model.cfg.to_json().encode())
+    for a in (model.params["embed"][:4], model.params["final_norm"]):
+        h.update(np.asarray(a, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_state(path, state: State, model, policy: Policy) -> None:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()) if path.is_dir() else path.exists():
+        raise MsrnnError(f"{path} already exists; choose a new folder for the state")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / "arrays", jax.tree.map(np.asarray, state._asdict()))
+        meta = {"format": FORMAT, "model": model_fingerprint(model), "policy": policy_name(policy),
+                "capacity": state.capacity, "batch": state.batch, "dtype": str(state.keys.dtype),
+                "length": [int(x) for x in np.asarray(state.length)]}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_state(path, model, policy: Policy | None = None, batch: int | None = None,
+               capacity: int | None = None) -> State:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta_file = path / "state.json"
+    if not meta_file.is_file():
+        raise MsrnnError(f"not a saved state: {path} (no state.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise MsrnnError(f"corrupt saved state {path}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise MsrnnError(f"not a saved state: {path} (format {meta.get('format')!r})")
+    if meta["model"] != model_fingerprint(model):
+        raise UsageError(f"the state in {path} was made by another model than {model.source}")
+    if capacity is not None and meta["capacity"] != capacity:
+        raise UsageError(f"the state in {path} has capacity {meta['capacity']}, not {capacity}")
+    if batch is not None and meta["batch"] != batch:
+        raise UsageError(f"the state in {path} has {meta['batch']} rows, not {batch}")
+    if policy is not None and meta["policy"] != policy_name(policy) and policy.name != "full":
+        raise UsageError(f"the state in {path} was made with policy {meta['policy']}, "
+                         f"not {policy_name(policy)}")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            arrays = ckpt.restore(path / "arrays")
+        state = State(**{k: jnp.asarray(arrays[k]) for k in State._fields})
+    except Exception as e:  # noqa: BLE001
+        raise MsrnnError(f"corrupt saved state {path}: {type(e).__name__}") from None
+    cfg = model.cfg
+    want = (cfg.num_layers, meta["batch"], cfg.num_kv_heads, meta["capacity"], cfg.head_dim)
+    if state.keys.shape != want:
+        raise MsrnnError(f"corrupt saved state {path}: keys have shape {state.keys.shape}, expected {want}")
+    return state
