@@ -172,8 +172,8 @@ class _Streamer:
     """Prints one row's tokens as they arrive, decoding incrementally so multi-byte
     characters and merged BPE pieces come out whole."""
 
-    def __init__(self, model, out=sys.stdout):
-        self.model, self.out, self.ids, self.printed = model, out, [], 0
+    def __init__(self, model, out=None):
+        self.model, self.out, self.ids, self.printed = model, out or sys.stdout, [], 0
 
     def __call__(self, toks, emitted):
         self.ids.extend(int(t) for t in toks[0][emitted[0]])

@@ -145,6 +145,7 @@ _IGNORED = {
     "embedding_multiplier", "logits_scaling", "attention_multiplier", "residual_multiplier",
     "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
     "partial_rotary_factor", "qk_layernorm", "use_qk_norm",
+    "unk_token_id", "transformers.js_config",
 }
 
 

@@ -74,10 +74,18 @@ def _visible(cfg: ModelConfig, key_pos, query_pos):
 
 
 def _layer_slice(tree, layer):
+    if isinstance(layer, int):
+        return jax.tree.map(lambda a: a[layer], tree)
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), tree)
 
 
 # -- the recurrent step ----------------------------------------------------------------
+# How `step` loops over layers: "scan" (lax.scan over the stacked layers; one compiled
+# layer body) or "unroll" (a Python loop with static layer indices). Read at trace time;
+# benchmarks/ switches it to compare the two (clear jit caches after changing it).
+LAYER_LOOP = "scan"
+
+
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
     """One token per row through every layer. tokens: int [B]; active: bool [B] (rows
     with active=False leave their state untouched). Returns (logits [B, V] f32, state)."""
@@ -132,7 +140,14 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
             st = st._replace(score=jax.lax.dynamic_update_index_in_dim(st.score, new_s, l, 0))
         return (x, st), None
 
-    (x, state), _ = jax.lax.scan(layer, (x, state), (params["layers"], jnp.arange(cfg.num_layers)))
+    if LAYER_LOOP == "unroll":
+        carry = (x, state)
+        for l in range(cfg.num_layers):
+            lp = jax.tree.map(lambda a: a[l], params["layers"])
+            carry, _ = layer(carry, (lp, l))
+        x, state = carry
+    else:
+        (x, state), _ = jax.lax.scan(layer, (x, state), (params["layers"], jnp.arange(cfg.num_layers)))
     state = state._replace(length=state.length + active.astype(jnp.int32))
     return logits_from_hidden(cfg, params, x), state
 

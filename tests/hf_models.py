@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import transformers
 
+transformers.utils.logging.disable_progress_bar()
+
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
             initializer_range=0.1, rms_norm_eps=1e-5)
@@ -57,3 +59,36 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     t = torch.as_tensor(np.atleast_2d(tokens), dtype=torch.long)
     with torch.no_grad():
         return model(t).logits.float().numpy()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_CORPUS = ("The quick brown fox jumps over the lazy dog. A bounded state forgets; an unbounded "
+           "one remembers everything. Paris is the capital of France. 0123456789 \"quotes\"\n") * 20
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A small byte-level BPE tokenizer trained on the spot, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def save_tiny_model(folder, family: str = "llama-gqa", seed: int = 0, **overrides) -> str:
+    """A tiny random model with a working tokenizer (vocab 320), saved as a HF folder."""
+    tok = make_tokenizer()
+    model = make_hf_model(family, seed=seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.bos_token_id, **overrides)
+    save_hf_model(model, folder)
+    tok.save_pretrained(folder)
+    return str(folder)

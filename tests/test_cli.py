@@ -1,0 +1,199 @@
+"""The `msrnn` command: success paths on a tiny model, and every bad input of DESIGN.md §6
+as one line `msrnn: error: ...`, the right exit status, no traceback, no partial output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msrnn_jax.cli import main
+
+from hf_models import make_hf_model, save_hf_model, save_tiny_model
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+        "it was the age of foolishness. Paris is the capital of France.\n") * 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "book.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return str(p)
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()  # only what the command itself prints
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, out, err, status, needle=""):
+    assert code == status, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("msrnn: error: "), err
+    assert "Traceback" not in err
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert out == ""
+
+
+# -- usage errors: exit 2 -----------------------------------------------------------------
+@pytest.mark.parametrize("argv,needle", [
+    ([], "command is required"),
+    (["frobnicate"], "invalid choice"),
+    (["ppl", "{text}", "--policy", "lru", "--capacity", "8"], "unknown policy"),
+    (["ppl", "{text}", "--policy", "tova", "--capacity", "0"], "--capacity must be >= 1"),
+    (["ppl", "{text}", "--policy", "tova"], "--capacity"),
+    (["ppl", "{text}", "--policy", "sink", "--capacity", "4", "--sinks", "4"], "capacity > sinks"),
+    (["ppl", "{text}", "--policy", "full", "--tokens", "1"], "--tokens must be >= 2"),
+    (["ppl", "{text}", "--policy", "full", "--tokens", "100000", "--model", "{model}"], "trained context"),
+    (["ppl", "{text}", "--policy", "full", "--prefill", "chunked"], "--chunk"),
+    (["generate", "--model", "{model}"], "empty prompt"),
+    (["generate", "   ", "--model", "{model}"], "empty prompt"),
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "hi", "--temperature", "0"], "--temperature must be > 0"),
+    (["generate", "hi", "--temperature", "-1"], "--temperature must be > 0"),
+    (["generate", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "hi", "--top-k", "0"], "--top-k must be >= 1"),
+    (["generate", "hi", "--greedy", "--temperature", "0.7"], "--greedy"),
+    (["generate", "hi", "--policy", "tova"], "needs --capacity"),
+])
+def test_usage_errors(capsys, tiny, text_file, argv, needle):
+    argv = [a.format(text=text_file, model=tiny) for a in argv]
+    assert_one_line_error(*run_cli(capsys, *argv), 2, needle)
+
+
+def test_prompts_file_with_empty_line(capsys, tiny, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("first prompt\n\nthird\n")
+    assert_one_line_error(*run_cli(capsys, "generate", "--prompts", f, "--model", tiny), 2, "line 2 is empty")
+
+
+# -- other errors: exit 1 ------------------------------------------------------------------
+def test_missing_empty_non_utf8_files(capsys, tiny, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "ppl", tmp_path / "nope.txt", "--policy", "full"), 1, "not found")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert_one_line_error(*run_cli(capsys, "ppl", empty, "--policy", "full"), 1, "empty")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café crème".encode("latin-1"))
+    assert_one_line_error(*run_cli(capsys, "ppl", latin, "--policy", "full"), 1, "not UTF-8")
+    assert_one_line_error(*run_cli(capsys, "ppl", tmp_path, "--policy", "full"), 1, "directory")
+
+
+def test_model_errors(capsys, text_file, tmp_path):
+    args = ["ppl", text_file, "--policy", "full", "--tokens", "16", "--model"]
+    assert_one_line_error(*run_cli(capsys, *args, tmp_path / "no-such-model"), 1, "not found")
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    assert_one_line_error(*run_cli(capsys, *args, gpt2), 1, "gpt2")
+
+    yarn = Path(save_hf_model(make_hf_model("llama-gqa"), tmp_path / "yarn"))
+    cfg = json.loads((yarn / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg.pop("rope_parameters", None)
+    (yarn / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(*run_cli(capsys, *args, yarn), 1, "yarn")
+
+    broken = Path(save_hf_model(make_hf_model("llama-gqa"), tmp_path / "broken"))
+    st = broken / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    assert_one_line_error(*run_cli(capsys, *args, broken), 1, "")
+
+    bad_gguf = tmp_path / "model.gguf"
+    bad_gguf.write_bytes(b"GGUF" + os.urandom(100))
+    assert_one_line_error(*run_cli(capsys, *args, bad_gguf), 1, "")
+
+
+def test_convert_refuses_non_empty_output(capsys, tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(*run_cli(capsys, "convert", tiny, out), 1, "")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_errors_in_a_real_process_have_no_traceback(tmp_path):
+    """The console script itself: one line, status, nothing on stdout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for argv, status in [(["ppl", str(tmp_path / "missing.txt"), "--policy", "full"], 1),
+                         (["ppl", str(tmp_path), "--policy", "tova"], 2),
+                         (["generate", "x", "--policy", "nope"], 2)]:
+        p = subprocess.run([sys.executable, "-m", "msrnn_jax.cli", *argv], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert p.returncode == status, p.stderr
+        assert p.stdout == ""
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("msrnn: error: "), p.stderr
+
+
+# -- success paths ---------------------------------------------------------------------------
+def test_ppl_json_csv_plot_sweep(capsys, tiny, text_file, tmp_path):
+    csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
+    code, out, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "full,window,tova",
+                             "--capacity", "8,16", "--tokens", "48", "--json", "--csv", csv_path,
+                             "--plot", png)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["policy"], r["capacity"]) for r in rows] == [
+        ("full", 48), ("window", 8), ("window", 16), ("tova", 8), ("tova", 16)]
+    for r in rows:
+        assert {"policy", "capacity", "tokens", "mean_nll", "ppl", "tokens_per_s"} <= set(r)
+        assert r["tokens"] == 48 and math.isclose(r["ppl"], math.exp(r["mean_nll"]), rel_tol=1e-9)
+        assert r["tokens_per_s"] > 0
+    assert csv_path.read_text().splitlines()[0].startswith("policy,capacity,tokens")
+    assert len(csv_path.read_text().splitlines()) == 6
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppl_full_equals_transformers_cross_entropy(capsys, tiny, text_file):
+    """mean_nll of `msrnn ppl --policy full` is transformers' mean next-token loss."""
+    import transformers
+
+    code, out, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "full",
+                             "--tokens", "40", "--json")
+    assert code == 0, err
+    got = json.loads(out)["mean_nll"]
+    tok = transformers.AutoTokenizer.from_pretrained(tiny)
+    ids = torch.tensor([tok(TEXT)["input_ids"][:40]])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(ids, labels=ids).loss.item()
+    assert abs(got - want) / want < 1e-5
+
+
+def test_ppl_batch_windows(capsys, tiny, text_file):
+    code, out, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "tova",
+                             "--capacity", "8", "--tokens", "24", "--batch", "3", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["batch"] == 3 and r["tokens"] == 24
+
+
+def test_generate_greedy_and_batch(capsys, tiny, tmp_path):
+    code, out, err = run_cli(capsys, "generate", "Paris is the", "--model", tiny, "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out.strip()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Paris is the\nThe quick brown fox jumps\n")
+    code, out2, err = run_cli(capsys, "generate", "--prompts", prompts, "--model", tiny,
+                              "--max-new-tokens", "6", "--policy", "tova", "--capacity", "8", "--stats")
+    assert code == 0, err
+    assert out2.count("---") == 1
+    assert "time to first token" in err and "tokens/s" in err and "bytes" in err
