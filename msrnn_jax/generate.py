@@ -83,30 +83,56 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     return last, state
 
 
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def first_token(sampling: Sampling, logits, key, budget, eos_ids):
+    """Sample each row's first new token from the prompt's logits (no model step: cheap
+    to compile, and the time to first token is the prompt's time)."""
+    key, sub = jax.random.split(key)
+    tok = sampling(logits, sub)
+    budget = budget - 1
+    finished = jnp.isin(tok, eos_ids) | (budget <= 0)
+    return tok, key, finished, budget
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps"),
                    donate_argnames=("state",))
 def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n_steps: int,
-                 state: State, logits, key, done, budget, eos_ids):
-    """Emit up to n_steps tokens per row. logits [B, V]: the next-token logits; done [B]
-    bool; budget [B] int32: tokens each row may still emit; eos_ids [E] int32.
-    Returns (tokens [B, n], emitted [B, n] bool, state, logits, key, done, budget).
-    A row stops after emitting an EOS token (which does enter its state, so a chat can
-    continue from it) or when its budget runs out; stopped rows leave their state as is."""
+                 state: State, tok, key, pending, finished, budget, eos_ids):
+    """n_steps of the RNN: feed each row's pending token, sample the next one.
+
+    tok [B]: the last emitted token; pending [B]: it has not been fed yet; finished [B]:
+    it was the row's last (an EOS, or the budget [B] ran out). Every emitted token is fed,
+    EOS included, so the state can continue a chat; finished rows then stop.
+    Returns (tokens [B, n], emitted [B, n], state, logits, tok, key, pending, finished, budget).
+    """
+    logits = jnp.zeros((tok.shape[0], cfg.vocab_size), jnp.float32)
 
     def body(carry, _):
-        st, logits, key, done, budget = carry
+        st, logits, tok, key, pending, finished, budget = carry
+        new_logits, st = step(params, cfg, policy, st, tok, pending)
+        logits = jnp.where(pending[:, None], new_logits, logits)
         key, sub = jax.random.split(key)
-        done = done | (budget <= 0)
-        tok = sampling(logits, sub)
-        emit = ~done
-        logits, st = step(params, cfg, policy, st, tok, emit)
+        nxt = sampling(logits, sub)
+        emit = pending & ~finished
         budget = budget - emit.astype(jnp.int32)
-        done = done | (emit & jnp.isin(tok, eos_ids))
-        return (st, logits, key, done, budget), (tok, emit)
+        finished = finished | (emit & (jnp.isin(nxt, eos_ids) | (budget <= 0)))
+        tok = jnp.where(emit, nxt, tok)
+        return (st, logits, tok, key, emit, finished, budget), (nxt, emit)
 
-    (state, logits, key, done, budget), (toks, emitted) = jax.lax.scan(
-        body, (state, logits, key, done, budget), None, length=n_steps)
-    return toks.T, emitted.T, state, logits, key, done, budget
+    carry = (state, logits, tok, key, pending, finished, budget)
+    carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
+    state, logits, tok, key, pending, finished, budget = carry
+    return toks.T, emitted.T, state, logits, tok, key, pending, finished, budget
+
+
+def _capacity(policy: Policy, capacity: int | None, needed: int) -> int:
+    """`full` holds every token (rounded up to a bucket so similar calls share a compile)."""
+    if policy.name == "full":
+        return -(-needed // (2 * PAD)) * 2 * PAD
+    if capacity is None:
+        raise MsrnnError(f"policy {policy.name!r} needs a capacity")
+    policy.validate(capacity)
+    return capacity
 
 
 @dataclasses.dataclass
@@ -133,32 +159,36 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
     B = len(prompts)
     if state is not None and state.batch != B:
         raise MsrnnError(f"the state has {state.batch} rows but {B} prompts were given")
+    if state is None:
+        capacity = _capacity(policy, capacity, max(len(p) for p in prompts) + max_new_tokens)
+    else:
+        state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
     t0 = time.perf_counter()
-    logits, state = prefill(params, cfg, policy, state, capacity or 1, prompts, prefill_mode, chunk)
+    logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
-    key = jax.random.key(seed)
-    done = jnp.zeros((B,), bool)
-    budget = jnp.full((B,), max_new_tokens, jnp.int32)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    out: list[list[int]] = [[] for _ in range(B)]
-    ttft, t_first, n_decoded, n_steps = None, t0, 0, 1  # the first token alone: time to first token
+    budget = jnp.full((B,), max_new_tokens, jnp.int32)
+    tok, key, finished, budget = first_token(sampling, logits, jax.random.key(seed), budget, eos)
+    first = np.asarray(tok)
+    ttft = time.perf_counter() - t0
+    out: list[list[int]] = [[int(t)] for t in first]
+    if on_tokens is not None:
+        on_tokens(first[:, None], np.ones((B, 1), bool))
+    pending = jnp.ones((B,), bool)
+    t_first, n_decoded = time.perf_counter(), 0
     while True:
-        toks, emitted, state, logits, key, done, budget = decode_chunk(
-            params, cfg, policy, sampling, n_steps, state, logits, key, done, budget, eos)
+        toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
+            params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
+            budget, eos)
         toks, emitted = np.asarray(toks), np.asarray(emitted)
-        if ttft is None:
-            ttft = t_first = time.perf_counter()
-            ttft -= t0
-        else:
-            n_decoded += int(emitted.sum())
+        n_decoded += int(emitted.sum())
         for b in range(B):
             out[b].extend(int(t) for t in toks[b][emitted[b]])
-        if on_tokens is not None:
+        if on_tokens is not None and emitted.any():
             on_tokens(toks, emitted)
-        if bool(np.asarray(done | (budget <= 0)).all()):
+        if not bool(np.asarray(pending).any()):
             break
-        n_steps = steps_per_call
     elapsed = time.perf_counter() - t_first
     rate = n_decoded / elapsed if n_decoded and elapsed > 0 else float("nan")
     return GenerateResult(out, state, logits, ttft, rate, prefill_s)

@@ -56,6 +56,10 @@ class State(NamedTuple):
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in self)
 
+    def copy(self) -> "State":
+        """An independent copy (jitted calls donate their state; keep a copy to fork)."""
+        return jax.tree.map(jnp.copy, self)
+
     def take_rows(self, rows) -> "State":
         """A copy of some batch rows (fork a state, or pick one row of a batch)."""
         rows = jnp.asarray(rows)

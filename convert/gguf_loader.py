@@ -1,0 +1,267 @@
+"""Load a llama.cpp GGUF file (llama / mistral-as-llama / qwen2) into params.
+
+Every tensor is dequantized with gguf-py's own `gguf.quants.dequantize` (exactly what
+transformers' GGUF loader does), reshaped to the reversed ggml shape, and renamed to the
+Hugging Face layout. llama.cpp's converter permutes the rows of the q/k projections of
+llama-family models (per head it interleaves the two rotary halves, for ggml's
+"normal" RoPE); that permutation is undone here so q/k are in Hugging Face's rotate-half
+layout again. qwen2 files use NEOX RoPE in llama.cpp and are stored unpermuted.
+(This module is not called `gguf.py` so as not to shadow the `gguf` package.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from msrnn_jax.config import ModelConfig, MsrnnError, UnsupportedConfigError
+
+from ._common import as_dtype, one_line
+from .hf import assemble, expected_tensors
+
+ARCHITECTURES = ("llama", "qwen2")
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+# Metadata that would change the math if present with a non-neutral value.
+_MATH_KEYS = {
+    "expert_count": 0, "expert_used_count": 0, "logit_scale": 1.0, "embedding_scale": 1.0,
+    "residual_scale": 1.0, "attention.scale": None, "attn_logit_softcapping": 0.0,
+    "final_logit_softcapping": 0.0, "attention.clamp_kqv": 0.0,
+}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a llama-family GGUF tensor, or None if it has none."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """Inverse of `hf_tensor_name` (for error messages about missing tensors)."""
+    for g, h in _TOP_NAMES.items():
+        if h == hf_name:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
+    if m:
+        for g, h in _LAYER_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}"
+    return hf_name
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf `permute`: HF rotate-half rows -> interleaved pairs."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_qk` (transformers' `_reverse_permute_weights`)."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _f32(v) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.9999997e-06)."""
+    return float(repr(np.float32(v)).removeprefix("np.float32(").removesuffix(")"))
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise MsrnnError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # ValueError (bad magic/version), IndexError/ValueError (truncated), ...
+        raise MsrnnError(f"cannot read GGUF file {path}: {one_line(e)} (truncated or corrupt?)") from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:
+        raise MsrnnError(f"GGUF metadata {key!r} is unreadable: {one_line(e)}") from e
+
+
+def _config(reader, path: Path) -> tuple[ModelConfig, str]:
+    arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise MsrnnError(f"{path}: no general.architecture in the GGUF metadata")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedConfigError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, "
+            "mistral stored as llama, qwen2)")
+    if int(_field(reader, "split.count", 1) or 1) > 1:
+        raise UnsupportedConfigError(f"{path}: split GGUF files are not supported; merge them first")
+
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise MsrnnError(f"{path}: missing GGUF metadata {arch}.{key}")
+        return v
+
+    def scalar(key, v):
+        if isinstance(v, list):  # per-layer arrays (some newer models)
+            if len(set(v)) != 1:
+                raise UnsupportedConfigError(f"{path}: per-layer {arch}.{key}={v} is not supported")
+            v = v[0]
+        return v
+
+    for key, neutral in _MATH_KEYS.items():
+        v = _field(reader, f"{arch}.{key}")
+        if v is not None and v != neutral and not (neutral is None and v in (0, 0.0)):
+            raise UnsupportedConfigError(f"{path}: unsupported GGUF metadata {arch}.{key}={v!r}")
+
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise UnsupportedConfigError(
+            f"{path}: GGUF tensor 'rope_freqs.weight' (llama3-style RoPE frequency factors) is not "
+            "supported; convert the Hugging Face checkpoint instead")
+
+    name = str(_field(reader, "general.name", "") or "")
+    family = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+    E = int(need("embedding_length"))
+    H = int(scalar("attention.head_count", need("attention.head_count")))
+    Hkv = int(scalar("attention.head_count_kv", _field(reader, f"{arch}.attention.head_count_kv", H)))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", 0) or 0) or E // H
+    v_dim = int(_field(reader, f"{arch}.attention.value_length", head_dim))
+    rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if v_dim != head_dim:
+        raise UnsupportedConfigError(f"{path}: key_length {head_dim} != value_length {v_dim}")
+    if rope_dim != head_dim:
+        raise UnsupportedConfigError(
+            f"{path}: partial rotary embedding (rope.dimension_count={rope_dim}, head_dim={head_dim})")
+
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if vocab is None:
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise MsrnnError(f"{path}: missing tensor 'token_embd.weight'")
+        vocab = int(embd.shape[-1])
+
+    scaling = None
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    legacy = _field(reader, f"{arch}.rope.scale_linear")
+    if kind is None and legacy not in (None, 1.0):
+        kind, factor = "linear", legacy
+    if kind not in (None, "none") and not (kind == "linear" and factor in (None, 1.0)):
+        scaling = {"rope_type": kind, "factor": _f32(factor) if factor is not None else 1.0}
+
+    sliding = _field(reader, f"{arch}.attention.sliding_window")
+    if sliding and family != "mistral":
+        raise UnsupportedConfigError(f"{path}: unsupported GGUF metadata {arch}.attention.sliding_window")
+
+    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos = list(dict.fromkeys(int(e) for e in eos if e is not None))
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    hf = {
+        "model_type": family,
+        "vocab_size": int(vocab),
+        "hidden_size": E,
+        "intermediate_size": int(scalar("feed_forward_length", need("feed_forward_length"))),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": H,
+        "num_key_value_heads": Hkv,
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "bos_token_id": int(bos) if bos is not None else None,
+        "eos_token_id": eos,
+        "sliding_window": int(sliding) if sliding else None,
+    }
+    try:
+        return ModelConfig.from_hf_config(hf), arch
+    except MsrnnError as e:
+        raise type(e)(f"{path}: {e}") from e
+
+
+def _load(path, dtype=np.float32):
+    """(cfg, params, has_tokenizer): one parse of the file for both."""
+    import gguf
+
+    path = Path(path)
+    reader = _reader(path)
+    cfg, arch = _config(reader, path)
+    dt = as_dtype(dtype)
+
+    def dequant(t):
+        def read():
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+                w = np.asarray(w).reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
+            except Exception as e:
+                raise MsrnnError(f"{path}: cannot dequantize tensor {t.name!r} "
+                                 f"({t.tensor_type.name}): {one_line(e)}") from e
+            if arch == "llama" and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+                n = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads
+                if w.shape[0] % (2 * n):
+                    raise MsrnnError(f"{path}: tensor {t.name!r} has shape {w.shape}, "
+                                     f"not divisible into {n} heads")
+                w = unpermute_qk(w, n)
+            return w if dt is None else w.astype(dt, copy=False)
+        return read
+
+    tensors = {}
+    display = {name: gguf_tensor_name(name) for name in expected_tensors(cfg)}
+    for t in reader.tensors:
+        hf = hf_tensor_name(t.name) or t.name
+        tensors[hf] = dequant(t)
+        display[hf] = t.name
+    params = assemble(cfg, tensors, str(path), dt, display=display)
+    return cfg, params, "tokenizer.ggml.model" in reader.fields
+
+
+def load_gguf(path: str | os.PathLike, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """Read a GGUF file -> (config, params) in float32 (or `dtype`); needs no tokenizer."""
+    cfg, params, _ = _load(path, dtype)
+    return cfg, params
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer that transformers builds from the GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise MsrnnError(f"GGUF file not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception as e:
+        raise MsrnnError(f"cannot build a tokenizer from {path}: {one_line(e)}") from e
