@@ -229,7 +229,7 @@ def generate(args):
     if args.load_state:
         from .state_io import load_state
 
-        state = load_state(args.load_state, model, pol, batch=len(ids))
+        state = load_state(args.load_state, model, pol, batch=len(ids), capacity=cap)
         cap = state.capacity
     else:
         needed = max(len(i) for i in ids) + args.max_new_tokens

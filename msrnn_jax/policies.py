@@ -110,6 +110,27 @@ class H2O(Policy):
         return (protected, score)
 
 
+@dataclasses.dataclass(frozen=True)
+class PerRow(Policy):
+    """Several policies side by side: batch row b follows `policies[b % len(policies)]`.
+
+    Rows never interact, so each row's result is exactly that policy's result alone;
+    what they share is the reading of the weights, which dominates the cost of a step on
+    memory-bound hardware. A perplexity sweep at one capacity runs every policy at once.
+    (Token-by-token steps only: prefill modes take a single policy.)"""
+
+    policies: tuple = ()
+    name: str = dataclasses.field(default="per-row", init=False)
+
+    @property
+    def uses_score(self) -> bool:  # type: ignore[override]
+        return any(p.uses_score for p in self.policies)
+
+    def validate(self, capacity: int) -> None:
+        for p in self.policies:
+            p.validate(capacity)
+
+
 POLICY_NAMES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
 
 
@@ -146,6 +167,28 @@ def lex_argmin(keys) -> jax.Array:
         k = jnp.where(alive, k, hi)
         alive = alive & (k == k.min(-1, keepdims=True))
     return jnp.argmax(alive, -1)
+
+
+def step_choice(policy: Policy, w, cand_pos, prev_score):
+    """The policy's decision for one layer of one step.
+
+    w: float32 [B, Hkv, G, C+1] attention of every query head over the kept slots and the
+    new token (last); cand_pos: int32 [B, Hkv, C+1]; prev_score: float32 [B, Hkv, C].
+    Returns (slot [B, Hkv] in [0, C], C meaning "drop the new token"; the candidates'
+    updated scores [B, Hkv, C+1], which H2O keeps)."""
+    B, Hkv, _, n = w.shape
+    if isinstance(policy, PerRow):
+        choices = [step_choice(p, w, cand_pos, prev_score) for p in policy.policies]
+        which = jnp.arange(B) % len(policy.policies)
+        slot = jnp.stack([c[0] for c in choices])[which, jnp.arange(B)]
+        score = jnp.stack([c[1] for c in choices])[which, jnp.arange(B)]
+        return slot, score
+    if policy.head_wise:
+        attn = w.mean(2)  # a_h: averaged over the query heads that share a KV head
+    else:
+        attn = jnp.broadcast_to(w.mean((1, 2))[:, None, :], (B, Hkv, n))  # a: the whole layer
+    score = jnp.concatenate([prev_score, jnp.zeros((B, Hkv, 1), jnp.float32)], -1) + attn
+    return drop_slot(policy, cand_pos, attn, score, n - 1), score
 
 
 def drop_slot(policy: Policy, pos, attn, score, capacity) -> jax.Array:

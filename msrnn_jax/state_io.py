@@ -36,7 +36,7 @@ def save_state(path, state: State, model, policy: Policy) -> None:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) if path.is_dir() else path.exists():
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise MsrnnError(f"{path} already exists; choose a new folder for the state")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))

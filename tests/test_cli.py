@@ -197,3 +197,45 @@ def test_generate_greedy_and_batch(capsys, tiny, tmp_path):
     assert code == 0, err
     assert out2.count("---") == 1
     assert "time to first token" in err and "tokens/s" in err and "bytes" in err
+
+
+def test_convert_then_load_gives_same_output(capsys, tiny, tmp_path):
+    out = tmp_path / "converted"
+    code, _, err = run_cli(capsys, "convert", tiny, out, "--dtype", "float32")
+    assert code == 0, err
+    a = run_cli(capsys, "generate", "Paris is the", "--model", tiny, "--max-new-tokens", "5")
+    b = run_cli(capsys, "generate", "Paris is the", "--model", out, "--max-new-tokens", "5")
+    assert a[0] == b[0] == 0 and a[1] == b[1]
+
+
+def test_saved_state_continues_and_refuses_mismatches(capsys, tiny, tmp_path):
+    saved = tmp_path / "state"
+    code, out, err = run_cli(capsys, "generate", "Paris is the", "--model", tiny, "--policy", "tova",
+                             "--capacity", "16", "--max-new-tokens", "4", "--save-state", saved)
+    assert code == 0, err
+    assert (saved / "state.json").is_file()
+    code, out, err = run_cli(capsys, "generate", "capital", "--model", tiny, "--policy", "tova",
+                             "--capacity", "16", "--max-new-tokens", "4", "--load-state", saved)
+    assert code == 0, err
+    # another capacity, another policy, another model
+    assert_one_line_error(*run_cli(capsys, "generate", "x", "--model", tiny, "--policy", "tova",
+                                   "--capacity", "8", "--load-state", saved), 2, "capacity")
+    assert_one_line_error(*run_cli(capsys, "generate", "x", "--model", tiny, "--policy", "window",
+                                   "--capacity", "16", "--load-state", saved), 2, "policy")
+    other = save_tiny_model(tmp_path / "other", seed=5)
+    assert_one_line_error(*run_cli(capsys, "generate", "x", "--model", other, "--policy", "tova",
+                                   "--capacity", "16", "--load-state", saved), 2, "another model")
+    assert_one_line_error(*run_cli(capsys, "generate", "x", "--model", tiny, "--policy", "tova",
+                                   "--capacity", "16", "--load-state", tmp_path), 1, "not a saved state")
+
+
+def test_chat_state_carries_across_turns(capsys, tiny, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nwhat is the capital?\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", tiny, "--policy", "tova", "--capacity", "24",
+                             "--max-new-tokens", "5", "--stats")
+    assert code == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[stats]")]
+    assert len(stats) == 2  # two turns (the blank line is skipped)
+    assert all("capacity 24" in s for s in stats)
