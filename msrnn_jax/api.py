@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig, MsrnnError
 from .model import chunk_step, scan_nll
-from .policies import Policy, make_policy
+from .policies import PerRow, Policy, make_policy, policy_name
 from .state import State
 
 STEPS_PER_CALL = 256  # tokens per compiled scan call in perplexity runs (progress, memory)
@@ -146,6 +146,48 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
     seconds = time.perf_counter() - t0
     nll = np.concatenate(nlls, 1)[:, : T - 1]
     return PolicyRun(nll, state, seconds, compile_s)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    policy: Policy
+    capacity: int
+    run: PolicyRun
+    shared_with: int = 1  # policies that ran side by side as batch rows of one run
+
+
+def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[int], tokens,
+          sinks: int = 4, prefill: str = "exact", chunk: int | None = None, fuse: bool = True,
+          progress: Callable[[int], None] | None = None) -> list[SweepResult]:
+    """Every policy at every capacity (`full` once, at the text's length) over rows [B, T].
+
+    With `fuse` (exact prefill), the bounded policies of one capacity run side by side as
+    batch rows of a single run (`PerRow`): the rows never interact, so every NLL is exactly
+    what the policy gives alone, and the weights are read once per step for all of them.
+    Their `tokens_per_s` is then each policy's own rate while sharing the run."""
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    pols = [make_policy(p, sinks) if isinstance(p, str) else p for p in policies]
+    out: list[SweepResult] = []
+    for pol in pols:
+        if pol.name == "full":
+            out.append(SweepResult(pol, tokens.shape[1], run_policy(model, pol, None, tokens, progress=progress,
+                                                                    prefill=prefill, chunk=chunk)))
+    bounded = [p for p in pols if p.name != "full"]
+    for cap in capacities:
+        if fuse and prefill == "exact" and len(bounded) > 1:
+            n = len(bounded)
+            run = run_policy(model, PerRow(policies=tuple(bounded)), cap, np.repeat(tokens, n, axis=0),
+                             progress=progress)
+            for i, pol in enumerate(bounded):
+                rows = slice(i, None, n)  # row b follows policy b % n, text b // n
+                part = PolicyRun(run.nll[rows], run.state.take_rows(np.arange(i, run.nll.shape[0], n)),
+                                 run.seconds, run.compile_seconds)
+                out.append(SweepResult(pol, cap, part, shared_with=n))
+        else:
+            for pol in bounded:
+                out.append(SweepResult(pol, cap, run_policy(model, pol, cap, tokens, progress=progress,
+                                                            prefill=prefill, chunk=chunk)))
+    return out
 
 
 def read_text(path: str | Path) -> str:

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows: B files, or B consecutive windows of one file")
     q.add_argument("--prefill", default="exact", choices=["exact", "chunked"])
     q.add_argument("--chunk", type=_positive("--chunk"))
+    q.add_argument("--no-fuse", action="store_true",
+                   help="run each policy on its own (by default the policies of one capacity run "
+                        "side by side as batch rows, sharing each step's weight reads)")
     q.add_argument("--json", action="store_true", help="one JSON object per (policy, capacity)")
     q.add_argument("--csv", help="also write the results as CSV to this path")
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")

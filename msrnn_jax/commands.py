@@ -13,7 +13,7 @@ import numpy as np
 from . import api
 from .config import MsrnnError, UsageError
 from .generate import generate as _generate
-from .policies import POLICY_NAMES, make_policy
+from .policies import POLICY_NAMES, make_policy, policy_name
 from .sampling import Sampling
 
 
@@ -93,24 +93,19 @@ def ppl(args):
     if rows.shape[1] < 2:
         raise MsrnnError("the text has fewer than 2 tokens")
 
-    runs = [(p, None) for p in policies if p.name == "full"]
-    runs += [(p, c) for p in policies if p.name != "full" for c in capacities]
-    results = []
     from tqdm.auto import tqdm
 
-    total = len(runs) * rows.size
-    with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False) as bar:
-        for pol, cap in runs:
-            name = _name(pol)
-            bar.set_description(f"{name} C={cap or 'all'}")
-            run = api.run_policy(model, pol, cap, rows, prefill=args.prefill, chunk=args.chunk,
-                                 progress=bar.update)
-            bar.update(rows.shape[0])  # the first token of each row is read, not predicted
-            rec = {"policy": name, "capacity": cap if cap is not None else rows.shape[1],
-                   "tokens": int(rows.shape[1]), "batch": int(rows.shape[0]),
-                   "mean_nll": run.mean_nll, "ppl": run.ppl, "tokens_per_s": run.tokens_per_s,
-                   "compile_s": run.compile_seconds, "prefill": args.prefill,
-                   "model": model.source}
+    n_full = sum(p.name == "full" for p in policies)
+    total = (n_full + (len(policies) - n_full) * len(capacities or [])) * rows.shape[0] * (rows.shape[1] - 1)
+    results = []
+    with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False, desc="perplexity") as bar:
+        for res in api.sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
+                             fuse=not args.no_fuse, progress=bar.update):
+            run, pol = res.run, res.policy
+            rec = {"policy": _name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
+                   "batch": int(rows.shape[0]), "mean_nll": run.mean_nll, "ppl": run.ppl,
+                   "tokens_per_s": run.tokens_per_s, "compile_s": run.compile_seconds,
+                   "prefill": args.prefill, "shared_with": res.shared_with, "model": model.source}
             if pol.name == "sink":
                 rec["sinks"] = pol.sinks
             results.append(rec)
@@ -127,7 +122,7 @@ def ppl(args):
 
 
 def _name(pol):
-    return pol.name + ("-head" if pol.head_wise else "")
+    return policy_name(pol)
 
 
 def _print_table(results):

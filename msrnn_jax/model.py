@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .policies import Policy, drop_slot, select_keep
+from .policies import Policy, select_keep, step_choice
 from .state import State
 
 F32 = jnp.float32
@@ -80,10 +80,40 @@ def _layer_slice(tree, layer):
 
 
 # -- the recurrent step ----------------------------------------------------------------
-# How `step` loops over layers: "scan" (lax.scan over the stacked layers; one compiled
-# layer body) or "unroll" (a Python loop with static layer indices). Read at trace time;
-# benchmarks/ switches it to compare the two (clear jit caches after changing it).
+# Implementation switches of `step`, read at trace time (benchmarks/ flips them to compare
+# variants; clear jit caches after a change). Neither changes the math.
+# LAYER_LOOP: "scan" (lax.scan over the stacked layers; one compiled layer body) or
+#   "unroll" (a Python loop with static layer indices). `params["layers"]` given as a
+#   list of per-layer dicts (see `split_layers`) is always unrolled.
+# ATTENTION: how the query meets the kept slots: "einsum" (dot_general) or "reduce"
+#   (multiply + sum, which XLA fuses with the read of the layer's slice of the state).
 LAYER_LOOP = "scan"
+ATTENTION = "einsum"
+# Unrolled layers: put an optimization barrier on (x, state) between layers, so that XLA
+# neither hoists every layer's read of the state nor merges the per-layer slot writes
+# into one scatter at the end (which costs whole-state copies at large batch).
+UNROLL_BARRIER = True
+
+
+def split_layers(params):
+    """The same parameters with `layers` as a list of per-layer dicts (for `step` only)."""
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(n)]}
+
+
+def _slot_scores(q, K):
+    """q [B,Hkv,G,D] . K [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (products exact, f32 sums)."""
+    if ATTENTION == "reduce":
+        return jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
+    return jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
+
+
+def _slot_mix(w, V):
+    """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32."""
+    if ATTENTION == "reduce":
+        return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
+    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
 
 
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
@@ -108,23 +138,17 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
 
         # 2-3. attend over the kept slots plus the new token; softmax in float32
         scale = 1.0 / math.sqrt(D)
-        s_old = jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32) * scale
+        s_old = _slot_scores(q, K) * scale
         s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
         s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
         w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]
-        out = (jnp.einsum("bhgc,bhcd->bhgd", w[..., :C].astype(V.dtype), V, preferred_element_type=F32)
-               + w[..., C:] * v[:, :, None, :].astype(F32))
+        out = _slot_mix(w[..., :C].astype(V.dtype), V) + w[..., C:] * v[:, :, None, :].astype(F32)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
 
         # 4. the policy picks one of the C + 1 candidates to drop
         cand_pos = jnp.concatenate([P, jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))], -1)
-        if policy.head_wise:
-            attn = w.mean(2)  # [B,Hkv,C+1]  a_h
-        else:
-            attn = jnp.broadcast_to(w.mean((1, 2))[:, None, :], (B, Hkv, C + 1))  # a
-        cand_score = jnp.concatenate([S, jnp.zeros((B, Hkv, 1), F32)], -1) + attn
-        slot = drop_slot(policy, cand_pos, attn, cand_score, C)  # [B,Hkv] in [0, C]
+        slot, cand_score = step_choice(policy, w, cand_pos, S)  # [B,Hkv] in [0, C]
         slot = jnp.where(active[:, None], slot, C)  # C = "drop the new token" = no write
 
         # write the new token into the dropped slot, in place (slot C is out of range: dropped)
@@ -140,10 +164,13 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
             st = st._replace(score=jax.lax.dynamic_update_index_in_dim(st.score, new_s, l, 0))
         return (x, st), None
 
-    if LAYER_LOOP == "unroll":
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)) or LAYER_LOOP == "unroll":
         carry = (x, state)
         for l in range(cfg.num_layers):
-            lp = jax.tree.map(lambda a: a[l], params["layers"])
+            lp = layers[l] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[l], layers)
+            if l and UNROLL_BARRIER:
+                carry = jax.lax.optimization_barrier(carry)
             carry, _ = layer(carry, (lp, l))
         x, state = carry
     else:

@@ -1,4 +1,5 @@
-"""Figures: perplexity against capacity (the paper's Figure 3), kept-position maps."""
+"""Figures: perplexity against capacity (the paper's Figure 3), kept-position maps, and the
+notebooks' other pictures (state size, per-layer statistics, bars, histograms)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,100 @@ def plot_ppl_vs_capacity(results, out, title=""):
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
+
+
+# -- figures for the notebooks ---------------------------------------------------------
+# These return a matplotlib Figure built without pyplot (no global state, no backend
+# switch): a notebook shows it as a cell's last expression, a script calls fig.savefig.
+def _figure(figsize):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=100, layout="constrained")
+
+
+def plot_state_bytes(tokens_read, curves, title=""):
+    """State size against tokens read. curves: {label: bytes per point of tokens_read}."""
+    fig = _figure((6.4, 3.8))
+    ax = fig.subplots()
+    for label, nbytes in curves.items():
+        ax.plot(tokens_read, [b / 2**20 for b in nbytes], label=label)
+    ax.set_xlabel("tokens read")
+    ax.set_ylabel("state size (MiB)")
+    ax.set_title(title or "state size against tokens read")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_kept_maps(maps, ncols=None, title="", panel_size=2.2):
+    """A grid of kept-position maps. maps: {panel title: bool [steps, positions]} (see
+    `analysis.kept_map`); step runs down, position across, kept positions dark."""
+    n = len(maps)
+    ncols = ncols or min(n, 6)
+    nrows = -(-n // ncols)
+    fig = _figure((panel_size * ncols, panel_size * nrows + (0.4 if title else 0)))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    for ax, (name, m) in zip(axes.flat, maps.items()):
+        ax.imshow(m, cmap="Greys", interpolation="nearest", aspect="auto")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("position", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("step", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_lines(x, series, xlabel, ylabel, title="", logy=False, marker=None):
+    """Lines over a shared x. series: {label: values, one per x}."""
+    fig = _figure((6.4, 3.6))
+    ax = fig.subplots()
+    for label, vals in series.items():
+        ax.plot(x, vals, marker=marker, markersize=3, label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_per_layer(series, ylabel, title="", logy=False):
+    """Lines over layers. series: {label: values [L]}."""
+    n = len(next(iter(series.values())))
+    return plot_lines(range(n), series, "layer", ylabel, title, logy, marker="o")
+
+
+def plot_bars(values, ylabel, title="", annotations=None):
+    """One bar per key. values: {label: number}; annotations: {label: text above the bar}."""
+    fig = _figure((6.4, 3.6))
+    ax = fig.subplots()
+    labels = list(values)
+    ax.bar(labels, [values[k] for k in labels], color="tab:blue")
+    for i, k in enumerate(labels):
+        if annotations and k in annotations:
+            ax.annotate(annotations[k], (i, values[k]), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+def plot_histograms(samples, xlabel, title="", bins=40):
+    """Overlaid histograms (as step lines, density). samples: {label: 1-D array}."""
+    fig = _figure((6.4, 3.6))
+    ax = fig.subplots()
+    for label, x in samples.items():
+        ax.hist(x, bins=bins, histtype="step", density=True, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig

@@ -152,7 +152,7 @@ def test_ppl_json_csv_plot_sweep(capsys, tiny, text_file, tmp_path):
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["policy"], r["capacity"]) for r in rows] == [
-        ("full", 48), ("window", 8), ("window", 16), ("tova", 8), ("tova", 16)]
+        ("full", 48), ("window", 8), ("tova", 8), ("window", 16), ("tova", 16)]
     for r in rows:
         assert {"policy", "capacity", "tokens", "mean_nll", "ppl", "tokens_per_s"} <= set(r)
         assert r["tokens"] == 48 and math.isclose(r["ppl"], math.exp(r["mean_nll"]), rel_tol=1e-9)
@@ -160,6 +160,24 @@ def test_ppl_json_csv_plot_sweep(capsys, tiny, text_file, tmp_path):
     assert csv_path.read_text().splitlines()[0].startswith("policy,capacity,tokens")
     assert len(csv_path.read_text().splitlines()) == 6
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fused_sweep_equals_one_policy_at_a_time(capsys, tiny, text_file):
+    """Policies sharing a run as batch rows give what each gives alone."""
+    argv = ["ppl", text_file, "--model", tiny, "--policy", "window,sink,tova,tova-head,h2o,h2o-head",
+            "--capacity", "6,12", "--sinks", "2", "--tokens", "40", "--json"]
+    code, fused, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    code, alone, err = run_cli(capsys, *argv, "--no-fuse")
+    assert code == 0, err
+    fused = {(r["policy"], r["capacity"]): r for r in map(json.loads, fused.splitlines())}
+    alone = {(r["policy"], r["capacity"]): r for r in map(json.loads, alone.splitlines())}
+    assert fused.keys() == alone.keys() and len(fused) == 12
+    for k in fused:
+        assert fused[k]["shared_with"] == 6 and alone[k]["shared_with"] == 1
+        assert abs(fused[k]["mean_nll"] - alone[k]["mean_nll"]) < 1e-5, k
+    # and the policies really differ from one another
+    assert len({round(r["mean_nll"], 6) for r in fused.values()}) > 6
 
 
 def test_ppl_full_equals_transformers_cross_entropy(capsys, tiny, text_file):
