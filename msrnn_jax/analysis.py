@@ -6,6 +6,7 @@ paper's §7.3 for a model of their choice:
 * `record_run` feeds token rows through the exact step (DESIGN.md §3) and keeps, besides
   the NLL of every next-token prediction, the *kept positions after every step*
   (`pos` [T, L, B, Hkv, C], the `pos` field of the state at each step; -1 = empty slot).
+  `record_policies` records several policies at once, side by side as batch rows.
 * `kept_map` turns one (layer, row, head) of that record into a picture: step against
   position, True where the position is in the state.
 * `retention`, `recent_share`, `kept_ages`, `first_token_kept`: how long tokens stay, how
@@ -30,7 +31,7 @@ import numpy as np
 
 from .config import ModelConfig, MsrnnError
 from .model import scan_logits
-from .policies import Policy, make_policy, policy_name
+from .policies import PerRow, Policy, make_policy, policy_name
 from .state import State
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
@@ -93,13 +94,14 @@ class Recording:
 
 
 def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | None, tokens,
-               sinks: int = 4, steps_per_call: int = 128) -> Recording:
+               sinks: int = 4, steps_per_call: int = 32) -> Recording:
     """Feed token rows [B, T] (or one list) through the exact step and record everything.
 
     `capacity` is ignored by `full` (which gets one slot per token). The tokens go through
-    `scan_logits(..., record_pos=True)` in calls of `steps_per_call` steps (one compile per
-    policy and capacity; the last call is padded with inactive steps, which never touch the
-    state), and only the NLL leaves each call, so long texts need no [T, V] logits buffer.
+    `scan_logits(..., record_pos=True)` in calls of at most `steps_per_call` steps (one
+    compile per policy and capacity; the last call is padded with inactive steps, which
+    never touch the state), and only the NLL is kept from each call, so long texts need
+    no [B, T, V] logits buffer: [B, steps_per_call, V] at a time.
     The NLL equals `api.run_policy`'s for the same inputs.
     """
     tokens = np.atleast_2d(np.asarray(tokens, np.int32))
@@ -112,8 +114,8 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
     elif capacity is None:
         raise MsrnnError(f"policy {pol.name!r} needs a capacity")
     pol.validate(capacity)
-    width = min(steps_per_call, T)
-    n_calls = -(-T // width)
+    n_calls = -(-T // steps_per_call)
+    width = -(-T // n_calls)  # as even as possible: little padding in the last call
     inputs = np.zeros((B, n_calls * width), np.int32)
     active = np.zeros(inputs.shape, bool)
     inputs[:, :T], active[:, :T] = tokens, True
@@ -133,6 +135,29 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
     nll = np.concatenate(nll, 1)[:, : T - 1]
     pos = np.concatenate(pos, 0)[:T]
     return Recording(policy_name(pol), int(capacity), tokens, nll, pos)
+
+
+def record_policies(params, cfg: ModelConfig, policies: Sequence[str | Policy], capacity: int,
+                    tokens, sinks: int = 4, steps_per_call: int = 32) -> dict[str, Recording]:
+    """Several bounded policies at one capacity, recorded in a single run: {name: Recording}.
+
+    The policies run side by side as batch rows (`PerRow`: row b follows policy b % n, as in
+    `api.sweep`). Rows never interact, so each recording is exactly what `record_run` gives
+    for that policy alone; what they share is the reading of the weights at every step,
+    which is most of a step's cost on a CPU. `full` is not a bounded policy: record it with
+    `record_run` (or use the parallel forward pass)."""
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    pols = [make_policy(p, sinks) if isinstance(p, str) else p for p in policies]
+    names = [policy_name(p) for p in pols]
+    if not pols or any(p.name == "full" for p in pols) or len(set(names)) < len(names):
+        raise MsrnnError(f"record_policies needs distinct bounded policies, got {names}")
+    if len(pols) == 1:
+        return {names[0]: record_run(params, cfg, pols[0], capacity, tokens, sinks, steps_per_call)}
+    n = len(pols)
+    both = record_run(params, cfg, PerRow(policies=tuple(pols)), capacity,
+                      np.repeat(tokens, n, axis=0), sinks, steps_per_call)
+    return {name: Recording(name, both.capacity, tokens, both.nll[i::n], both.pos[:, :, i::n])
+            for i, name in enumerate(names)}
 
 
 # -- pictures and statistics -----------------------------------------------------------

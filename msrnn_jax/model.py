@@ -93,6 +93,11 @@ ATTENTION = "einsum"
 # neither hoists every layer's read of the state nor merges the per-layer slot writes
 # into one scatter at the end (which costs whole-state copies at large batch).
 UNROLL_BARRIER = True
+# Materialise the query-key scores with their own kernel (an optimization barrier right
+# after the product). Without it XLA GPU fuses the product over D into the softmax's
+# concatenate fusion, which re-reads the keys with poor coalescing: ~3x the time of the
+# read at large batch (profile in benchmarks/results/).
+SCORE_BARRIER = True
 
 
 def split_layers(params):
@@ -138,7 +143,10 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
 
         # 2-3. attend over the kept slots plus the new token; softmax in float32
         scale = 1.0 / math.sqrt(D)
-        s_old = _slot_scores(q, K) * scale
+        s_old = _slot_scores(q, K)
+        if SCORE_BARRIER and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
+            s_old = jax.lax.optimization_barrier(s_old)
+        s_old = s_old * scale
         s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
         s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
         w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]

@@ -125,7 +125,8 @@ def plot_bars(values, ylabel, title="", annotations=None):
 
 
 def plot_histograms(samples, xlabel, title="", bins=40):
-    """Overlaid histograms (as step lines, density). samples: {label: 1-D array}."""
+    """Overlaid histograms (as step lines, density). samples: {label: 1-D array}; bins: a
+    count or the bin edges (e.g. `np.arange(n + 1) - 0.5` for integers 0..n-1)."""
     fig = _figure((6.4, 3.6))
     ax = fig.subplots()
     for label, x in samples.items():

@@ -1,0 +1,184 @@
+"""GPU decode benchmarks beside Hugging Face transformers and the hardware limit (issue 5).
+
+One command runs every section, each in its own process (so JAX and PyTorch never hold
+device memory at the same time), and after each section rewrites
+
+    <out>/decode-<date>.json   every raw figure, the command, date, versions, GPU
+    <out>/decode-<date>.md     the tables and the targets, met or missed
+
+Sections (default: llama, hf, prefill, mistral, in that order; each gets a share of
+--budget-s and stops starting work after its deadline, skipping the tail of its job list):
+  llama    decode grid, Llama-2-7B shape (jax_bench.DEFAULT_JOBS, in priority order): full and
+           tova/window/sink x C in 256..2048, batch 1, 8, 32 and the largest that fits,
+           positions 4096 and 16384; its largest-batch rows are the Table 1 analog.
+           Batches 1/8/32 run `model.split_layers` params (unrolled layers), the largest
+           batches `lax.scan` over stacked layers (see the results' notes for why)
+  hf       transformers generate: dynamic cache, and static cache + torch.compile;
+           batch 1 and the largest batch (probed down on out-of-memory)
+  prefill  exact / oneshot / chunked prefill of a 4096-token prompt (tova, C=512)
+  mistral  a smaller decode grid in the Mistral-7B (GQA) shape
+  probe, probe2   (not default) step-implementation variants with the optimised HLO's large
+           buffers and a jax.profiler kernel summary; probe2 is for trying XLA_FLAGS (--env)
+
+Usage (on the GPU machine, from the repository root):
+
+    PYTHONPATH=. python -m benchmarks.decode --out benchmarks/results
+
+`--quick` runs a tiny model on whatever device there is (a CPU rehearsal of the whole pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+
+from .common import now_tag, write_json
+from .report import analyse, render
+
+SECTIONS = ("probe", "probe2", "llama", "hf", "prefill", "mistral")
+DEFAULT_SECTIONS = ("llama", "hf", "prefill", "mistral")
+WEIGHTS = {"probe": 1.2, "probe2": 1.0, "llama": 5.4, "hf": 2.8, "prefill": 1.3, "mistral": 0.8}
+
+
+def section_cmd(name: str, part: str, deadline: float, quick: bool, dump_dir: str, extra: dict) -> list[str]:
+    py = [sys.executable, "-m"]
+    dl = ["--deadline", f"{deadline:.0f}"]
+    if quick:
+        tiny = ["--model", "tiny"]
+        if name in ("probe", "probe2"):
+            return py + ["benchmarks.jax_bench", "--section", "probe", "--json", part, *tiny, "--n-steps", "2",
+                         "--reps", "1", "--probe-batch", "4", "--hlo-min-bytes", "4096", *dl]
+        if name in ("llama", "mistral"):
+            jobs = "full/F/1,full/F/max,tova/16/1,tova/16/2,tova/16/max,window/16/1,window/16/max"
+            return py + ["benchmarks.jax_bench", "--section", "decode", "--json", part, *tiny, "--n-steps", "2",
+                         "--reps", "2", "--jobs", jobs if name == "llama" else "tova/16/1,window/16/1",
+                         "--positions", "40,100", "--full-capacity", "64", "--reserve-bytes", "0",
+                         "--max-batch-cap", "8", "--bw-bytes", "4000000", "--variant", "split:einsum",
+                         "--variant-max", "scan:einsum", *dl]
+        if name == "prefill":
+            return py + ["benchmarks.jax_bench", "--section", "prefill", "--json", part, *tiny, "--prefill-tokens", "64",
+                         "--prefill-capacity", "16", "--chunk", "16", *dl]
+        if name == "hf":
+            return py + ["benchmarks.hf_peer", "--json", part, *tiny, "--device", "cpu", "--lens", "4,8",
+                         "--new-tokens", "3", "--caches", "dynamic", *dl]
+    if name in ("probe", "probe2"):
+        return py + ["benchmarks.jax_bench", "--section", "probe", "--json", part, "--model", "llama2-7b",
+                     "--dump-dir", os.path.join(dump_dir, name), *extra.get(name, []), *dl]
+    if name == "llama":
+        return py + ["benchmarks.jax_bench", "--section", "decode", "--json", part, "--model", "llama2-7b",
+                     "--variant", "split:einsum", "--variant-max", "scan:einsum", *extra.get("llama", []), *dl]
+    if name == "mistral":
+        jobs = "tova/512/1,tova/512/max,window/512/1,window/512/max,full/F/1,full/F/max,tova/2048/max,tova/256/max"
+        return py + ["benchmarks.jax_bench", "--section", "decode", "--json", part, "--model", "mistral-7b",
+                     "--variant", "split:einsum", "--variant-max", "scan:einsum", "--jobs", jobs,
+                     "--positions", "4096",
+                     *extra.get("mistral", []), *dl]
+    if name == "prefill":
+        return py + ["benchmarks.jax_bench", "--section", "prefill", "--json", part, "--model", "llama2-7b",
+                     "--variant", "split:einsum", *extra.get("prefill", []), *dl]
+    if name == "hf":
+        return py + ["benchmarks.hf_peer", "--json", part, "--model", "llama2-7b", "--caches", "dynamic",
+                     "--compile", "--lens", "32,1392,2752,4112", *extra.get("hf", []), *dl]
+    raise ValueError(name)
+
+
+def merge(work: str, command: str, date: str) -> dict:
+    secs = {}
+    for name in SECTIONS:
+        p = os.path.join(work, f"part-{name}.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                secs[name] = json.load(f)
+    info = {}
+    for s in secs.values():
+        if s.get("info"):
+            info.update({"jax": s["info"].get("jax"), "jaxlib": s["info"].get("jaxlib"),
+                         "gpu": s["info"].get("device_kind"), "platform": s["info"].get("platform"),
+                         "xla_flags": s["info"].get("xla_flags")})
+            break
+    if "hf" in secs:
+        info.update({"torch": secs["hf"].get("torch"), "transformers": secs["hf"].get("transformers"),
+                     "gpu_torch": secs["hf"].get("gpu")})
+    merged = {"date": date, "command": command, "info": info, "sections": secs}
+    merged["analysis"] = analyse(merged)
+    return merged
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--work", default=None, help="folder for per-section parts (default: <out>/.parts)")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated, from {', '.join(SECTIONS)}")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="wall-clock budget for all sections")
+    ap.add_argument("--date", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny model, seconds (smoke test)")
+    ap.add_argument("--extra", default="{}", help='JSON {section: [extra args]} passed to a section')
+    ap.add_argument("--weights", default="{}", help='JSON {section: weight}: shares of the budget')
+    ap.add_argument("--env", default="{}", help='JSON {section: {VAR: value}}: extra environment')
+    args = ap.parse_args(argv)
+    date = args.date or now_tag()
+    command = "PYTHONPATH=. python -m benchmarks.decode " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work or os.path.join(args.out, ".parts")
+    os.makedirs(work, exist_ok=True)
+    dump_dir = os.path.join(work, "dump")
+    for d in ("probe", "probe2"):
+        os.makedirs(os.path.join(dump_dir, d), exist_ok=True)
+    sec_env = json.loads(args.env)
+    extra = json.loads(args.extra)
+    weights = {**WEIGHTS, **json.loads(args.weights)}
+    todo = [s for s in args.sections.split(",") if s]
+    for s in todo:
+        if s not in SECTIONS:
+            ap.error(f"unknown section {s!r}")
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    end = time.time() + args.budget_s
+    status = {}
+    json_path = os.path.join(args.out, f"decode-{date}.json")
+    md_path = os.path.join(args.out, f"decode-{date}.md")
+    for i, name in enumerate(todo):
+        left = end - time.time()
+        w = sum(weights[s] for s in todo[i:])
+        share = left * weights[name] / w
+        deadline = time.time() + share
+        part = os.path.join(work, f"part-{name}.json")
+        cmd = section_cmd(name, part, deadline, args.quick, dump_dir, extra)
+        print(f"== section {name}: {share:.0f} s  ({' '.join(cmd[2:])})", flush=True)
+        t0 = time.time()
+        try:
+            rc = subprocess.run(cmd, env={**env, **sec_env.get(name, {})}, cwd=root,
+                                timeout=max(30.0, share + 45.0)).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"== section {name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+        merged = merge(work, command, date)
+        merged["section_status"] = status
+        status[name] = {"rc": rc, "seconds": round(time.time() - t0, 1), "env": sec_env.get(name, {})}
+        write_json(json_path, merged)
+        with open(md_path, "w") as f:
+            f.write(render(merged))
+    dumps = sorted(glob.glob(os.path.join(dump_dir, "*", "*")))
+    if dumps:
+        with tarfile.open(os.path.join(args.out, f"hlo-{date}.tar.gz"), "w:gz") as tar:
+            for p in dumps:
+                tar.add(p, arcname=os.path.relpath(p, dump_dir))
+    print(open(md_path).read())
+    return json_path, md_path
+
+
+if __name__ == "__main__":
+    main()

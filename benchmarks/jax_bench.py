@@ -1,0 +1,591 @@
+"""The JAX side of the decode benchmarks (one model per process; see decode.py).
+
+Every decode figure is the steady state of `bench_decode`: n greedy steps of
+`msrnn_jax.model.step` inside one `lax.scan`, the state donated — the per-step work of
+`msrnn_jax.generate.decode_chunk` (which adds only [B]-sized bookkeeping), kept here so
+that the benchmark does not follow that function's signature. It is compiled ahead of
+time for fixed (policy, capacity, batch) and called on a state fabricated at the wanted
+position (`common.fabricate_state`). Step time = median wall time of a call / n steps;
+a call is followed by `block_until_ready`.
+
+    python -m benchmarks.jax_bench --section llama --json part.json [--deadline EPOCH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import gzip
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msrnn_jax import model as msrnn_model
+from msrnn_jax.generate import prefill
+from msrnn_jax.policies import make_policy
+from msrnn_jax.state import State
+
+from .common import (GiB, copy_bandwidth, device_info, device_params, fabricate_state, memory_stats,
+                     model_config, move_state, param_bytes, state_read_bytes_per_step, state_row_bytes,
+                     step_flops, weight_bytes_per_step, write_json)
+
+DTYPE = jnp.bfloat16
+FULL_PROMPT = 32          # Table 1 analog: a 32-token prompt, then 4096 decoded tokens
+DECODE_LEN = 4096
+FULL_CAPACITY = FULL_PROMPT + DECODE_LEN  # the full cache holds every token of the run
+
+
+# -- decode ----------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps"), donate_argnames=("state",))
+def bench_decode(params, cfg, policy, n_steps, state, tok):
+    """n greedy decode steps. tok [B]: the token fed first. Returns (tokens [B, n], state)."""
+
+    def body(carry, _):
+        st, tok = carry
+        logits, st = msrnn_model.step(params, cfg, policy, st, tok)
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        return (st, nxt), nxt
+
+    (state, tok), toks = jax.lax.scan(body, (state, tok), None, length=n_steps)
+    return toks.T, state
+
+
+def _decode_inputs(cfg, batch, capacity):
+    sds = jax.ShapeDtypeStruct
+    L, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    st = State(sds((L, batch, H, capacity, D), DTYPE), sds((L, batch, H, capacity, D), DTYPE),
+               sds((L, batch, H, capacity), jnp.int32), sds((L, batch, H, capacity), jnp.float32),
+               sds((batch,), jnp.int32))
+    return st, sds((batch,), jnp.int32)
+
+
+def compile_decode(params, cfg, policy, batch, capacity, n_steps):
+    """AOT-compile bench_decode for these sizes. Returns (compiled, record)."""
+    st, tok = _decode_inputs(cfg, batch, capacity)
+    t0 = time.perf_counter()
+    lowered = bench_decode.lower(params, cfg, policy, n_steps, st, tok)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    rec = {"lower_s": t1 - t0, "compile_s": t2 - t0}
+    rec.update(memory_analysis(compiled))
+    return compiled, rec
+
+
+def memory_analysis(compiled) -> dict:
+    try:
+        ma = compiled.memory_analysis()
+        out = {"arg_bytes": int(ma.argument_size_in_bytes), "out_bytes": int(ma.output_size_in_bytes),
+               "alias_bytes": int(ma.alias_size_in_bytes), "temp_bytes": int(ma.temp_size_in_bytes)}
+        out["exe_peak_bytes"] = out["arg_bytes"] + out["out_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+        return out
+    except Exception:  # pragma: no cover (backend without the analysis)
+        return {}
+
+
+def _is_oom(e: Exception) -> bool:
+    s = str(e)
+    return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
+
+
+def time_decode(compiled, params, cfg, batch, capacity, positions, n_steps, reps, warmup=1):
+    """Run the compiled decode on a fabricated state; time `reps` calls per position.
+    Returns {position: {"step_s": median, "step_s_all": [...]}}."""
+    out = {}
+    state = fabricate_state(cfg, batch, capacity, positions[0], DTYPE)
+    tok = jnp.ones((batch,), jnp.int32)
+    try:
+        for i, p in enumerate(positions):
+            if i:
+                state = move_state(state, p)
+            for _ in range(warmup):
+                toks, state = compiled(params, state, tok)
+                jax.block_until_ready((toks, state))
+                tok = toks[:, -1]
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                toks, state = compiled(params, state, tok)
+                jax.block_until_ready((toks, state))
+                ts.append(time.perf_counter() - t0)
+                tok = toks[:, -1]
+            steps = [t / n_steps for t in ts]
+            out[p] = {"step_s": float(np.median(steps)), "step_s_all": steps}
+    finally:
+        del state
+    return out
+
+
+def max_batch(cfg, capacity, free_bytes, temp_per_row, reserve=2 * GiB, multiple=8):
+    """Largest batch whose state (+ per-row temporaries) fits in free_bytes - reserve."""
+    row = state_row_bytes(cfg, capacity) + max(0, temp_per_row)
+    b = int((free_bytes - reserve) // row)
+    if b >= 2 * multiple:
+        b -= b % multiple
+    return max(b, 1)
+
+
+def decode_record(cfg, pname, capacity, batch, position, step_s, bw, uses_score=False):
+    wb = weight_bytes_per_step(cfg, batch=batch)
+    sb = state_read_bytes_per_step(cfg, batch, capacity, uses_score=uses_score)
+    rec = {"policy": pname, "capacity": capacity, "batch": batch, "position": position,
+           "step_ms": 1e3 * step_s, "tokens_per_s": batch / step_s,
+           "weight_bytes": wb, "state_bytes": sb, "bytes_per_step": wb + sb,
+           "achieved_bytes_per_s": (wb + sb) / step_s, "flops_per_step": step_flops(cfg, batch, capacity)}
+    rec["achieved_tflops"] = rec["flops_per_step"] / step_s / 1e12
+    if bw:
+        rec["bw_fraction"] = rec["achieved_bytes_per_s"] / bw
+        rec["bound_step_ms"] = 1e3 * (wb + sb) / bw
+    return rec
+
+
+def run_decode_config(params, cfg, pname, capacity, batch, positions, n_steps, reps, bw, results,
+                      label="", extra=None):
+    """Compile + time one configuration; append one record per position to results."""
+    policy = make_policy(pname)
+    base = {"label": label, "model": results["model"]}
+    base.update(extra or {})
+    try:
+        compiled, crec = compile_decode(params, cfg, policy, batch, capacity, n_steps)
+    except Exception as e:  # pragma: no cover (device problems)
+        results["errors"].append({**base, "policy": pname, "capacity": capacity, "batch": batch,
+                                  "stage": "compile", "error": repr(e)[:500]})
+        return None, None
+    try:
+        timings = time_decode(compiled, params, cfg, batch, capacity, positions, n_steps, reps)
+    except Exception as e:
+        results["errors"].append({**base, "policy": pname, "capacity": capacity, "batch": batch,
+                                  "stage": "run", "oom": _is_oom(e), "error": repr(e)[:500]})
+        return compiled, crec
+    for p, t in timings.items():
+        rec = decode_record(cfg, pname, capacity, batch, p, t["step_s"], bw, policy.uses_score)
+        rec.update(base)
+        rec.update(crec)
+        rec["step_ms_all"] = [1e3 * s for s in t["step_s_all"]]
+        rec["n_steps_per_call"] = n_steps
+        results["decode"].append(rec)
+    return compiled, crec
+
+
+# -- HLO and profile inspection --------------------------------------------------------
+_DT = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)$")
+
+
+def hlo_large_buffers(text: str, min_bytes: int) -> list[dict]:
+    """Instructions of the optimised HLO that materialise an array of >= min_bytes:
+    copies, fusions that are whole-buffer writes, etc. (in-place updates of the carried
+    state show up as fusions/scatters whose output is the state shape — they alias)."""
+    out = []
+    comp = ""
+    nested = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", text))  # fused / reducer bodies
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            comp = line.split("(")[0].strip().split()[-1].lstrip("%")
+            continue
+        m = _INSTR.match(line)
+        if not m or comp in nested:
+            continue
+        name, dt, dims, op, rest = m.groups()
+        if op in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
+            continue
+        n = int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _DT.get(dt, 4)
+        if n >= min_bytes:
+            kind = re.search(r"kind=(\w+)", rest)
+            calls = re.search(r"calls=%([\w.\-]+)", rest)
+            out.append({"computation": comp[:80], "name": name, "op": op, "shape": f"{dt}[{dims}]",
+                        "bytes": n, "kind": kind.group(1) if kind else None,
+                        "calls": calls.group(1) if calls else None})
+    return out
+
+
+_SKIP_LINES = ("xla modules", "steps", "source", "launch stats", "xla traceme")
+
+
+def profile_call(fn, logdir: str) -> dict:
+    """Trace fn() with the JAX profiler; summarise every line of the GPU plane (kernels
+    per stream, XLA ops): event count, busy time, span, top events by total time."""
+    jax.profiler.start_trace(logdir)
+    try:
+        fn()
+    finally:
+        jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        return {"error": "no trace written"}
+    from jax.profiler import ProfileData
+    pd = ProfileData.from_file(paths[0])
+    lines = []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            evs = [(ev.name, float(ev.start_ns), float(ev.duration_ns)) for ev in line.events]
+            if not evs:
+                continue
+            evs.sort(key=lambda k: k[1])
+            busy = sum(k[2] for k in evs)
+            span = evs[-1][1] + evs[-1][2] - evs[0][1]
+            by_name: dict[str, list] = {}
+            for n, _, d in evs:
+                by_name.setdefault(n, []).append(d)
+            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+            lines.append({"line": line.name, "events": len(evs), "busy_ms": busy / 1e6, "span_ms": span / 1e6,
+                          "top": [{"name": n[:160], "count": len(d), "total_ms": sum(d) / 1e6,
+                                   "mean_us": float(np.mean(d)) / 1e3} for n, d in top]})
+    if not lines:
+        return {"error": "no GPU lines in the trace", "planes": [p.name for p in pd.planes]}
+    return {"lines": lines}
+
+
+# -- prefill ---------------------------------------------------------------------------
+def time_prefill(params, cfg, pname, capacity, n_tokens, mode, chunk=None, batch=1, runs=2):
+    """Prefill `batch` prompts of n_tokens through generate.prefill. The first run
+    compiles; the record's tokens_per_s is from the last run (steady state)."""
+    policy = make_policy(pname)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, cfg.vocab_size, n_tokens).tolist() for _ in range(batch)]
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        last, state = prefill(params, cfg, policy, None, capacity, seqs, mode=mode, chunk=chunk, dtype=DTYPE)
+        jax.block_until_ready((last, state))
+        ts.append(time.perf_counter() - t0)
+        del last, state
+    rec = {"policy": pname, "capacity": capacity, "mode": mode, "chunk": chunk, "batch": batch,
+           "prompt_tokens": n_tokens, "first_run_s": ts[0], "run_s": ts[-1],
+           "tokens_per_s": batch * n_tokens / ts[-1], "ms_per_token": 1e3 * ts[-1] / (batch * n_tokens)}
+    if runs > 1:
+        rec["compile_s_approx"] = ts[0] - ts[-1]
+    return rec
+
+
+def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1):
+    """Exact prefill (token by token in lax.scan): AOT-compile, then one timed run."""
+    from msrnn_jax.model import scan_last_logits
+    policy = make_policy(pname)
+    st = State.init(cfg, batch, capacity, DTYPE)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, n_tokens)), jnp.int32)
+    active = jnp.ones(tokens.shape, bool)
+    t0 = time.perf_counter()
+    compiled = scan_last_logits.lower(params, cfg, policy, st, tokens, active).compile()
+    t1 = time.perf_counter()
+    last, st = compiled(params, st, tokens, active)
+    jax.block_until_ready((last, st))
+    t2 = time.perf_counter()
+    return {"policy": pname, "capacity": capacity, "mode": "exact", "chunk": None, "batch": batch,
+            "prompt_tokens": n_tokens, "compile_s": t1 - t0, "run_s": t2 - t1,
+            "tokens_per_s": batch * n_tokens / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / (batch * n_tokens),
+            **memory_analysis(compiled)}
+
+
+# -- sections --------------------------------------------------------------------------
+class Deadline:
+    def __init__(self, epoch: float | None):
+        self.epoch = epoch
+
+    def left(self) -> float:
+        return float("inf") if self.epoch is None else self.epoch - time.time()
+
+    def ok(self, need: float = 0.0) -> bool:
+        return self.left() > need
+
+
+def _setup(results, model_name, bw_bytes):
+    cfg = model_config(model_name)
+    results["model"] = model_name
+    results["config"] = cfg.to_dict()
+    results["info"] = device_info()
+    if bw_bytes:
+        results["bandwidth"] = copy_bandwidth(bw_bytes)
+    t0 = time.perf_counter()
+    params = device_params(cfg, DTYPE)
+    jax.block_until_ready(params)
+    results["params_s"] = time.perf_counter() - t0
+    results["param_bytes"] = param_bytes(cfg)
+    results["memory_after_params"] = memory_stats()
+    return cfg, params
+
+
+def free_bytes() -> int:
+    s = memory_stats()
+    if "bytes_limit" in s:
+        return s["bytes_limit"] - s.get("bytes_in_use", 0)
+    return 64 << 20  # CPU (smoke tests): pretend 64 MiB
+
+
+# The decode grid in priority order (a deadline cuts the tail): policy/capacity/batch,
+# capacity F = the full cache (FULL_CAPACITY), batch max = the largest that fits.
+DEFAULT_JOBS = ",".join([
+    # headline fixed batches
+    "tova/512/1", "window/512/1", "full/F/1", "tova/512/32", "window/512/32", "full/F/32",
+    "tova/512/8", "window/512/8",
+    # the largest batches: the Table 1 analog
+    "tova/512/max", "window/512/max", "full/F/max", "tova/256/max", "tova/1024/max", "tova/2048/max",
+    "window/256/max", "window/1024/max", "window/2048/max", "sink/512/max", "sink/256/max",
+    "sink/1024/max", "sink/2048/max",
+    # the rest of the grid
+    "sink/512/1", "tova/256/1", "tova/1024/1", "tova/2048/1", "window/256/1", "window/1024/1", "window/2048/1",
+    "tova/256/32", "tova/1024/32", "tova/2048/32", "window/256/32", "window/1024/32", "window/2048/32",
+    "sink/512/32", "full/F/8", "sink/512/8", "tova/256/8", "tova/1024/8", "tova/2048/8",
+    "window/256/8", "window/1024/8", "window/2048/8", "sink/256/1", "sink/1024/1", "sink/2048/1",
+    "sink/256/32", "sink/1024/32", "sink/2048/32", "sink/256/8", "sink/1024/8", "sink/2048/8",
+])
+
+
+def _stack_layers(params):
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def _use_variant(variant, params):
+    """Switch the step implementation; convert params between stacked and split layers."""
+    import gc
+    split = _set_variant(variant)
+    params = msrnn_model.split_layers(params) if split else _stack_layers(params)
+    jax.block_until_ready(params)
+    gc.collect()
+    return params
+
+
+def _parse_jobs(spec: str, full_capacity: int):
+    jobs = []
+    for j in spec.split(","):
+        if not j:
+            continue
+        p, c, b = j.split("/")
+        jobs.append((p, full_capacity if c == "F" else int(c), b if b == "max" else int(b)))
+    return jobs
+
+
+def section_decode(args, results, save):
+    """The decode grid for one model (see DEFAULT_JOBS): bounded policies at positions
+    4096 and 16384, `full` (capacity 4128 = 32-token prompt + 4096 decoded) at ~4096."""
+    import gc
+    dl = Deadline(args.deadline)
+    cfg, params = _setup(results, args.model, args.bw_bytes)
+    bw = results.get("bandwidth", {}).get("copy_bytes_per_s")
+    save()
+    n, reps = args.n_steps, args.reps
+    full_c = args.full_capacity or FULL_CAPACITY
+    jobs = _parse_jobs(args.jobs, full_c)
+    temps: dict[tuple, dict] = {}
+    variant_fixed = args.variant or "scan:einsum"
+    variant_max = args.variant_max or variant_fixed
+    current = None
+    results["variants"] = {"fixed_batches": variant_fixed, "largest_batches": variant_max}
+    for pname, C, B in jobs:
+        if not dl.ok(25 if B == "max" else 15):
+            results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "reason": "deadline"})
+            continue
+        want = variant_max if B == "max" else variant_fixed
+        if want != current:
+            params = _use_variant(want, params)
+            current = want
+            results.setdefault("memory_after_variant", {})[want] = memory_stats()
+        positions = [C - FULL_PROMPT - n * (reps + 1)] if pname == "full" else \
+            [int(p) for p in args.positions.split(",")]
+        if B != "max":
+            _, crec = run_decode_config(params, cfg, pname, C, B, positions, n, reps, bw, results, "grid",
+                                        {"variant": current})
+            if crec:
+                temps.setdefault((pname, C, current), {})[B] = crec.get("temp_bytes", 0)
+            save()
+            continue
+        seen = temps.get((pname, C, current), {})  # temporaries of the same implementation only
+        bs = sorted(seen)
+        per_row = (seen[bs[-1]] - seen[bs[0]]) / (bs[-1] - bs[0]) if len(bs) >= 2 else 0.0
+        gc.collect()
+        free = free_bytes()
+        B = max_batch(cfg, C, free, max(per_row, 0), reserve=args.reserve_bytes)
+        # XLA's memory accounting (its rematerialisation pass, the autotuner's scratch
+        # buffers) needs headroom beyond the arrays themselves: also keep params + state
+        # under --arg-fraction of the pool
+        lim = memory_stats().get("bytes_limit")
+        if lim and args.arg_fraction:
+            cap = int((args.arg_fraction * lim - (lim - free)) // state_row_bytes(cfg, C))
+            B = min(B, max(1, cap - cap % 8))
+        if args.max_batch_cap:
+            B = min(B, args.max_batch_cap)
+        for attempt in range(3):
+            before = len(results["decode"])
+            run_decode_config(params, cfg, pname, C, B, positions[:1] if attempt else positions, n, reps, bw,
+                              results, "max", {"max_batch": True, "free_bytes": free, "temp_per_row": per_row,
+                                               "attempt": attempt, "variant": current})
+            save()
+            gc.collect()
+            if len(results["decode"]) > before:
+                break
+            B = max(1, int(B * 0.9) // 8 * 8)
+    results["memory_end"] = memory_stats()
+
+
+def section_prefill(args, results, save):
+    dl = Deadline(args.deadline)
+    cfg, params = _setup(results, args.model, 0)
+    save()
+    T, C, pname = args.prefill_tokens, args.prefill_capacity, args.prefill_policy
+    jobs = [(m, args.chunk if m == "chunked" else None) for m in args.prefill_modes.split(",")]
+    for mode, chunk in jobs:
+        if not dl.ok(30):
+            results["skipped"].append({"prefill": mode, "reason": "deadline"})
+            continue
+        try:
+            if mode == "exact":
+                prm = msrnn_model.split_layers(params) if args.split else params
+                rec = time_exact_prefill(prm, cfg, pname, C, args.exact_tokens or T)
+                del prm
+            else:
+                rec = time_prefill(params, cfg, pname, C, T, mode, chunk)
+            rec["model"] = args.model
+            results["prefill"].append(rec)
+        except Exception as e:
+            results["errors"].append({"prefill": mode, "error": repr(e)[:500], "oom": _is_oom(e)})
+        save()
+    results["memory_end"] = memory_stats()
+
+
+def _set_variant(variant: str):
+    """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:einsum'
+    (split = the layers passed as a list of per-layer arrays, so no weight is ever
+    sliced; nobar = unrolled without the optimization barrier between layers)."""
+    parts = variant.split(":")
+    loop = parts[0]
+    msrnn_model.LAYER_LOOP = "unroll" if loop in ("unroll", "split") else "scan"
+    msrnn_model.ATTENTION = parts[1] if len(parts) > 1 else "einsum"
+    msrnn_model.UNROLL_BARRIER = "nobar" not in parts[2:]
+    jax.clear_caches()
+    return loop == "split"
+
+
+def section_probe(args, results, save):
+    """Implementation variants of the step at the headline sizes, with the optimised
+    HLO's large buffers and a kernel profile. The first variant also times window and
+    checks that step cost does not depend on the position / fill of the state."""
+    dl = Deadline(args.deadline)
+    cfg, params = _setup(results, args.model, 0)
+    save()
+    n, reps = args.n_steps, args.reps
+    split_params = None
+    for vi, variant in enumerate(args.variants.split(",")):
+        split = _set_variant(variant)
+        if split and split_params is None:
+            split_params = msrnn_model.split_layers(params)
+        prm = split_params if split else params
+        cases = [(c.split("/")[0], int(c.split("/")[1]), int(c.split("/")[2])) for c in args.probe_cases.split(",")]
+        cases = [(p, C, args.probe_batch if B == 0 else B) for p, C, B in cases]
+        if vi == 0 and args.probe_window:
+            cases += [("window", C, B) for p, C, B in cases if p == "tova"]
+        for pname, C, B in cases:
+            if not dl.ok(25):
+                results["skipped"].append({"probe": variant, "policy": pname, "batch": B})
+                continue
+            positions = [0, 4096, 16384] if (pname == "tova" and vi == 0 and args.probe_window) else [4096]
+            compiled, crec = run_decode_config(prm, cfg, pname, C, B, positions, n, reps, None, results,
+                                               "probe", {"variant": variant})
+            if compiled is None:
+                continue
+            text = compiled.as_text()
+            big = hlo_large_buffers(text, args.hlo_min_bytes)
+            results["probe"].append({"variant": variant, "policy": pname, "capacity": C, "batch": B,
+                                     "hlo_chars": len(text), "hlo_large_buffers": big[:80],
+                                     "hlo_copy_count": len(re.findall(r"= \S+ copy(?:-start)?\(", text))})
+            if args.dump_dir:
+                with gzip.open(os.path.join(args.dump_dir, f"hlo-{variant.replace(':', '-')}-{pname}-C{C}-B{B}.txt.gz"),
+                               "wt") as f:
+                    f.write(text)
+            if pname == "tova" and dl.ok(15):
+                holder = {"state": fabricate_state(cfg, B, C, 4096, DTYPE)}
+                tok = jnp.ones((B,), jnp.int32)
+
+                def go():
+                    r = compiled(prm, holder["state"], tok)
+                    jax.block_until_ready(r)
+                    holder["state"] = r[1]
+
+                go()  # warm
+                d = tempfile.mkdtemp()
+                try:
+                    prof = profile_call(go, d)
+                except Exception as e:  # pragma: no cover
+                    prof = {"error": repr(e)[:300]}
+                shutil.rmtree(d, ignore_errors=True)
+                prof.update({"variant": variant, "policy": pname, "capacity": C, "batch": B, "n_steps": n})
+                results["profile"].append(prof)
+                del holder
+            del compiled
+            save()
+    _set_variant("scan:einsum")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--section", choices=["decode", "prefill", "probe"], required=True)
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--deadline", type=float, default=None, help="epoch seconds; stop starting work after")
+    ap.add_argument("--bw-bytes", type=int, default=4 * GiB)
+    ap.add_argument("--n-steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--jobs", default=DEFAULT_JOBS, help="policy/C/B,... (C=F: full capacity; B=max)")
+    ap.add_argument("--positions", default="4096,16384")
+    ap.add_argument("--arg-fraction", type=float, default=0.97,
+                    help="largest batch: params + state at most this fraction of the memory pool")
+    ap.add_argument("--full-capacity", type=int, default=None)
+    ap.add_argument("--max-batch-cap", type=int, default=None)
+    ap.add_argument("--reserve-bytes", type=int, default=2 * GiB,
+                    help="device memory left free when sizing the largest batch")
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--exact-tokens", type=int, default=None)
+    ap.add_argument("--prefill-capacity", type=int, default=512)
+    ap.add_argument("--prefill-policy", default="tova")
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--prefill-modes", default="exact,oneshot,chunked")
+    ap.add_argument("--variants", default="scan:einsum,scan:reduce,unroll:einsum,split:einsum,unroll:reduce")
+    ap.add_argument("--probe-batch", type=int, default=256)
+    ap.add_argument("--probe-cases", default="tova/512/1,tova/512/0", help="policy/C/B (B=0: --probe-batch)")
+    ap.add_argument("--no-probe-window", dest="probe_window", action="store_false")
+    ap.add_argument("--hlo-min-bytes", type=int, default=16 << 20)
+    ap.add_argument("--dump-dir", default=None)
+    ap.add_argument("--variant", default=None,
+                    help="'loop:attention' for the decode/prefill sections (default: the library's)")
+    ap.add_argument("--variant-max", default=None,
+                    help="variant for the largest-batch jobs (default: --variant)")
+    args = ap.parse_args(argv)
+    args.split = _set_variant(args.variant) if args.variant and args.section != "decode" else False
+    try:  # XLA's rematerialisation only adds whole-state copies here (see section_decode)
+        jax.config.update("jax_compiler_enable_remat_pass", False)
+    except Exception:  # pragma: no cover (option absent)
+        pass
+    results = {"section": args.section, "model": args.model, "argv": sys.argv, "variant": args.variant or
+               f"{msrnn_model.LAYER_LOOP}:{msrnn_model.ATTENTION}", "decode": [], "prefill": [],
+               "probe": [], "profile": [], "errors": [], "skipped": [], "started": time.time()}
+
+    def save():
+        results["elapsed_s"] = time.time() - results["started"]
+        write_json(args.json, results)
+
+    try:
+        {"decode": section_decode, "prefill": section_prefill, "probe": section_probe}[args.section](
+            args, results, save)
+    except Exception as e:
+        results["errors"].append({"stage": "section", "error": repr(e)[:1000], "trace": traceback.format_exc()[-3000:]})
+        save()
+        raise
+    save()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The GPU decode benchmark's core functions on a tiny model, on the CPU, in seconds —
+so that benchmarks/decode.py cannot rot silently."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common, jax_bench, report
+from msrnn_jax.policies import make_policy
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = common.model_config("tiny")
+    return cfg, common.device_params(cfg, jnp.float32)
+
+
+def test_fabricated_state_is_well_formed(tiny):
+    cfg, _ = tiny
+    st = common.fabricate_state(cfg, 3, 16, 40, jnp.float32)
+    pos = np.asarray(st.pos)
+    assert pos.shape == (cfg.num_layers, 3, cfg.num_kv_heads, 16)
+    # every slot holds a distinct earlier position, the same in every KV head
+    assert (np.sort(pos, -1) == np.arange(24, 40)).all()
+    assert (pos == pos[:, :, :1]).all()
+    assert np.asarray(st.length).tolist() == [40, 40, 40]
+    assert float(jnp.abs(st.keys).min()) >= 0 and float(jnp.abs(st.keys).max()) > 0.1
+    part = common.fabricate_state(cfg, 1, 16, 5, jnp.float32)
+    assert (np.asarray(part.pos)[..., :5] == np.arange(5)).all() and (np.asarray(part.pos)[..., 5:] == -1).all()
+    moved = common.move_state(st, 100)
+    assert (np.sort(np.asarray(moved.pos), -1) == np.arange(84, 100)).all()
+
+
+def test_bench_decode_matches_step_by_step(tiny):
+    """bench_decode (what the benchmark times) is n greedy steps of model.step."""
+    cfg, params = tiny
+    pol = make_policy("tova")
+    st = common.fabricate_state(cfg, 2, 8, 20, jnp.float32)
+    ref_st = jax.tree.map(jnp.copy, st)
+    toks, st = jax_bench.bench_decode(params, cfg, pol, 3, st, jnp.ones((2,), jnp.int32))
+    from msrnn_jax.model import step
+    tok = jnp.ones((2,), jnp.int32)
+    ref = []
+    for _ in range(3):
+        logits, ref_st = step(params, cfg, pol, ref_st, tok)
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        ref.append(tok)
+    assert np.asarray(toks).tolist() == np.asarray(jnp.stack(ref, 1)).tolist()
+    assert (np.asarray(st.pos) == np.asarray(ref_st.pos)).all()
+
+
+def test_decode_config_and_report(tiny):
+    cfg, params = tiny
+    results = {"model": "tiny", "decode": [], "errors": []}
+    bw = 1e11
+    for pname in ("tova", "window"):
+        compiled, crec = jax_bench.run_decode_config(params, cfg, pname, 16, 2, [40, 100], 2, 1, bw, results, "grid")
+        assert compiled is not None and crec["compile_s"] > 0
+    compiled, crec = jax_bench.run_decode_config(params, cfg, "full", 64, 2, [20], 2, 1, bw, results, "max",
+                                                 {"max_batch": True})
+    assert not results["errors"], results["errors"]
+    assert len(results["decode"]) == 5
+    r = results["decode"][0]
+    assert r["bytes_per_step"] == common.weight_bytes_per_step(cfg, batch=2) + common.state_read_bytes_per_step(cfg, 2, 16)
+    assert r["step_ms"] > 0 and r["bw_fraction"] > 0
+    # the largest batch helper and the HLO scan
+    assert jax_bench.max_batch(cfg, 16, 10 * common.state_row_bytes(cfg, 16), 0, reserve=0, multiple=1) == 10
+    big = jax_bench.hlo_large_buffers(compiled.as_text(), 1)
+    assert big and all("bytes" in b for b in big)
+    # the Markdown report renders from a merged result
+    merged = {"date": "today", "command": "x", "info": {}, "sections": {"llama": results}}
+    merged["analysis"] = report.analyse(merged)
+    md = report.render(merged)
+    assert "Decode step" in md and "| tova | 16 | 2 |" in md
+
+
+def test_prefill_timers(tiny):
+    cfg, params = tiny
+    for mode, chunk in (("oneshot", None), ("chunked", 8)):
+        rec = jax_bench.time_prefill(params, cfg, "tova", 8, 24, mode, chunk, runs=1)
+        assert rec["tokens_per_s"] > 0
+    rec = jax_bench.time_exact_prefill(params, cfg, "tova", 8, 24)
+    assert rec["tokens_per_s"] > 0 and rec["compile_s"] > 0
+
+
+def test_hf_peer_integration_math():
+    from benchmarks.hf_peer import integrate
+    # constant step time: 4096 steps of 10 ms
+    assert abs(integrate([(0, 0.01), (5000, 0.01)]) - 40.96) < 1e-9
+    # linear in the cache length: mean of the end points
+    t = integrate([(32, 0.01), (4128, 0.03)], prompt=32, n=4096)
+    assert abs(t / 4096 - 0.02) < 1e-4
