@@ -73,12 +73,6 @@ def _visible(cfg: ModelConfig, key_pos, query_pos):
     return ok
 
 
-def _layer_slice(tree, layer):
-    if isinstance(layer, int):
-        return jax.tree.map(lambda a: a[layer], tree)
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), tree)
-
-
 # -- the recurrent step ----------------------------------------------------------------
 # Implementation switches of `step`, read at trace time (benchmarks/ flips them to compare
 # variants; clear jit caches after a change). Neither changes the math.
@@ -133,10 +127,9 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     b_idx = jnp.arange(B)[:, None]
     h_idx = jnp.arange(Hkv)[None, :]
 
-    def layer(carry, xs):
-        x, st = carry
-        lp, l = xs
-        K, V, P, S = _layer_slice((st.keys, st.values, st.pos, st.score), l)  # [B,Hkv,C,(D)]
+    def layer(x, lp, K, V, P, S):
+        """One layer against its slice of the state. K, V: [B,Hkv,C,D]; P, S: [B,Hkv,C].
+        Returns x and what to write back: (k, v [B,Hkv,D], slot [B,Hkv], scores [B,Hkv,C])."""
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = qkv(cfg, lp, h, p)  # [B,Hq,D], [B,Hkv,D], [B,Hkv,D]
         q = q.reshape(B, Hkv, G, D)
@@ -158,32 +151,35 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
         cand_pos = jnp.concatenate([P, jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))], -1)
         slot, cand_score = step_choice(policy, w, cand_pos, S)  # [B,Hkv] in [0, C]
         slot = jnp.where(active[:, None], slot, C)  # C = "drop the new token" = no write
-
-        # write the new token into the dropped slot, in place (slot C is out of range: dropped)
-        at = (l, b_idx, h_idx, slot)
-        st = st._replace(
-            keys=st.keys.at[at].set(k.astype(st.keys.dtype), mode="drop"),
-            values=st.values.at[at].set(v.astype(st.values.dtype), mode="drop"),
-            pos=st.pos.at[at].set(jnp.broadcast_to(p[:, None], (B, Hkv)), mode="drop"),
-        )
         if policy.uses_score:
             new_s = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
-            new_s = jnp.where(active[:, None, None], new_s, S)
-            st = st._replace(score=jax.lax.dynamic_update_index_in_dim(st.score, new_s, l, 0))
-        return (x, st), None
+            S = jnp.where(active[:, None, None], new_s, S)
+        return x, (k, v, slot, S)
 
+    # Every layer reads its slice of the old state; the new entries of all layers are
+    # written afterwards in one in-place scatter (slot C is out of range: no write). A
+    # write inside the layer loop would make XLA copy the whole state once per layer.
     layers = params["layers"]
     if isinstance(layers, (list, tuple)) or LAYER_LOOP == "unroll":
-        carry = (x, state)
+        outs = []
         for l in range(cfg.num_layers):
             lp = layers[l] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[l], layers)
             if l and UNROLL_BARRIER:
-                carry = jax.lax.optimization_barrier(carry)
-            carry, _ = layer(carry, (lp, l))
-        x, state = carry
+                x = jax.lax.optimization_barrier(x)
+            x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l])
+            outs.append(o)
+        k, v, slot, score = (jnp.stack(a) for a in zip(*outs))
     else:
-        (x, state), _ = jax.lax.scan(layer, (x, state), (params["layers"], jnp.arange(cfg.num_layers)))
-    state = state._replace(length=state.length + active.astype(jnp.int32))
+        x, (k, v, slot, score) = jax.lax.scan(
+            lambda x, xs: layer(x, *xs), x,
+            (layers, state.keys, state.values, state.pos, state.score))
+    at = (jnp.arange(cfg.num_layers)[:, None, None], b_idx[None], h_idx[None], slot)  # [L,B,Hkv]
+    state = State(
+        keys=state.keys.at[at].set(k.astype(state.keys.dtype), mode="drop"),
+        values=state.values.at[at].set(v.astype(state.values.dtype), mode="drop"),
+        pos=state.pos.at[at].set(jnp.broadcast_to(p[None, :, None], slot.shape), mode="drop"),
+        score=score if policy.uses_score else state.score,
+        length=state.length + active.astype(jnp.int32))
     return logits_from_hidden(cfg, params, x), state
 
 
