@@ -22,13 +22,13 @@ Everything here returns NumPy arrays; nothing is jitted except the model run its
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .api import NLLSummary
 from .config import ModelConfig, MsrnnError
 from .model import scan_logits
 from .policies import PerRow, Policy, make_policy, policy_name
@@ -75,7 +75,7 @@ def token_kinds(decode: Callable[[Sequence[int]], str], ids) -> np.ndarray:
 
 # -- recording a run -------------------------------------------------------------------
 @dataclasses.dataclass
-class Recording:
+class Recording(NLLSummary):
     """One policy run over token rows, with the state's kept positions after every step."""
 
     policy: str
@@ -83,14 +83,6 @@ class Recording:
     tokens: np.ndarray  # [B, T] int32
     nll: np.ndarray     # [B, T-1] NLL of each next-token prediction
     pos: np.ndarray     # [T, L, B, Hkv, C] int32 kept positions after step t; -1 = empty
-
-    @property
-    def mean_nll(self) -> float:
-        return float(self.nll.mean())
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.mean_nll)
 
 
 def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | None, tokens,

@@ -22,6 +22,7 @@ import numpy as np
 from .config import ModelConfig, MsrnnError
 from .model import chunk_step, scan_nll
 from .policies import PerRow, Policy, make_policy, policy_name
+from .policies import capacity_for as _capacity_for
 from .state import State
 
 STEPS_PER_CALL = 256  # tokens per compiled scan call in perplexity runs (progress, memory)
@@ -61,22 +62,14 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> Model:
 
 
 def capacity_for(policy: str | Policy, capacity: int | None, needed: int) -> int:
-    """The state size a run needs: `full` holds every token; the others need C >= 1."""
-    pol = make_policy(policy) if isinstance(policy, str) else policy
-    if pol.name == "full":
-        return max(needed, 1)
-    if capacity is None:
-        raise MsrnnError(f"policy {pol.name!r} needs --capacity")
-    pol.validate(capacity)
-    return capacity
+    """The state size a run over `needed` tokens needs (see `policies.capacity_for`)."""
+    return _capacity_for(make_policy(policy) if isinstance(policy, str) else policy, capacity, needed)
 
 
-@dataclasses.dataclass
-class PolicyRun:
-    nll: np.ndarray          # [B, T-1] NLL of each next-token prediction
-    state: State
-    seconds: float           # steady state: compilation excluded
-    compile_seconds: float
+class NLLSummary:
+    """Mean NLL and perplexity of an `nll` array of next-token losses."""
+
+    nll: np.ndarray
 
     @property
     def mean_nll(self) -> float:
@@ -85,6 +78,14 @@ class PolicyRun:
     @property
     def ppl(self) -> float:
         return math.exp(self.mean_nll)
+
+
+@dataclasses.dataclass
+class PolicyRun(NLLSummary):
+    nll: np.ndarray          # [B, T-1] NLL of each next-token prediction
+    state: State
+    seconds: float           # steady state: compilation excluded
+    compile_seconds: float
 
     @property
     def tokens_per_s(self) -> float:

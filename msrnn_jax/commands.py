@@ -226,9 +226,6 @@ def generate(args):
 
         state = load_state(args.load_state, model, pol, batch=len(ids), capacity=cap)
         cap = state.capacity
-    else:
-        needed = max(len(i) for i in ids) + args.max_new_tokens
-        cap = api.capacity_for(pol, cap, needed)
     streamer = _Streamer(model) if len(ids) == 1 else None
     res = _generate(model.params, model.cfg, pol, cap, ids, args.max_new_tokens, sampling,
                     seed=args.seed, prefill_mode=args.prefill, chunk=args.chunk, state=state,

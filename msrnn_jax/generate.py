@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import ModelConfig, MsrnnError
 from .model import chunk_step, prefill_oneshot, scan_last_logits, step
-from .policies import Policy
+from .policies import Policy, capacity_for
 from .sampling import GREEDY, Sampling
 from .state import State
 
@@ -125,16 +125,6 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
     return toks.T, emitted.T, state, logits, tok, key, pending, finished, budget
 
 
-def _capacity(policy: Policy, capacity: int | None, needed: int) -> int:
-    """`full` holds every token (rounded up to a bucket so similar calls share a compile)."""
-    if policy.name == "full":
-        return -(-needed // (2 * PAD)) * 2 * PAD
-    if capacity is None:
-        raise MsrnnError(f"policy {policy.name!r} needs a capacity")
-    policy.validate(capacity)
-    return capacity
-
-
 @dataclasses.dataclass
 class GenerateResult:
     tokens: list[list[int]]  # emitted tokens per row (EOS included when reached)
@@ -160,7 +150,7 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
     if state is not None and state.batch != B:
         raise MsrnnError(f"the state has {state.batch} rows but {B} prompts were given")
     if state is None:
-        capacity = _capacity(policy, capacity, max(len(p) for p in prompts) + max_new_tokens)
+        capacity = capacity_for(policy, capacity, max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
     else:
         state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
     t0 = time.perf_counter()

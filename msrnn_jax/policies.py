@@ -149,6 +149,18 @@ def make_policy(name: str, sinks: int = 4) -> Policy:
     raise UsageError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
 
 
+def capacity_for(policy: Policy, capacity: int | None, needed: int, bucket: int = 1) -> int:
+    """The state size a run needs. `full` keeps every token: `needed` slots, rounded up to
+    a multiple of `bucket` (so calls of similar lengths share a compile); every other
+    policy needs its capacity, validated."""
+    if policy.name == "full":
+        return -(-max(needed, 1) // bucket) * bucket
+    if capacity is None:
+        raise UsageError(f"policy {policy_name(policy)!r} needs a capacity (--capacity C)")
+    policy.validate(capacity)
+    return capacity
+
+
 def policy_name(policy: Policy) -> str:
     return policy.name + ("-head" if policy.head_wise and policy.name in ("tova", "h2o") else "")
 
