@@ -114,7 +114,8 @@ class H2O(Policy):
 class PerRow(Policy):
     """Several policies side by side: batch row b follows `policies[b % len(policies)]`.
 
-    Rows never interact, so each row's result is exactly that policy's result alone;
+    Rows never interact, so each row keeps exactly what that policy keeps alone (its
+    logits differ only by the float rounding of batched matmuls);
     what they share is the reading of the weights, which dominates the cost of a step on
     memory-bound hardware. A perplexity sweep at one capacity runs every policy at once.
     (Token-by-token steps only: prefill modes take a single policy.)"""
