@@ -195,7 +195,8 @@ def _chat_ids(model, messages, add_generation_prompt=True):
 
 def generate(args):
     pol = _policy(args)
-    cap = _check_capacity(args, pol, args.capacity)
+    # a saved state brings its own capacity; --capacity, if given, must agree with it
+    cap = args.capacity if args.load_state else _check_capacity(args, pol, args.capacity)
     sampling = _sampling(args)
     _prefill_args(args)
     if args.max_new_tokens < 1:

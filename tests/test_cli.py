@@ -235,6 +235,10 @@ def test_saved_state_continues_and_refuses_mismatches(capsys, tiny, tmp_path):
     code, out, err = run_cli(capsys, "generate", "capital", "--model", tiny, "--policy", "tova",
                              "--capacity", "16", "--max-new-tokens", "4", "--load-state", saved)
     assert code == 0, err
+    code, out2, err = run_cli(capsys, "generate", "capital", "--model", tiny, "--policy", "tova",
+                              "--max-new-tokens", "4", "--load-state", saved)  # capacity from the state
+    assert code == 0, err
+    assert out2 == out
     # another capacity, another policy, another model
     assert_one_line_error(*run_cli(capsys, "generate", "x", "--model", tiny, "--policy", "tova",
                                    "--capacity", "8", "--load-state", saved), 2, "capacity")
