@@ -244,7 +244,7 @@ def render(merged: dict) -> str:
             L.append(f"| {s['cache']}{' + torch.compile' if s.get('compiled') else ''} | {s['batch']}"
                      f"{' (max)' if s.get('largest_batch') else ''} | {pts} | {_f(s['decode4096_tokens_per_s'], 0)} |")
         if hf.get("errors"):
-            L.append(f"\nPeer errors / out-of-memory retries: " + "; ".join(
+            L.append("\nPeer errors / out-of-memory retries: " + "; ".join(
                 f"{e.get('cache')} B={e.get('batch')}{' OOM' if e.get('oom') else ''}" for e in hf["errors"][:10]))
         L.append("")
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ModelConfig, MsrnnError
 from .model import chunk_step, scan_nll
-from .policies import PerRow, Policy, make_policy, policy_name
+from .policies import PerRow, Policy, make_policy
 from .policies import capacity_for as _capacity_for
 from .state import State
 

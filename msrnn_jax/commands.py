@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from . import api
 from .config import MsrnnError, UsageError
