@@ -24,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .api import NLLSummary
 from .config import ModelConfig, MsrnnError
-from .model import scan_logits
-from .policies import PerRow, Policy, make_policy, policy_name
+from .model import scan_logits, token_nll
+from .policies import PerRow, Policy, capacity_for, make_policy, policy_name
 from .state import State
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
@@ -101,11 +100,7 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
     if T < 2:
         raise MsrnnError(f"need at least 2 tokens, got {T}")
     pol = make_policy(policy, sinks) if isinstance(policy, str) else policy
-    if pol.name == "full":
-        capacity = T
-    elif capacity is None:
-        raise MsrnnError(f"policy {pol.name!r} needs a capacity")
-    pol.validate(capacity)
+    capacity = capacity_for(pol, capacity, T)
     n_calls = -(-T // steps_per_call)
     width = -(-T // n_calls)  # as even as possible: little padding in the last call
     inputs = np.zeros((B, n_calls * width), np.int32)
@@ -121,8 +116,7 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
         sl = slice(c * width, (c + 1) * width)
         logits, state, p = scan_logits(params, cfg, pol, state, jnp.asarray(inputs[:, sl]),
                                        jnp.asarray(active[:, sl]), record_pos=True)
-        logp = jax.nn.log_softmax(logits, -1)
-        nll.append(-np.asarray(jnp.take_along_axis(logp, jnp.asarray(targets[:, sl])[..., None], -1)[..., 0]))
+        nll.append(np.asarray(token_nll(logits, jnp.asarray(targets[:, sl]))))
         pos.append(np.asarray(p))
     nll = np.concatenate(nll, 1)[:, : T - 1]
     pos = np.concatenate(pos, 0)[:T]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, MsrnnError
-from .model import chunk_step, scan_nll
+from .model import chunk_step, scan_nll, token_nll
 from .policies import PerRow, Policy, make_policy
 from .policies import capacity_for as _capacity_for
 from .state import State
@@ -128,8 +128,7 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
         if prefill == "exact":
             return scan_nll(model.params, model.cfg, pol, state, x, y, a)
         logits, state = chunk_step(model.params, model.cfg, pol, state, x, a)
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[..., None], -1)[..., 0]
-        return jnp.where(a, nll, 0.0), state
+        return jnp.where(a, token_nll(logits, y), 0.0), state
 
     dtype = model.params["embed"].dtype
     # compile (and warm up) on a throwaway state so the timing below is steady state

@@ -7,22 +7,18 @@ import json
 import sys
 from pathlib import Path
 
-
 from . import api
 from .config import MsrnnError, UsageError
 from .generate import generate as _generate
-from .policies import POLICY_NAMES, make_policy, policy_name
+from .policies import make_policy, policy_name
 from .sampling import Sampling
 
 
 # -- shared ---------------------------------------------------------------------------
 def _policy(args, name=None):
-    name = name or args.policy
-    if name not in POLICY_NAMES:
-        raise UsageError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
     if args.sinks < 0:
         raise UsageError(f"--sinks must be >= 0, got {args.sinks}")
-    return make_policy(name, args.sinks)
+    return make_policy(name or args.policy, args.sinks)  # raises on an unknown name
 
 
 def _check_capacity(args, pol, capacity):
@@ -31,7 +27,7 @@ def _check_capacity(args, pol, capacity):
             print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
         return None
     if capacity is None:
-        raise UsageError(f"--policy {pol.name}{'-head' if pol.head_wise else ''} needs --capacity C")
+        raise UsageError(f"--policy {policy_name(pol)} needs --capacity C")
     pol.validate(capacity)
     return capacity
 
@@ -100,7 +96,7 @@ def ppl(args):
         for res in api.sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
                              fuse=not args.no_fuse, progress=bar.update):
             run, pol = res.run, res.policy
-            rec = {"policy": _name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
+            rec = {"policy": policy_name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
                    "batch": int(rows.shape[0]), "mean_nll": run.mean_nll, "ppl": run.ppl,
                    "tokens_per_s": run.tokens_per_s, "compile_s": run.compile_seconds,
                    "prefill": args.prefill, "shared_with": res.shared_with, "model": model.source}
@@ -117,10 +113,6 @@ def ppl(args):
     if args.plot:
         _plot(results, args.plot, title=f"{Path(args.files[0]).name}, {rows.shape[1]} tokens")
     return 0
-
-
-def _name(pol):
-    return policy_name(pol)
 
 
 def _print_table(results):
@@ -295,7 +287,7 @@ def chat(args):
         # what the state has read: the prompt, the reply and (if emitted) the end-of-turn token
         consumed = full + model.tokenizer.decode(res.tokens[0], skip_special_tokens=False)
         if not ended:
-            state, _ = _feed(model, pol, cap, state, eos_text)
+            state = _feed(model, pol, cap, state, eos_text)
             consumed += eos_text
         if args.stats:
             _print_stats(res, [len(new_ids)])
@@ -307,9 +299,8 @@ def _feed(model, pol, cap, state, text):
 
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
-        return state, None
-    logits, state = prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")
-    return state, logits
+        return state
+    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")[1]
 
 
 # -- convert ----------------------------------------------------------------------------

@@ -42,6 +42,11 @@ def pad_batch(seqs: Sequence[Sequence[int]], multiple: int = PAD):
     return tokens, active
 
 
+def _row_last(logits, n):
+    """Each row's logits after its n-th token: logits [B, T, V], n int [B] -> [B, V]."""
+    return jnp.take_along_axis(logits, jnp.asarray(np.maximum(n - 1, 0))[:, None, None], 1)[:, 0]
+
+
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
             dtype=None):
@@ -60,8 +65,7 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
             raise MsrnnError("oneshot prefill reads a prompt into an empty state; use exact or chunked")
         lengths = active.sum(1).astype(np.int32)
         logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
-        last = jnp.take_along_axis(logits, jnp.asarray(lengths - 1)[:, None, None], 1)[:, 0]
-        return last, state._replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
+        return _row_last(logits, lengths), state._replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
     if state is None:
         state = State.init(cfg, B, capacity, dtype)
     if mode == "exact":
@@ -78,8 +82,7 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
             break
         logits, state = chunk_step(params, cfg, policy, state, jnp.asarray(tokens[:, sl]), jnp.asarray(active[:, sl]))
         n_act = active[:, sl].sum(1)
-        row_last = jnp.take_along_axis(logits, jnp.asarray(np.maximum(n_act - 1, 0))[:, None, None], 1)[:, 0]
-        last = jnp.where(jnp.asarray(n_act > 0)[:, None], row_last, last)
+        last = jnp.where(jnp.asarray(n_act > 0)[:, None], _row_last(logits, n_act), last)
     return last, state
 
 

@@ -65,6 +65,11 @@ def logits_from_hidden(cfg: ModelConfig, params, x):
     return jnp.matmul(x, head, preferred_element_type=F32)
 
 
+def token_nll(logits, targets):
+    """Next-token loss: logits [..., V], targets int [...] -> NLL [...] float32."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+
+
 def _visible(cfg: ModelConfig, key_pos, query_pos):
     """Keys a query may see: real (pos >= 0), not in its future, inside Mistral's window."""
     ok = (key_pos >= 0) & (key_pos <= query_pos)
@@ -83,9 +88,8 @@ def _visible(cfg: ModelConfig, key_pos, query_pos):
 #   (multiply + sum, which XLA fuses with the read of the layer's slice of the state).
 LAYER_LOOP = "scan"
 ATTENTION = "einsum"
-# Unrolled layers: put an optimization barrier on (x, state) between layers, so that XLA
-# neither hoists every layer's read of the state nor merges the per-layer slot writes
-# into one scatter at the end (which costs whole-state copies at large batch).
+# Unrolled layers: put an optimization barrier on the hidden state between layers, so
+# that XLA keeps each layer's work (and its read of the state) in layer order.
 UNROLL_BARRIER = True
 # Materialise the query-key scores with their own kernel (an optimization barrier right
 # after the product). Without it XLA GPU fuses the product over D into the softmax's
@@ -213,7 +217,7 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
     def body(st, xs):
         tok, tgt, act = xs
         logits, st = step(params, cfg, policy, st, tok, act)
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[:, None], -1)[:, 0]
+        nll = token_nll(logits, tgt)
         return st, jnp.where(act, nll, 0.0)
 
     state, nll = jax.lax.scan(body, state, (tokens.T, targets.T, active.T))
