@@ -6,17 +6,19 @@ device memory at the same time), and after each section rewrites
     <out>/decode-<date>.json   every raw figure, the command, date, versions, GPU
     <out>/decode-<date>.md     the tables and the targets, met or missed
 
-Sections (default: llama, hf, prefill, mistral, in that order; each gets a share of
---budget-s and stops starting work after its deadline, skipping the tail of its job list):
+Sections (default: llama, mistral, hf, prefill). With several GPUs the sections are spread
+over them (--gpus; each section to the GPU with the least work so far, by --weights), one
+process per GPU at a time; each section gets its GPU's share of --budget-s and stops
+starting work after its deadline, listing what it skipped:
   llama    decode grid, Llama-2-7B shape (jax_bench.DEFAULT_JOBS, in priority order): full and
            tova/window/sink x C in 256..2048, batch 1, 8, 32 and the largest that fits,
-           positions 4096 and 16384; its largest-batch rows are the Table 1 analog.
-           Batches 1/8/32 run `model.split_layers` params (unrolled layers), the largest
-           batches `lax.scan` over stacked layers (see the results' notes for why)
+           positions 4096 and 16384; its largest-batch rows are the Table 1 analog. Every
+           configuration runs `model.split_layers` params (unrolled layers: no weight is
+           sliced); all are compiled first, in parallel, then timed one by one
+  mistral  the same grid in the Mistral-7B (GQA) shape, position 4096
   hf       transformers generate: dynamic cache, and static cache + torch.compile;
            batch 1 and the largest batch (probed down on out-of-memory)
   prefill  exact / oneshot / chunked prefill of a 4096-token prompt (tova, C=512)
-  mistral  a smaller decode grid in the Mistral-7B (GQA) shape
   probe, probe2   (not default) step-implementation variants with the optimised HLO's large
            buffers and a jax.profiler kernel summary; probe2 is for trying XLA_FLAGS (--env)
 
@@ -37,14 +39,15 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 from .common import now_tag, write_json
 from .report import analyse, render
 
 SECTIONS = ("probe", "probe2", "llama", "hf", "prefill", "mistral")
-DEFAULT_SECTIONS = ("llama", "hf", "prefill", "mistral")
-WEIGHTS = {"probe": 1.2, "probe2": 1.0, "llama": 5.4, "hf": 2.8, "prefill": 1.3, "mistral": 0.8}
+DEFAULT_SECTIONS = ("llama", "mistral", "hf", "prefill")
+WEIGHTS = {"probe": 1.2, "probe2": 1.0, "llama": 5.4, "hf": 2.8, "prefill": 1.3, "mistral": 4.0}
 
 
 def section_cmd(name: str, part: str, deadline: float, quick: bool, dump_dir: str, extra: dict) -> list[str]:
@@ -61,7 +64,7 @@ def section_cmd(name: str, part: str, deadline: float, quick: bool, dump_dir: st
                          "--reps", "2", "--jobs", jobs if name == "llama" else "tova/16/1,window/16/1",
                          "--positions", "40,100", "--full-capacity", "64", "--reserve-bytes", "0",
                          "--max-batch-cap", "8", "--bw-bytes", "4000000", "--variant", "split:einsum",
-                         "--variant-max", "scan:einsum", *dl]
+                         "--compile-workers", "2", *dl]
         if name == "prefill":
             return py + ["benchmarks.jax_bench", "--section", "prefill", "--json", part, *tiny, "--prefill-tokens", "64",
                          "--prefill-capacity", "16", "--chunk", "16", *dl]
@@ -73,13 +76,10 @@ def section_cmd(name: str, part: str, deadline: float, quick: bool, dump_dir: st
                      "--dump-dir", os.path.join(dump_dir, name), *extra.get(name, []), *dl]
     if name == "llama":
         return py + ["benchmarks.jax_bench", "--section", "decode", "--json", part, "--model", "llama2-7b",
-                     "--variant", "split:einsum", "--variant-max", "scan:einsum", *extra.get("llama", []), *dl]
+                     "--variant", "split:einsum", *extra.get("llama", []), *dl]
     if name == "mistral":
-        jobs = "tova/512/1,tova/512/max,window/512/1,window/512/max,full/F/1,full/F/max,tova/2048/max,tova/256/max"
         return py + ["benchmarks.jax_bench", "--section", "decode", "--json", part, "--model", "mistral-7b",
-                     "--variant", "split:einsum", "--variant-max", "scan:einsum", "--jobs", jobs,
-                     "--positions", "4096",
-                     *extra.get("mistral", []), *dl]
+                     "--variant", "split:einsum", "--positions", "4096", *extra.get("mistral", []), *dl]
     if name == "prefill":
         return py + ["benchmarks.jax_bench", "--section", "prefill", "--json", part, "--model", "llama2-7b",
                      "--variant", "split:einsum", *extra.get("prefill", []), *dl]
@@ -87,6 +87,27 @@ def section_cmd(name: str, part: str, deadline: float, quick: bool, dump_dir: st
         return py + ["benchmarks.hf_peer", "--json", part, "--model", "llama2-7b", "--caches", "dynamic",
                      "--compile", "--lens", "32,1392,2752,4112", *extra.get("hf", []), *dl]
     raise ValueError(name)
+
+
+def count_gpus() -> int:
+    """GPUs on this machine (nvidia-smi -L), 0 without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def assign_lanes(todo: list[str], weights: dict, n: int) -> list[list[str]]:
+    """Sections onto n GPUs (each lane runs its sections in order): each section, in the
+    given order, goes to the lane with the least weight so far."""
+    lanes: list[list[str]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for name in todo:
+        i = min(range(n), key=lambda k: load[k])
+        lanes[i].append(name)
+        load[i] += weights[name]
+    return lanes
 
 
 def merge(work: str, command: str, date: str) -> dict:
@@ -123,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--extra", default="{}", help='JSON {section: [extra args]} passed to a section')
     ap.add_argument("--weights", default="{}", help='JSON {section: weight}: shares of the budget')
     ap.add_argument("--env", default="{}", help='JSON {section: {VAR: value}}: extra environment')
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="GPUs to spread the sections over, one process per GPU at a time (default: all)")
     args = ap.parse_args(argv)
     date = args.date or now_tag()
     command = "PYTHONPATH=. python -m benchmarks.decode " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -150,27 +173,42 @@ def main(argv=None):
     status = {}
     json_path = os.path.join(args.out, f"decode-{date}.json")
     md_path = os.path.join(args.out, f"decode-{date}.md")
-    for i, name in enumerate(todo):
-        left = end - time.time()
-        w = sum(weights[s] for s in todo[i:])
-        share = left * weights[name] / w
-        deadline = time.time() + share
-        part = os.path.join(work, f"part-{name}.json")
-        cmd = section_cmd(name, part, deadline, args.quick, dump_dir, extra)
-        print(f"== section {name}: {share:.0f} s  ({' '.join(cmd[2:])})", flush=True)
-        t0 = time.time()
-        try:
-            rc = subprocess.run(cmd, env={**env, **sec_env.get(name, {})}, cwd=root,
-                                timeout=max(30.0, share + 45.0)).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        print(f"== section {name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
-        merged = merge(work, command, date)
-        merged["section_status"] = status
-        status[name] = {"rc": rc, "seconds": round(time.time() - t0, 1), "env": sec_env.get(name, {})}
-        write_json(json_path, merged)
-        with open(md_path, "w") as f:
-            f.write(render(merged))
+    lock = threading.Lock()
+    n_gpus = args.gpus if args.gpus else count_gpus()
+    lanes = assign_lanes(todo, weights, max(1, n_gpus))
+
+    def run_lane(gpu: int, names: list[str]):
+        for i, name in enumerate(names):
+            left = end - time.time()
+            share = left * weights[name] / sum(weights[s] for s in names[i:])
+            deadline = time.time() + share
+            part = os.path.join(work, f"part-{name}.json")
+            cmd = section_cmd(name, part, deadline, args.quick, dump_dir, extra)
+            lane_env = {**env, **sec_env.get(name, {})}
+            if len(lanes) > 1:
+                lane_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            print(f"== [gpu {gpu}] section {name}: {share:.0f} s  ({' '.join(cmd[2:])})", flush=True)
+            t0 = time.time()
+            try:
+                rc = subprocess.run(cmd, env=lane_env, cwd=root, timeout=max(30.0, share + 45.0)).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            print(f"== [gpu {gpu}] section {name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+            with lock:
+                status[name] = {"rc": rc, "seconds": round(time.time() - t0, 1), "env": sec_env.get(name, {}),
+                                "gpu": gpu if len(lanes) > 1 else None}
+                merged = merge(work, command, date)
+                merged["section_status"] = status
+                merged["lanes"] = lanes
+                write_json(json_path, merged)
+                with open(md_path, "w") as f:
+                    f.write(render(merged))
+
+    threads = [threading.Thread(target=run_lane, args=(g, names)) for g, names in enumerate(lanes) if names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     dumps = sorted(glob.glob(os.path.join(dump_dir, "*", "*")))
     if dumps:
         with tarfile.open(os.path.join(args.out, f"hlo-{date}.tar.gz"), "w:gz") as tar:

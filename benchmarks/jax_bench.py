@@ -148,31 +148,38 @@ def decode_record(cfg, pname, capacity, batch, position, step_s, bw, uses_score=
     return rec
 
 
-def run_decode_config(params, cfg, pname, capacity, batch, positions, n_steps, reps, bw, results,
-                      label="", extra=None):
-    """Compile + time one configuration; append one record per position to results."""
-    policy = make_policy(pname)
-    base = {"label": label, "model": results["model"]}
-    base.update(extra or {})
-    try:
-        compiled, crec = compile_decode(params, cfg, policy, batch, capacity, n_steps)
-    except Exception as e:  # pragma: no cover (device problems)
-        results["errors"].append({**base, "policy": pname, "capacity": capacity, "batch": batch,
-                                  "stage": "compile", "error": repr(e)[:500]})
-        return None, None
+def run_compiled(compiled, crec, params, cfg, pname, capacity, batch, positions, n_steps, reps, bw,
+                 results, base):
+    """Time a compiled configuration; append one record per position. Returns the error
+    record on failure (else None)."""
     try:
         timings = time_decode(compiled, params, cfg, batch, capacity, positions, n_steps, reps)
     except Exception as e:
-        results["errors"].append({**base, "policy": pname, "capacity": capacity, "batch": batch,
-                                  "stage": "run", "oom": _is_oom(e), "error": repr(e)[:500]})
-        return compiled, crec
+        err = {**base, "policy": pname, "capacity": capacity, "batch": batch, "stage": "run",
+               "oom": _is_oom(e), "error": repr(e)[:500]}
+        results["errors"].append(err)
+        return err
     for p, t in timings.items():
-        rec = decode_record(cfg, pname, capacity, batch, p, t["step_s"], bw, policy.uses_score)
+        rec = decode_record(cfg, pname, capacity, batch, p, t["step_s"], bw, make_policy(pname).uses_score)
         rec.update(base)
         rec.update(crec)
         rec["step_ms_all"] = [1e3 * s for s in t["step_s_all"]]
         rec["n_steps_per_call"] = n_steps
         results["decode"].append(rec)
+    return None
+
+
+def run_decode_config(params, cfg, pname, capacity, batch, positions, n_steps, reps, bw, results,
+                      label="", extra=None):
+    """Compile + time one configuration; append one record per position to results."""
+    base = {"label": label, "model": results["model"], **(extra or {})}
+    try:
+        compiled, crec = compile_decode(params, cfg, make_policy(pname), batch, capacity, n_steps)
+    except Exception as e:  # pragma: no cover (device problems)
+        results["errors"].append({**base, "policy": pname, "capacity": capacity, "batch": batch,
+                                  "stage": "compile", "error": repr(e)[:500]})
+        return None, None
+    run_compiled(compiled, crec, params, cfg, pname, capacity, batch, positions, n_steps, reps, bw, results, base)
     return compiled, crec
 
 
@@ -369,10 +376,54 @@ def _parse_jobs(spec: str, full_capacity: int):
     return jobs
 
 
+def _state_copies(compiled, cfg, capacity, batch) -> list[dict]:
+    """Copies in the optimised HLO at least one layer's keys in size (there should be none:
+    the state is updated in place, and split layers slice no weight)."""
+    layer_bytes = batch * cfg.num_kv_heads * capacity * cfg.head_dim * 2
+    try:
+        text = compiled.as_text()
+    except Exception:  # pragma: no cover
+        return []
+    return [{"name": b["name"], "shape": b["shape"], "bytes": b["bytes"]}
+            for b in hlo_large_buffers(text, max(layer_bytes, 1)) if b["op"] in ("copy", "copy-start")]
+
+
+def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
+                 cap=None):
+    """Compile one decode configuration. batch="max": start from the largest batch whose
+    state fits in `free` and shrink it until XLA's own memory analysis of the executable
+    (arguments + outputs + temporaries - aliased) fits in `budget`.
+    Returns (batch, compiled, record) or raises."""
+    policy = make_policy(pname)
+    fixed = batch != "max"
+    b = batch if fixed else max_batch(cfg, capacity, free, 0, reserve=reserve)
+    if not fixed and cap:
+        b = min(b, cap)
+    shrinks = []
+    while True:
+        compiled, crec = compile_decode(params, cfg, policy, b, capacity, n_steps)
+        peak = crec.get("exe_peak_bytes")
+        if fixed or budget is None or peak is None or peak <= budget or b == 1:
+            break
+        row = state_row_bytes(cfg, capacity)
+        nb = b - -(-(peak - budget) // row)
+        nb = max(1, nb - nb % 8 if nb >= 16 else nb)
+        shrinks.append({"batch": b, "exe_peak_bytes": peak})
+        b = min(nb, b - 1)
+    crec["shrinks"] = shrinks
+    crec["state_copies"] = _state_copies(compiled, cfg, capacity, b)
+    return b, compiled, crec
+
+
 def section_decode(args, results, save):
     """The decode grid for one model (see DEFAULT_JOBS): bounded policies at positions
-    4096 and 16384, `full` (capacity 4128 = 32-token prompt + 4096 decoded) at ~4096."""
+    4096 and 16384, `full` (capacity 4128 = 32-token prompt + 4096 decoded) at ~4096.
+
+    Every configuration is compiled ahead of time, --compile-workers at a time (XLA
+    compiles in C++, off the GIL), before any is timed, so that autotuning never runs
+    beside a timed call; then they run one by one in job order."""
     import gc
+    from concurrent.futures import ThreadPoolExecutor
     dl = Deadline(args.deadline)
     cfg, params = _setup(results, args.model, args.bw_bytes)
     bw = results.get("bandwidth", {}).get("copy_bytes_per_s")
@@ -380,54 +431,73 @@ def section_decode(args, results, save):
     n, reps = args.n_steps, args.reps
     full_c = args.full_capacity or FULL_CAPACITY
     jobs = _parse_jobs(args.jobs, full_c)
-    temps: dict[tuple, dict] = {}
-    variant_fixed = args.variant or "scan:einsum"
-    variant_max = args.variant_max or variant_fixed
-    current = None
-    results["variants"] = {"fixed_batches": variant_fixed, "largest_batches": variant_max}
-    for pname, C, B in jobs:
-        if not dl.ok(25 if B == "max" else 15):
-            results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "reason": "deadline"})
-            continue
-        want = variant_max if B == "max" else variant_fixed
-        if want != current:
-            params = _use_variant(want, params)
-            current = want
-            results.setdefault("memory_after_variant", {})[want] = memory_stats()
-        positions = [C - FULL_PROMPT - n * (reps + 1)] if pname == "full" else \
-            [int(p) for p in args.positions.split(",")]
-        if B != "max":
-            _, crec = run_decode_config(params, cfg, pname, C, B, positions, n, reps, bw, results, "grid",
-                                        {"variant": current})
-            if crec:
-                temps.setdefault((pname, C, current), {})[B] = crec.get("temp_bytes", 0)
-            save()
-            continue
-        seen = temps.get((pname, C, current), {})  # temporaries of the same implementation only
-        bs = sorted(seen)
-        per_row = (seen[bs[-1]] - seen[bs[0]]) / (bs[-1] - bs[0]) if len(bs) >= 2 else 0.0
-        gc.collect()
-        free = free_bytes()
-        B = max_batch(cfg, C, free, max(per_row, 0), reserve=args.reserve_bytes)
-        # XLA's memory accounting (its rematerialisation pass, the autotuner's scratch
-        # buffers) needs headroom beyond the arrays themselves: also keep params + state
-        # under --arg-fraction of the pool
-        lim = memory_stats().get("bytes_limit")
-        if lim and args.arg_fraction:
-            cap = int((args.arg_fraction * lim - (lim - free)) // state_row_bytes(cfg, C))
-            B = min(B, max(1, cap - cap % 8))
-        if args.max_batch_cap:
-            B = min(B, args.max_batch_cap)
-        for attempt in range(3):
-            before = len(results["decode"])
-            run_decode_config(params, cfg, pname, C, B, positions[:1] if attempt else positions, n, reps, bw,
-                              results, "max", {"max_batch": True, "free_bytes": free, "temp_per_row": per_row,
-                                               "attempt": attempt, "variant": current})
-            save()
-            gc.collect()
-            if len(results["decode"]) > before:
+    variant = args.variant or "split:einsum"
+    params = _use_variant(variant, params)
+    results["variants"] = {"fixed_batches": variant, "largest_batches": variant}
+    gc.collect()
+    free = free_bytes()
+    in_use = memory_stats().get("bytes_in_use", 0)
+    # the params are resident already and counted in the executable's arguments
+    budget = free + min(in_use, param_bytes(cfg)) - args.reserve_bytes
+    results["memory_budget"] = {"free": free, "in_use": in_use, "exe_budget": budget}
+
+    def build(job):
+        pname, C, B = job
+        return build_decode(params, cfg, pname, C, B, n, budget, free, args.reserve_bytes, args.max_batch_cap)
+
+    t0 = time.perf_counter()
+    futures = []
+    with ThreadPoolExecutor(max(1, args.compile_workers)) as pool:
+        # the first job alone: a compile time without contention
+        futures = [pool.submit(build, jobs[0])] if jobs else []
+        if futures:
+            futures[0].exception()  # wait
+        futures += [pool.submit(build, j) for j in jobs[1:]]
+        for f in futures:  # autotuning must not run beside a timed call
+            if not dl.ok(15):
                 break
-            B = max(1, int(B * 0.9) // 8 * 8)
+            try:
+                f.result(timeout=max(1.0, dl.left()))
+            except Exception:
+                pass
+        results["compile_phase_s"] = time.perf_counter() - t0
+        results["compile_workers"] = args.compile_workers
+        save()
+        for job, fut in zip(jobs, futures):
+            pname, C, B = job
+            if not fut.done() or not dl.ok(8 if B != "max" else 15):
+                fut.cancel()
+                results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "reason": "deadline"})
+                continue
+            base = {"label": "max" if B == "max" else "grid", "model": results["model"], "variant": variant}
+            try:
+                b, compiled, crec = fut.result()
+            except Exception as e:  # pragma: no cover (device problems)
+                results["errors"].append({**base, "policy": pname, "capacity": C, "batch": B,
+                                          "stage": "compile", "oom": _is_oom(e), "error": repr(e)[:500]})
+                save()
+                continue
+            crec["compile_workers"] = 1 if job == jobs[0] else args.compile_workers
+            positions = [C - FULL_PROMPT - n * (reps + 1)] if pname == "full" else \
+                [int(p) for p in args.positions.split(",")]
+            if B == "max":
+                base.update({"max_batch": True, "free_bytes": free})
+            for attempt in range(3):
+                before = len(results["decode"])
+                err = run_compiled(compiled, crec, params, cfg, pname, C, b, positions, n, reps, bw, results,
+                                   {**base, "attempt": attempt})
+                gc.collect()
+                if len(results["decode"]) > before or B != "max" or not (err and err.get("oom")):
+                    break
+                b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
+                try:
+                    b, compiled, crec = build_decode(params, cfg, pname, C, b, n)
+                except Exception as e:  # pragma: no cover
+                    results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
+                                              "stage": "compile", "error": repr(e)[:500]})
+                    break
+            del compiled
+            save()
     results["memory_end"] = memory_stats()
 
 
@@ -540,8 +610,6 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--jobs", default=DEFAULT_JOBS, help="policy/C/B,... (C=F: full capacity; B=max)")
     ap.add_argument("--positions", default="4096,16384")
-    ap.add_argument("--arg-fraction", type=float, default=0.97,
-                    help="largest batch: params + state at most this fraction of the memory pool")
     ap.add_argument("--full-capacity", type=int, default=None)
     ap.add_argument("--max-batch-cap", type=int, default=None)
     ap.add_argument("--reserve-bytes", type=int, default=2 * GiB,
@@ -560,8 +628,8 @@ def main(argv=None):
     ap.add_argument("--dump-dir", default=None)
     ap.add_argument("--variant", default=None,
                     help="'loop:attention' for the decode/prefill sections (default: the library's)")
-    ap.add_argument("--variant-max", default=None,
-                    help="variant for the largest-batch jobs (default: --variant)")
+    ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                    help="decode section: configurations compiled at once")
     args = ap.parse_args(argv)
     args.split = _set_variant(args.variant) if args.variant and args.section != "decode" else False
     try:  # XLA's rematerialisation only adds whole-state copies here (see section_decode)

@@ -173,6 +173,14 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
             x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l])
             outs.append(o)
         k, v, slot, score = (jnp.stack(a) for a in zip(*outs))
+        # The last layer's reads of the state feed only the logits (and, for window and
+        # sink, not the choice of slot), so nothing orders them before the in-place
+        # writes below, and XLA would copy the whole keys and values buffers each step to
+        # keep those reads valid. Make each row's written entries depend on that row's
+        # output (adding 0 * x: a data dependency and no other effect; an optimization
+        # barrier does not order them).
+        dep = (0 * x[None, :, :1, None]).astype(k.dtype)
+        k, v = k + dep, v + dep
     else:
         x, (k, v, slot, score) = jax.lax.scan(
             lambda x, xs: layer(x, *xs), x,
