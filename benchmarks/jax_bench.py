@@ -45,13 +45,13 @@ FULL_CAPACITY = FULL_PROMPT + DECODE_LEN  # the full cache holds every token of 
 
 
 # -- decode ----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps"), donate_argnames=("state",))
-def bench_decode(params, cfg, policy, n_steps, state, tok):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
+def bench_decode(params, cfg, policy, n_steps, state, tok, impl=msrnn_model.DEFAULT_IMPL):
     """n greedy decode steps. tok [B]: the token fed first. Returns (tokens [B, n], state)."""
 
     def body(carry, _):
         st, tok = carry
-        logits, st = msrnn_model.step(params, cfg, policy, st, tok)
+        logits, st = msrnn_model.step(params, cfg, policy, st, tok, impl=impl)
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
         return (st, nxt), nxt
 
@@ -68,11 +68,11 @@ def _decode_inputs(cfg, batch, capacity):
     return st, sds((batch,), jnp.int32)
 
 
-def compile_decode(params, cfg, policy, batch, capacity, n_steps):
+def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=msrnn_model.DEFAULT_IMPL):
     """AOT-compile bench_decode for these sizes. Returns (compiled, record)."""
     st, tok = _decode_inputs(cfg, batch, capacity)
     t0 = time.perf_counter()
-    lowered = bench_decode.lower(params, cfg, policy, n_steps, st, tok)
+    lowered = bench_decode.lower(params, cfg, policy, n_steps, st, tok, impl)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -170,11 +170,11 @@ def run_compiled(compiled, crec, params, cfg, pname, capacity, batch, positions,
 
 
 def run_decode_config(params, cfg, pname, capacity, batch, positions, n_steps, reps, bw, results,
-                      label="", extra=None):
+                      label="", extra=None, impl=msrnn_model.DEFAULT_IMPL):
     """Compile + time one configuration; append one record per position to results."""
     base = {"label": label, "model": results["model"], **(extra or {})}
     try:
-        compiled, crec = compile_decode(params, cfg, make_policy(pname), batch, capacity, n_steps)
+        compiled, crec = compile_decode(params, cfg, make_policy(pname), batch, capacity, n_steps, impl)
     except Exception as e:  # pragma: no cover (device problems)
         results["errors"].append({**base, "policy": pname, "capacity": capacity, "batch": batch,
                                   "stage": "compile", "error": repr(e)[:500]})
@@ -330,16 +330,24 @@ def free_bytes() -> int:
     return 64 << 20  # CPU (smoke tests): pretend 64 MiB
 
 
-# The decode grid in priority order (a deadline cuts the tail): policy/capacity/batch,
-# capacity F = the full cache (FULL_CAPACITY), batch max = the largest that fits.
+# The decode grid in priority order (a deadline cuts the tail): policy/capacity/batch
+# [@variant], capacity F = the full cache (FULL_CAPACITY), batch max = the largest that
+# fits. Fixed batches run the section's --variant (split:einsum); the largest batches run
+# split:reduce: with einsum, XLA materialises each layer's slice of the keys for the gemm
+# (a keys-sized temporary per step) and its autotuner asks for a keys-sized scratch
+# operand, neither of which fits beside the largest state. The reduce variant is also
+# timed at the headline fixed batches, for comparison.
+_R = "@split:reduce"
 DEFAULT_JOBS = ",".join([
     # headline fixed batches
     "tova/512/1", "window/512/1", "full/F/1", "tova/512/32", "window/512/32", "full/F/32",
     "tova/512/8", "window/512/8",
     # the largest batches: the Table 1 analog
-    "tova/512/max", "window/512/max", "full/F/max", "tova/256/max", "tova/1024/max", "tova/2048/max",
-    "window/256/max", "window/1024/max", "window/2048/max", "sink/512/max", "sink/256/max",
-    "sink/1024/max", "sink/2048/max",
+    *(j + _R for j in ("tova/512/max", "window/512/max", "full/F/max", "tova/256/max", "tova/1024/max",
+                       "tova/2048/max", "window/256/max", "window/1024/max", "window/2048/max", "sink/512/max",
+                       "sink/256/max", "sink/1024/max", "sink/2048/max")),
+    # the headline fixed batches in the other implementation
+    *(j + _R for j in ("tova/512/1", "window/512/1", "full/F/1", "tova/512/32", "window/512/32", "full/F/32")),
     # the rest of the grid
     "sink/512/1", "tova/256/1", "tova/1024/1", "tova/2048/1", "window/256/1", "window/1024/1", "window/2048/1",
     "tova/256/32", "tova/1024/32", "tova/2048/32", "window/256/32", "window/1024/32", "window/2048/32",
@@ -357,22 +365,24 @@ def _stack_layers(params):
 
 
 def _use_variant(variant, params):
-    """Switch the step implementation; convert params between stacked and split layers."""
+    """Params in the layout a variant wants (stacked or split layers)."""
     import gc
-    split = _set_variant(variant)
+    split, _ = parse_variant(variant)
     params = msrnn_model.split_layers(params) if split else _stack_layers(params)
     jax.block_until_ready(params)
     gc.collect()
     return params
 
 
-def _parse_jobs(spec: str, full_capacity: int):
+def _parse_jobs(spec: str, full_capacity: int, variant: str):
+    """'policy/C/B[@variant],...' -> [(policy, C, B, variant)]."""
     jobs = []
     for j in spec.split(","):
         if not j:
             continue
+        j, _, v = j.partition("@")
         p, c, b = j.split("/")
-        jobs.append((p, full_capacity if c == "F" else int(c), b if b == "max" else int(b)))
+        jobs.append((p, full_capacity if c == "F" else int(c), b if b == "max" else int(b), v or variant))
     return jobs
 
 
@@ -389,7 +399,7 @@ def _state_copies(compiled, cfg, capacity, batch) -> list[dict]:
 
 
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
-                 cap=None):
+                 cap=None, impl=msrnn_model.DEFAULT_IMPL):
     """Compile one decode configuration. batch="max": start from the largest batch whose
     state fits in `free` and shrink it until XLA's own memory analysis of the executable
     (arguments + outputs + temporaries - aliased) fits in `budget`.
@@ -401,7 +411,7 @@ def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free
         b = min(b, cap)
     shrinks = []
     while True:
-        compiled, crec = compile_decode(params, cfg, policy, b, capacity, n_steps)
+        compiled, crec = compile_decode(params, cfg, policy, b, capacity, n_steps, impl)
         peak = crec.get("exe_peak_bytes")
         if fixed or budget is None or peak is None or peak <= budget or b == 1:
             break
@@ -430,10 +440,12 @@ def section_decode(args, results, save):
     save()
     n, reps = args.n_steps, args.reps
     full_c = args.full_capacity or FULL_CAPACITY
-    jobs = _parse_jobs(args.jobs, full_c)
     variant = args.variant or "split:einsum"
+    jobs = _parse_jobs(args.jobs, full_c, variant)
+    if len({parse_variant(j[3])[0] for j in jobs}) > 1:
+        raise SystemExit("one section runs one params layout: split or stacked variants, not both")
     params = _use_variant(variant, params)
-    results["variants"] = {"fixed_batches": variant, "largest_batches": variant}
+    results["variants"] = sorted({j[3] for j in jobs})
     gc.collect()
     free = free_bytes()
     in_use = memory_stats().get("bytes_in_use", 0)
@@ -442,8 +454,9 @@ def section_decode(args, results, save):
     results["memory_budget"] = {"free": free, "in_use": in_use, "exe_budget": budget}
 
     def build(job):
-        pname, C, B = job
-        return build_decode(params, cfg, pname, C, B, n, budget, free, args.reserve_bytes, args.max_batch_cap)
+        pname, C, B, v = job
+        return build_decode(params, cfg, pname, C, B, n, budget, free, args.reserve_bytes, args.max_batch_cap,
+                            parse_variant(v)[1])
 
     t0 = time.perf_counter()
     futures = []
@@ -453,21 +466,28 @@ def section_decode(args, results, save):
         if futures:
             futures[0].exception()  # wait
         futures += [pool.submit(build, j) for j in jobs[1:]]
-        for f in futures:  # autotuning must not run beside a timed call
-            if not dl.ok(15):
-                break
+        # compiling may take --compile-share of the section's time; what has not started
+        # by then is skipped, and what has is waited for (autotuning must not run beside
+        # a timed call)
+        stop = time.time() + args.compile_share * dl.left() if dl.epoch else None
+        for f in futures:
             try:
-                f.result(timeout=max(1.0, dl.left()))
+                f.result(timeout=None if stop is None else max(0.0, stop - time.time()))
             except Exception:
                 pass
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            if not f.cancelled():
+                f.exception()
         results["compile_phase_s"] = time.perf_counter() - t0
         results["compile_workers"] = args.compile_workers
         save()
         for job, fut in zip(jobs, futures):
-            pname, C, B = job
-            if not fut.done() or not dl.ok(8 if B != "max" else 15):
-                fut.cancel()
-                results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "reason": "deadline"})
+            pname, C, B, variant = job
+            if fut.cancelled() or not dl.ok(8 if B != "max" else 15):
+                results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "variant": variant,
+                                           "reason": "deadline" + (" (compile)" if fut.cancelled() else "")})
                 continue
             base = {"label": "max" if B == "max" else "grid", "model": results["model"], "variant": variant}
             try:
@@ -491,7 +511,7 @@ def section_decode(args, results, save):
                     break
                 b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
                 try:
-                    b, compiled, crec = build_decode(params, cfg, pname, C, b, n)
+                    b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1])
                 except Exception as e:  # pragma: no cover
                     results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
                                               "stage": "compile", "error": repr(e)[:500]})
@@ -526,17 +546,16 @@ def section_prefill(args, results, save):
     results["memory_end"] = memory_stats()
 
 
-def _set_variant(variant: str):
+def parse_variant(variant: str):
     """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:einsum'
     (split = the layers passed as a list of per-layer arrays, so no weight is ever
-    sliced; nobar = unrolled without the optimization barrier between layers)."""
+    sliced; nobar = unrolled without the optimization barrier between layers).
+    Returns (split, model.StepImpl)."""
     parts = variant.split(":")
-    loop = parts[0]
-    msrnn_model.LAYER_LOOP = "unroll" if loop in ("unroll", "split") else "scan"
-    msrnn_model.ATTENTION = parts[1] if len(parts) > 1 else "einsum"
-    msrnn_model.UNROLL_BARRIER = "nobar" not in parts[2:]
-    jax.clear_caches()
-    return loop == "split"
+    impl = msrnn_model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split") else "scan",
+                                attention=parts[1] if len(parts) > 1 else "einsum",
+                                unroll_barrier="nobar" not in parts[2:])
+    return parts[0] == "split", impl
 
 
 def section_probe(args, results, save):
@@ -549,7 +568,7 @@ def section_probe(args, results, save):
     n, reps = args.n_steps, args.reps
     split_params = None
     for vi, variant in enumerate(args.variants.split(",")):
-        split = _set_variant(variant)
+        split, impl = parse_variant(variant)
         if split and split_params is None:
             split_params = msrnn_model.split_layers(params)
         prm = split_params if split else params
@@ -563,7 +582,7 @@ def section_probe(args, results, save):
                 continue
             positions = [0, 4096, 16384] if (pname == "tova" and vi == 0 and args.probe_window) else [4096]
             compiled, crec = run_decode_config(prm, cfg, pname, C, B, positions, n, reps, None, results,
-                                               "probe", {"variant": variant})
+                                               "probe", {"variant": variant}, impl)
             if compiled is None:
                 continue
             text = compiled.as_text()
@@ -596,7 +615,6 @@ def section_probe(args, results, save):
                 del holder
             del compiled
             save()
-    _set_variant("scan:einsum")
 
 
 def main(argv=None):
@@ -628,16 +646,17 @@ def main(argv=None):
     ap.add_argument("--dump-dir", default=None)
     ap.add_argument("--variant", default=None,
                     help="'loop:attention' for the decode/prefill sections (default: the library's)")
+    ap.add_argument("--compile-share", type=float, default=0.6,
+                    help="decode section: share of its time that compiling may take")
     ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                     help="decode section: configurations compiled at once")
     args = ap.parse_args(argv)
-    args.split = _set_variant(args.variant) if args.variant and args.section != "decode" else False
+    args.split = parse_variant(args.variant)[0] if args.variant and args.section != "decode" else False
     try:  # XLA's rematerialisation only adds whole-state copies here (see section_decode)
         jax.config.update("jax_compiler_enable_remat_pass", False)
     except Exception:  # pragma: no cover (option absent)
         pass
-    results = {"section": args.section, "model": args.model, "argv": sys.argv, "variant": args.variant or
-               f"{msrnn_model.LAYER_LOOP}:{msrnn_model.ATTENTION}", "decode": [], "prefill": [],
+    results = {"section": args.section, "model": args.model, "argv": sys.argv, "variant": args.variant or "scan:einsum", "decode": [], "prefill": [],
                "probe": [], "profile": [], "errors": [], "skipped": [], "started": time.time()}
 
     def save():

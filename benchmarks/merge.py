@@ -4,7 +4,8 @@ second, shorter command), keeping every row's provenance, and re-render the Mark
     python -m benchmarks.merge MAIN.json SUPP.json OUT.json [--replace policy/C/max ...]
 
 Rows of SUPP replace rows of MAIN with the same (model, policy, capacity, batch or
-"max", position); every supplementary row carries "run": "supplementary". Bandwidth
+"max", step implementation); every supplementary row carries "run": "supplementary", and
+MAIN's failures of configurations that SUPP measured are dropped. Bandwidth
 fractions of every row are recomputed against MAIN's Llama-section copy bandwidth (the
 4 GiB measurement).
 """
@@ -17,12 +18,9 @@ import json
 from .report import analyse, render
 
 
-def _key(r):
-    return (r.get("model"), r["policy"], r["capacity"], "max" if r.get("max_batch") else r["batch"], r["position"])
-
-
 def _gkey(r):
-    return (r.get("model"), r["policy"], r["capacity"], "max" if r.get("max_batch") else r["batch"])
+    return (r.get("model"), r["policy"], r["capacity"], "max" if r.get("max_batch") else r["batch"],
+            r.get("variant"))
 
 
 def merge(main: dict, supp: dict) -> dict:
@@ -49,6 +47,9 @@ def merge(main: dict, supp: dict) -> dict:
             [dict(p, run="supplementary") for p in part.get("prefill", [])]
         done = {(r["policy"], r["capacity"], "max" if r.get("max_batch") else r["batch"]) for r in new}
         done |= {("prefill", m) for m in modes}
+        dst["errors"] = [e for e in dst.get("errors", [])  # measured now: no longer a failure
+                         if (e.get("policy"), e.get("capacity"), e.get("batch")) not in done
+                         and ("prefill", e.get("prefill")) not in done]
         dst["skipped"] = [s for s in dst.get("skipped", [])
                           if (s.get("policy"), s.get("capacity"), s.get("batch")) not in done
                           and ("prefill", s.get("prefill")) not in done]

@@ -13,6 +13,7 @@ Shapes follow the notation in `state.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -79,23 +80,30 @@ def _visible(cfg: ModelConfig, key_pos, query_pos):
 
 
 # -- the recurrent step ----------------------------------------------------------------
-# Implementation switches of `step`, read at trace time (benchmarks/ flips them to compare
-# variants; clear jit caches after a change). Neither changes the math.
-# LAYER_LOOP: "scan" (lax.scan over the stacked layers; one compiled layer body) or
-#   "unroll" (a Python loop with static layer indices). `params["layers"]` given as a
-#   list of per-layer dicts (see `split_layers`) is always unrolled.
-# ATTENTION: how the query meets the kept slots: "einsum" (dot_general) or "reduce"
-#   (multiply + sum, which XLA fuses with the read of the layer's slice of the state).
-LAYER_LOOP = "scan"
-ATTENTION = "einsum"
-# Unrolled layers: put an optimization barrier on the hidden state between layers, so
-# that XLA keeps each layer's work (and its read of the state) in layer order.
-UNROLL_BARRIER = True
-# Materialise the query-key scores with their own kernel (an optimization barrier right
-# after the product). Without it XLA GPU fuses the product over D into the softmax's
-# concatenate fusion, which re-reads the keys with poor coalescing: ~3x the time of the
-# read at large batch (profile in benchmarks/results/).
-SCORE_BARRIER = True
+@dataclasses.dataclass(frozen=True)
+class StepImpl:
+    """How `step` computes (never what it computes); a static argument, so every choice
+    is its own compiled program. The benchmarks compare them (benchmarks/results/).
+
+    layer_loop: "scan" (lax.scan over the stacked layers: one compiled layer body) or
+      "unroll" (a Python loop with static layer indices). `params["layers"]` given as a
+      list of per-layer dicts (see `split_layers`) is always unrolled.
+    attention: how the query meets the kept slots: "einsum" (dot_general: a gemm, which
+      on GPU reads its operand from a materialised slice of the state) or "reduce"
+      (multiply + sum: one fused kernel reads the layer's slice of the state in place).
+    unroll_barrier: unrolled layers get an optimization barrier on the hidden state
+      between layers, so that XLA keeps each layer's work (and its state read) in order.
+    score_barrier: on GPU, materialise the query-key scores with their own kernel.
+      Without it XLA fuses the product over D into the softmax's concatenate fusion,
+      which re-reads the keys with poor coalescing (~3x the read time at large batch).
+    """
+    layer_loop: str = "scan"
+    attention: str = "einsum"
+    unroll_barrier: bool = True
+    score_barrier: bool = True
+
+
+DEFAULT_IMPL = StepImpl()
 
 
 def split_layers(params):
@@ -105,23 +113,25 @@ def split_layers(params):
     return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(n)]}
 
 
-def _slot_scores(q, K):
+def _slot_scores(q, K, attention):
     """q [B,Hkv,G,D] . K [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (products exact, f32 sums)."""
-    if ATTENTION == "reduce":
+    if attention == "reduce":
         return jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
     return jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
 
 
-def _slot_mix(w, V):
+def _slot_mix(w, V, attention):
     """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32."""
-    if ATTENTION == "reduce":
+    if attention == "reduce":
         return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
     return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
 
 
-def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
+def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
+         impl: StepImpl = DEFAULT_IMPL):
     """One token per row through every layer. tokens: int [B]; active: bool [B] (rows
-    with active=False leave their state untouched). Returns (logits [B, V] f32, state)."""
+    with active=False leave their state untouched); impl: how (see `StepImpl`).
+    Returns (logits [B, V] f32, state)."""
     B, C = state.batch, state.capacity
     Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     if active is None:
@@ -140,14 +150,14 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
 
         # 2-3. attend over the kept slots plus the new token; softmax in float32
         scale = 1.0 / math.sqrt(D)
-        s_old = _slot_scores(q, K)
-        if SCORE_BARRIER and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
+        s_old = _slot_scores(q, K, impl.attention)
+        if impl.score_barrier and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
             s_old = jax.lax.optimization_barrier(s_old)
         s_old = s_old * scale
         s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
         s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
         w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]
-        out = _slot_mix(w[..., :C].astype(V.dtype), V) + w[..., C:] * v[:, :, None, :].astype(F32)
+        out = _slot_mix(w[..., :C].astype(V.dtype), V, impl.attention) + w[..., C:] * v[:, :, None, :].astype(F32)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
 
@@ -164,11 +174,11 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     # written afterwards in one in-place scatter (slot C is out of range: no write). A
     # write inside the layer loop would make XLA copy the whole state once per layer.
     layers = params["layers"]
-    if isinstance(layers, (list, tuple)) or LAYER_LOOP == "unroll":
+    if isinstance(layers, (list, tuple)) or impl.layer_loop == "unroll":
         outs = []
         for l in range(cfg.num_layers):
             lp = layers[l] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[l], layers)
-            if l and UNROLL_BARRIER:
+            if l and impl.unroll_barrier:
                 x = jax.lax.optimization_barrier(x)
             x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l])
             outs.append(o)

@@ -46,3 +46,19 @@ def test_decode_loop_has_no_state_copy(tiny, monkeypatch, split, pname):
     st, tok = jax_bench._decode_inputs(cfg, 64, 256)
     compiled = jax_bench.bench_decode.lower(prm, cfg, make_policy(pname), 4, st, tok).compile()
     assert jax_bench._state_copies(compiled, cfg, 256, 64) == []
+
+
+@pytest.mark.parametrize("variant", ["split:reduce", "scan:reduce", "unroll:einsum:nobar"])
+def test_step_implementations_agree(tiny, variant):
+    """Every StepImpl the benchmarks time decodes the same tokens into the same state."""
+    cfg, params = tiny
+    pol = make_policy("tova")
+    st = common.fabricate_state(cfg, 2, 8, 20, jnp.float32)
+    tok = jnp.ones((2,), jnp.int32)
+    ref_toks, ref = jax_bench.bench_decode(params, cfg, pol, 5, jax.tree.map(jnp.copy, st), tok)
+    split, impl = jax_bench.parse_variant(variant)
+    prm = model.split_layers(params) if split else params
+    toks, out = jax_bench.bench_decode(prm, cfg, pol, 5, st, tok, impl)
+    assert np.asarray(toks).tolist() == np.asarray(ref_toks).tolist()
+    assert (np.asarray(out.pos) == np.asarray(ref.pos)).all()
+    np.testing.assert_allclose(np.asarray(out.values), np.asarray(ref.values), rtol=1e-5, atol=1e-6)
