@@ -68,15 +68,17 @@ def _decode_inputs(cfg, batch, capacity):
     return st, sds((batch,), jnp.int32)
 
 
-def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=msrnn_model.DEFAULT_IMPL):
-    """AOT-compile bench_decode for these sizes. Returns (compiled, record)."""
+def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=msrnn_model.DEFAULT_IMPL,
+                   options=None):
+    """AOT-compile bench_decode for these sizes (options: XLA compiler options).
+    Returns (compiled, record)."""
     st, tok = _decode_inputs(cfg, batch, capacity)
     t0 = time.perf_counter()
     lowered = bench_decode.lower(params, cfg, policy, n_steps, st, tok, impl)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(options) if options else lowered.compile()
     t2 = time.perf_counter()
-    rec = {"lower_s": t1 - t0, "compile_s": t2 - t0}
+    rec = {"lower_s": t1 - t0, "compile_s": t2 - t0, "compiler_options": options or {}}
     rec.update(memory_analysis(compiled))
     return compiled, rec
 
@@ -398,20 +400,27 @@ def _state_copies(compiled, cfg, capacity, batch) -> list[dict]:
             for b in hlo_large_buffers(text, max(layer_bytes, 1)) if b["op"] in ("copy", "copy-start")]
 
 
+LARGEST_BATCH_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
-                 cap=None, impl=msrnn_model.DEFAULT_IMPL):
+                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None):
     """Compile one decode configuration. batch="max": start from the largest batch whose
     state fits in `free` and shrink it until XLA's own memory analysis of the executable
     (arguments + outputs + temporaries - aliased) fits in `budget`.
     Returns (batch, compiled, record) or raises."""
     policy = make_policy(pname)
     fixed = batch != "max"
+    # XLA's autotuner runs each candidate kernel on scratch copies of its operands; at the
+    # largest batches one operand is the whole keys or values buffer (the in-place write),
+    # and a second copy of it does not fit: compile those without autotuning
+    options = options if fixed else LARGEST_BATCH_OPTIONS
     b = batch if fixed else max_batch(cfg, capacity, free, 0, reserve=reserve)
     if not fixed and cap:
         b = min(b, cap)
     shrinks = []
     while True:
-        compiled, crec = compile_decode(params, cfg, policy, b, capacity, n_steps, impl)
+        compiled, crec = compile_decode(params, cfg, policy, b, capacity, n_steps, impl, options)
         peak = crec.get("exe_peak_bytes")
         if fixed or budget is None or peak is None or peak <= budget or b == 1:
             break
@@ -511,7 +520,8 @@ def section_decode(args, results, save):
                     break
                 b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
                 try:
-                    b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1])
+                    b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1],
+                                                     options=LARGEST_BATCH_OPTIONS)
                 except Exception as e:  # pragma: no cover
                     results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
                                               "stage": "compile", "error": repr(e)[:500]})
