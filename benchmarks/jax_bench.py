@@ -404,7 +404,7 @@ LARGEST_BATCH_OPTIONS = {"xla_gpu_autotune_level": 0}
 
 
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
-                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None):
+                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None, no_autotune_max=True):
     """Compile one decode configuration. batch="max": start from the largest batch whose
     state fits in `free` and shrink it until XLA's own memory analysis of the executable
     (arguments + outputs + temporaries - aliased) fits in `budget`.
@@ -414,7 +414,7 @@ def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free
     # XLA's autotuner runs each candidate kernel on scratch copies of its operands; at the
     # largest batches one operand is the whole keys or values buffer (the in-place write),
     # and a second copy of it does not fit: compile those without autotuning
-    options = options if fixed else LARGEST_BATCH_OPTIONS
+    options = options if fixed or not no_autotune_max else LARGEST_BATCH_OPTIONS
     b = batch if fixed else max_batch(cfg, capacity, free, 0, reserve=reserve)
     if not fixed and cap:
         b = min(b, cap)
@@ -465,7 +465,7 @@ def section_decode(args, results, save):
     def build(job):
         pname, C, B, v = job
         return build_decode(params, cfg, pname, C, B, n, budget, free, args.reserve_bytes, args.max_batch_cap,
-                            parse_variant(v)[1])
+                            parse_variant(v)[1], no_autotune_max=not args.autotune_largest)
 
     t0 = time.perf_counter()
     futures = []
@@ -521,7 +521,7 @@ def section_decode(args, results, save):
                 b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
                 try:
                     b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1],
-                                                     options=LARGEST_BATCH_OPTIONS)
+                                                     options=None if args.autotune_largest else LARGEST_BATCH_OPTIONS)
                 except Exception as e:  # pragma: no cover
                     results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
                                               "stage": "compile", "error": repr(e)[:500]})
@@ -656,6 +656,9 @@ def main(argv=None):
     ap.add_argument("--dump-dir", default=None)
     ap.add_argument("--variant", default=None,
                     help="'loop:attention' for the decode/prefill sections (default: the library's)")
+    ap.add_argument("--autotune-largest", action="store_true",
+                    help="decode section: autotune the largest-batch configurations too (compile them one at a "
+                         "time: --compile-workers 1)")
     ap.add_argument("--compile-share", type=float, default=0.6,
                     help="decode section: share of its time that compiling may take")
     ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
