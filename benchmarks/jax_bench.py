@@ -424,8 +424,10 @@ def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free
         peak = crec.get("exe_peak_bytes")
         if fixed or budget is None or peak is None or peak <= budget or b == 1:
             break
-        row = state_row_bytes(cfg, capacity)
-        nb = b - -(-(peak - budget) // row)
+        # peak = resident params + batch x (state row + that row's temporaries)
+        resident = min(crec.get("arg_bytes", 0), param_bytes(cfg))
+        per_row = max(1.0, (peak - resident) / b)
+        nb = int((budget - resident) // per_row)
         nb = max(1, nb - nb % 8 if nb >= 16 else nb)
         shrinks.append({"batch": b, "exe_peak_bytes": peak})
         b = min(nb, b - 1)

@@ -1,7 +1,7 @@
 """Merge a supplementary run into a main results file (when the device budget forced a
 second, shorter command), keeping every row's provenance, and re-render the Markdown.
 
-    python -m benchmarks.merge MAIN.json SUPP.json OUT.json [--replace policy/C/max ...]
+    python -m benchmarks.merge MAIN.json SUPP.json [SUPP2.json ...] --out OUT.json [--notes NOTES.md]
 
 Rows of SUPP replace rows of MAIN with the same (model, policy, capacity, batch or
 "max", step implementation); every supplementary row carries "run": "supplementary", and
@@ -23,7 +23,7 @@ def _gkey(r):
             r.get("variant"))
 
 
-def merge(main: dict, supp: dict) -> dict:
+def merge(main: dict, supp: dict, tag: str = "supplementary 1") -> dict:
     out = json.loads(json.dumps(main))
     bw = (main["sections"]["llama"].get("bandwidth") or {}).get("copy_bytes_per_s")
     for name, part in supp["sections"].items():
@@ -35,7 +35,7 @@ def merge(main: dict, supp: dict) -> dict:
         dst = out["sections"][name]
         new = []
         for r in part.get("decode", []):
-            r = dict(r, run="supplementary")
+            r = dict(r, run=tag)
             if bw and r.get("bytes_per_step"):
                 r["bw_fraction"] = r["bytes_per_step"] / (r["step_ms"] / 1e3) / bw
                 r["bound_step_ms"] = 1e3 * r["bytes_per_step"] / bw
@@ -44,12 +44,15 @@ def merge(main: dict, supp: dict) -> dict:
         dst["decode"] = [r for r in dst.get("decode", []) if _gkey(r) not in groups] + new
         modes = {p["mode"] for p in part.get("prefill", [])}
         dst["prefill"] = [p for p in dst.get("prefill", []) if p["mode"] not in modes] + \
-            [dict(p, run="supplementary") for p in part.get("prefill", [])]
+            [dict(p, run=tag) for p in part.get("prefill", [])]
         done = {(r["policy"], r["capacity"], "max" if r.get("max_batch") else r["batch"]) for r in new}
         done |= {("prefill", m) for m in modes}
+        ekey = lambda e: (e.get("policy"), e.get("capacity"), "max" if e.get("max_batch") else e.get("batch"))
         dst["errors"] = [e for e in dst.get("errors", [])  # measured now: no longer a failure
-                         if (e.get("policy"), e.get("capacity"), e.get("batch")) not in done
-                         and ("prefill", e.get("prefill")) not in done]
+                         if ekey(e) not in done and ("prefill", e.get("prefill")) not in done]
+        failed = [dict(e, run=tag) for e in part.get("errors", []) if ekey(e) not in done]
+        dst["errors"] += failed
+        done |= {ekey(e) for e in failed}  # attempted, so not skipped
         dst["skipped"] = [s for s in dst.get("skipped", [])
                           if (s.get("policy"), s.get("capacity"), s.get("batch")) not in done
                           and ("prefill", s.get("prefill")) not in done]
@@ -61,7 +64,7 @@ def merge(main: dict, supp: dict) -> dict:
             if bw and r.get("bytes_per_step"):
                 r["bw_fraction"] = r["bytes_per_step"] / (r["step_ms"] / 1e3) / bw
                 r["bound_step_ms"] = 1e3 * r["bytes_per_step"] / bw
-    out["command_supplementary"] = supp.get("command")
+    out.setdefault("commands_supplementary", []).append(supp.get("command"))
     out["analysis"] = analyse(out)
     return out
 
@@ -69,15 +72,16 @@ def merge(main: dict, supp: dict) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("main")
-    ap.add_argument("supp")
-    ap.add_argument("out")
+    ap.add_argument("supp", nargs="+")
+    ap.add_argument("--out", required=True)
     ap.add_argument("--notes", default=None, help="a Markdown file appended to the report")
     args = ap.parse_args(argv)
     with open(args.main) as f:
         main_ = json.load(f)
-    with open(args.supp) as f:
-        supp = json.load(f)
-    merged = merge(main_, supp)
+    merged = main_
+    for i, path in enumerate(args.supp, 1):
+        with open(path) as f:
+            merged = merge(merged, json.load(f), f"supplementary {i}")
     if args.notes:
         with open(args.notes) as f:
             merged["notes"] = f.read()

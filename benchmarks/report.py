@@ -16,6 +16,11 @@ def _f(x, nd=2):
     return f"{x:,}"
 
 
+def _dagger(r):
+    run = r.get("run") or ""
+    return (f" †{run.split()[-1] if ' ' in run else ''}") if run.startswith("supplementary") else ""
+
+
 def _pct(x):
     return "—" if x is None else f"{x:.1%}"
 
@@ -145,9 +150,11 @@ def render(merged: dict) -> str:
     L = []
     L.append(f"# Decode benchmarks — {merged.get('date', '')}\n")
     L.append(f"- command: `{merged.get('command', '')}`")
-    if merged.get("command_supplementary"):
-        L.append(f"- supplementary command (same day, same GPU kind; rows marked † come from it): "
-                 f"`{merged['command_supplementary']}`, merged by `python -m benchmarks.merge`")
+    cmds = merged.get("commands_supplementary") or (
+        [merged["command_supplementary"]] if merged.get("command_supplementary") else [])  # older files
+    for i, c in enumerate(cmds, 1):
+        L.append(f"- supplementary command {i} (same day, same GPU kind; rows marked †{i} come from it): "
+                 f"`{c}`, merged by `python -m benchmarks.merge`")
     L.append(f"- GPU: {info.get('gpu', '?')}; JAX {info.get('jax', '?')} (jaxlib {info.get('jaxlib', '?')}); "
              f"torch {hf.get('torch', '?')}, transformers {hf.get('transformers', '?')}")
     bw = (llama.get("bandwidth") or {})
@@ -187,6 +194,13 @@ def render(merged: dict) -> str:
         L.append(f"| tova / window time per token, same C and batch (worst of {x['n_pairs']}) | {w['ratio']:.3f} "
                  f"(C={w['capacity']}, B={w['batch']}, pos {w['position']}); {x['n_over']} over | ≤ {x['target']:.2f} | "
                  f"{'yes' if x['met'] else 'NO'} |")
+    missing = {"batch1_tova512_bw": "batch 1, tova C=512, pos 4096, Llama-2-7B: bandwidth fraction",
+               "tova_vs_window": "tova / window time per token, same C and batch",
+               "table1_bw": "Table 1 configs at their own bandwidth bound",
+               "tova512_vs_transformers": "tova C=512 largest batch vs transformers full cache largest batch"}
+    for k, what in missing.items():
+        if k not in t:
+            L.append(f"| {what} | not measured in this run (see the notes) | | — |")
     if "table1_bw" in t:
         x = t["table1_bw"]
         w = x["worst"]
@@ -228,7 +242,7 @@ def render(merged: dict) -> str:
         L.append("| policy | C | batch | position | step ms | tokens/s | GB read/step | TB/s | bw fraction | TFLOP/s | compile s | exe peak GiB | impl |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: (r["policy"] != "full", r["policy"], r["capacity"], r["batch"], r["position"])):
-            L.append(f"| {r['policy']}{' †' if r.get('run') == 'supplementary' else ''} | {r['capacity']} | "
+            L.append(f"| {r['policy']}{_dagger(r)} | {r['capacity']} | "
                      f"{r['batch']}{' (max)' if r.get('max_batch') else ''} | "
                      f"{r['position']} | {r['step_ms']:.2f} | {_f(r['tokens_per_s'], 0)} | "
                      f"{r['bytes_per_step'] / 1e9:.2f} | {r['achieved_bytes_per_s'] / 1e12:.2f} | "
@@ -271,7 +285,7 @@ def render(merged: dict) -> str:
         for r in pre["prefill"]:
             comp = r.get("compile_s", r.get("compile_s_approx"))
             L.append(f"| {r['mode']}{'' if not r.get('chunk') else ' S=' + str(r['chunk'])}"
-                     f"{' †' if r.get('run') == 'supplementary' else ''} | {r['policy']} | "
+                     f"{_dagger(r)} | {r['policy']} | "
                      f"{r['capacity']} | {r['prompt_tokens']} | {r['run_s']:.3f} | {_f(r['tokens_per_s'], 0)} | "
                      f"{r['ms_per_token']:.3f} | {_f(comp, 1)} |")
         L.append("")

@@ -50,14 +50,24 @@ class Model:
         return tuple(sorted(ids))
 
 
-def load_model(spec: str | None = None, dtype: str = "float32") -> Model:
-    """Load `spec` (None/"default", HF folder, .gguf, converted folder, cached hub id)."""
+def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "auto") -> Model:
+    """Load `spec` (None/"default", HF folder, .gguf, converted folder, cached hub id).
+
+    layers: "stacked" (one array per weight, layers on a leading axis: `lax.scan` runs
+    the layers, quick to compile), "split" (one array per layer and weight: the decode
+    step unrolls the layers and reads weights in place, the fast layout on GPU; see
+    `model.split_layers`), or "auto": split on an accelerator, stacked on the CPU."""
     from convert import load_model as _load  # conversion lives in the top-level `convert` package
+    from .model import split_layers
 
     if dtype not in ("float32", "bfloat16"):
         raise MsrnnError(f"unknown dtype {dtype!r} (float32 or bfloat16)")
+    if layers not in ("auto", "stacked", "split"):
+        raise MsrnnError(f"unknown layers layout {layers!r} (auto, stacked or split)")
     loaded = _load(spec)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.dtype(dtype)), loaded.params)
+    if layers == "split" or (layers == "auto" and jax.default_backend() != "cpu"):
+        params = split_layers(params)
     return Model(loaded.cfg, params, loaded.tokenizer, loaded.source)
 
 

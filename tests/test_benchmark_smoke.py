@@ -93,3 +93,25 @@ def test_hf_peer_integration_math():
     # linear in the cache length: mean of the end points
     t = integrate([(32, 0.01), (4128, 0.03)], prompt=32, n=4096)
     assert abs(t / 4096 - 0.02) < 1e-4
+
+
+def test_largest_batch_shrinks_to_fit_the_executable(tiny, monkeypatch):
+    """build_decode(batch="max") starts from the state-only estimate and shrinks the batch
+    until XLA's analysis of the executable fits the budget, also when temporaries grow
+    with the batch."""
+    cfg, params = tiny
+    real = jax_bench.compile_decode
+
+    def fake(params, cfg, policy, batch, capacity, n_steps, impl=None, options=None):
+        compiled, rec = real(params, cfg, policy, batch, capacity, n_steps)
+        row = common.state_row_bytes(cfg, capacity)
+        rec = dict(rec, exe_peak_bytes=1000 + batch * 2 * row, arg_bytes=1000 + batch * row)  # temps = 1 state
+        return compiled, rec
+
+    monkeypatch.setattr(jax_bench, "compile_decode", fake)
+    monkeypatch.setattr(jax_bench, "param_bytes", lambda cfg: 1000)
+    row = common.state_row_bytes(cfg, 16)
+    free = 200 * row
+    b, _, rec = jax_bench.build_decode(params, cfg, "tova", 16, "max", 2, budget=1000 + free, free=free)
+    assert rec["shrinks"] and rec["shrinks"][0]["batch"] == 200
+    assert b == 96  # half the state-only estimate (temporaries = one state), a multiple of 8
