@@ -139,11 +139,11 @@ def record_policies(params, cfg: ModelConfig, policies: Sequence[str | Policy], 
         raise MsrnnError(f"record_policies needs distinct bounded policies, got {names}")
     if len(pols) == 1:
         return {names[0]: record_run(params, cfg, pols[0], capacity, tokens, sinks, steps_per_call)}
-    n = len(pols)
-    both = record_run(params, cfg, PerRow(policies=tuple(pols)), capacity,
-                      np.repeat(tokens, n, axis=0), sinks, steps_per_call)
-    return {name: Recording(name, both.capacity, tokens, both.nll[i::n], both.pos[:, :, i::n])
-            for i, name in enumerate(names)}
+    fused = PerRow(policies=tuple(pols))
+    both = record_run(params, cfg, fused, capacity, fused.spread(tokens), sinks, steps_per_call)
+    rows = [fused.rows_of(i, both.nll.shape[0]) for i in range(len(pols))]
+    return {name: Recording(name, both.capacity, tokens, both.nll[r], both.pos[:, :, r])
+            for name, r in zip(names, rows)}
 
 
 # -- pictures and statistics -----------------------------------------------------------

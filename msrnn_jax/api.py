@@ -186,14 +186,12 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
     bounded = [p for p in pols if p.name != "full"]
     for cap in capacities:
         if fuse and prefill == "exact" and len(bounded) > 1:
-            n = len(bounded)
-            run = run_policy(model, PerRow(policies=tuple(bounded)), cap, np.repeat(tokens, n, axis=0),
-                             progress=progress)
+            fused = PerRow(policies=tuple(bounded))
+            run = run_policy(model, fused, cap, fused.spread(tokens), progress=progress)
             for i, pol in enumerate(bounded):
-                rows = slice(i, None, n)  # row b follows policy b % n, text b // n
-                part = PolicyRun(run.nll[rows], run.state.take_rows(np.arange(i, run.nll.shape[0], n)),
-                                 run.seconds, run.compile_seconds)
-                yield SweepResult(pol, cap, part, shared_with=n)
+                rows = fused.rows_of(i, run.nll.shape[0])
+                part = PolicyRun(run.nll[rows], run.state.take_rows(rows), run.seconds, run.compile_seconds)
+                yield SweepResult(pol, cap, part, shared_with=len(bounded))
         else:
             for pol in bounded:
                 yield SweepResult(pol, cap, run_policy(model, pol, cap, tokens, progress=progress,

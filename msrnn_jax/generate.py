@@ -134,7 +134,7 @@ class GenerateResult:
     state: State             # the state after the last emitted token: keep it, fork it
     logits: jax.Array        # next-token logits [B, V], to continue from the state
     time_to_first_token: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float   # after the first decode chunk (whose call may compile)
     prefill_s: float
 
 
@@ -169,19 +169,28 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
     if on_tokens is not None:
         on_tokens(first[:, None], np.ones((B, 1), bool))
     pending = jnp.ones((B,), bool)
-    t_first, n_decoded = time.perf_counter(), 0
+    # the decode rate counts from the end of the first chunk, whose call may compile
+    t_first, n_decoded, n_calls, t_steady, n_steady = time.perf_counter(), 0, 0, None, 0
     while True:
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
             budget, eos)
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         n_decoded += int(emitted.sum())
+        n_calls += 1
+        if n_calls == 1:
+            t_steady = time.perf_counter()
+        else:
+            n_steady += int(emitted.sum())
         for b in range(B):
             out[b].extend(int(t) for t in toks[b][emitted[b]])
         if on_tokens is not None and emitted.any():
             on_tokens(toks, emitted)
         if not bool(np.asarray(pending).any()):
             break
-    elapsed = time.perf_counter() - t_first
-    rate = n_decoded / elapsed if n_decoded and elapsed > 0 else float("nan")
+    end = time.perf_counter()
+    if n_steady:  # steady state: every chunk after the first
+        rate = n_steady / (end - t_steady)
+    else:  # one chunk only: its time includes any compilation
+        rate = n_decoded / (end - t_first) if n_decoded and end > t_first else float("nan")
     return GenerateResult(out, state, logits, ttft, rate, prefill_s)

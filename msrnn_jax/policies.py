@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import UsageError
 
@@ -130,6 +131,14 @@ class PerRow(Policy):
     def validate(self, capacity: int) -> None:
         for p in self.policies:
             p.validate(capacity)
+
+    def spread(self, tokens):
+        """Token rows [N, T] -> [N * n, T]: every text once per policy (row b = text b // n)."""
+        return np.repeat(np.asarray(tokens), len(self.policies), axis=0)
+
+    def rows_of(self, i: int, batch: int) -> np.ndarray:
+        """The batch rows that follow policies[i], one per text, in text order."""
+        return np.arange(i, batch, len(self.policies))
 
 
 POLICY_NAMES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
