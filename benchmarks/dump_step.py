@@ -1,0 +1,56 @@
+"""Compile one decode configuration and keep XLA's optimised HLO and buffer assignment
+(for finding what a compiled step allocates). Run on the GPU machine:
+
+    XLA_FLAGS=--xla_dump_to=/tmp/xdump PYTHONPATH=. python -m benchmarks.dump_step \
+        --model llama2-7b --policy tova --capacity 512 --batch 32 --variant split:einsum --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import shutil
+
+import jax
+
+from msrnn_jax import model as msrnn_model
+from msrnn_jax.policies import make_policy
+
+from .common import device_params, model_config
+from .jax_bench import DTYPE, compile_decode, parse_variant
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--policy", default="tova")
+    ap.add_argument("--capacity", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variant", default="split:einsum")
+    ap.add_argument("--dump", default="/tmp/xdump", help="the --xla_dump_to folder")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cfg = model_config(args.model)
+    split, impl = parse_variant(args.variant)
+    params = device_params(cfg, DTYPE)
+    if split:
+        params = msrnn_model.split_layers(params)
+    compiled, rec = compile_decode(params, cfg, make_policy(args.policy), args.batch, args.capacity, 16, impl)
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"{args.model}-{args.policy}-C{args.capacity}-B{args.batch}-{args.variant.replace(':', '-')}"
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    for pat in ("*bench_decode*after_optimizations.txt", "*bench_decode*buffer-assignment.txt"):
+        for p in glob.glob(os.path.join(args.dump, pat)):
+            with open(p, "rb") as src, gzip.open(os.path.join(args.out, f"{tag}-{os.path.basename(p)[-40:]}.gz"),
+                                                 "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    shutil.rmtree(args.dump, ignore_errors=True)
+    print(tag, {k: v for k, v in rec.items() if k.endswith("bytes")})
+
+
+if __name__ == "__main__":
+    main()
