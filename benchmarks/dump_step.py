@@ -20,7 +20,7 @@ from msrnn_jax import model as msrnn_model
 from msrnn_jax.policies import make_policy
 
 from .common import device_params, model_config
-from .jax_bench import DTYPE, compile_decode, parse_variant
+from .jax_bench import DTYPE, compile_decode, parse_compiler_options, parse_variant
 
 
 def main(argv=None):
@@ -32,13 +32,15 @@ def main(argv=None):
     ap.add_argument("--variant", default="split:einsum")
     ap.add_argument("--dump", default="/tmp/xdump", help="the --xla_dump_to folder")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     cfg = model_config(args.model)
     split, impl = parse_variant(args.variant)
     params = device_params(cfg, DTYPE)
     if split:
         params = msrnn_model.split_layers(params)
-    compiled, rec = compile_decode(params, cfg, make_policy(args.policy), args.batch, args.capacity, 16, impl)
+    compiled, rec = compile_decode(params, cfg, make_policy(args.policy), args.batch, args.capacity, 16, impl,
+                                   parse_compiler_options(args.compiler_option))
     os.makedirs(args.out, exist_ok=True)
     tag = f"{args.model}-{args.policy}-C{args.capacity}-B{args.batch}-{args.variant.replace(':', '-')}"
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:

@@ -76,6 +76,7 @@ def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=msrnn_mod
     t0 = time.perf_counter()
     lowered = bench_decode.lower(params, cfg, policy, n_steps, st, tok, impl)
     t1 = time.perf_counter()
+    options = {**COMPILER_OPTIONS, **(options or {})}
     compiled = lowered.compile(options) if options else lowered.compile()
     t2 = time.perf_counter()
     rec = {"lower_s": t1 - t0, "compile_s": t2 - t0, "compiler_options": options or {}}
@@ -401,6 +402,16 @@ def _state_copies(compiled, cfg, capacity, batch) -> list[dict]:
 
 
 LARGEST_BATCH_OPTIONS = {"xla_gpu_autotune_level": 0}
+COMPILER_OPTIONS: dict = {}  # --compiler-option KEY=VALUE, for every decode compile
+
+
+def parse_compiler_options(items) -> dict:
+    """['key=value', ...] -> {key: bool | int | str} (XLA debug options by name)."""
+    out = {}
+    for item in items or []:
+        k, _, v = item.partition("=")
+        out[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    return out
 
 
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
@@ -658,6 +669,8 @@ def main(argv=None):
     ap.add_argument("--dump-dir", default=None)
     ap.add_argument("--variant", default=None,
                     help="'loop:attention' for the decode/prefill sections (default: the library's)")
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an XLA option for every decode compile, e.g. xla_gpu_autotune_level=0")
     ap.add_argument("--autotune-largest", action="store_true",
                     help="decode section: autotune the largest-batch configurations too (compile them one at a "
                          "time: --compile-workers 1)")
@@ -666,6 +679,7 @@ def main(argv=None):
     ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                     help="decode section: configurations compiled at once")
     args = ap.parse_args(argv)
+    COMPILER_OPTIONS.update(parse_compiler_options(args.compiler_option))
     args.split = parse_variant(args.variant)[0] if args.variant and args.section != "decode" else False
     try:  # XLA's rematerialisation only adds whole-state copies here (see section_decode)
         jax.config.update("jax_compiler_enable_remat_pass", False)
