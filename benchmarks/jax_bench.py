@@ -336,10 +336,9 @@ def free_bytes() -> int:
 # The decode grid in priority order (a deadline cuts the tail): policy/capacity/batch
 # [@variant], capacity F = the full cache (FULL_CAPACITY), batch max = the largest that
 # fits. Fixed batches run the section's --variant (split:einsum); the largest batches run
-# split:reduce: with einsum, XLA materialises each layer's slice of the keys for the gemm
-# (a keys-sized temporary per step) and its autotuner asks for a keys-sized scratch
-# operand, neither of which fits beside the largest state. The reduce variant is also
-# timed at the headline fixed batches, for comparison.
+# split:reduce (both products as fused multiply + sum). The reduce variant is also timed
+# at the headline fixed batches, for comparison. (On the Llama/MHA shape no largest batch
+# has been measured with this step yet: see benchmarks/results/decode-2026-11-29.md.)
 _R = "@split:reduce"
 DEFAULT_JOBS = ",".join([
     # headline fixed batches
@@ -415,7 +414,7 @@ def parse_compiler_options(items) -> dict:
 
 
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
-                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None, no_autotune_max=True):
+                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None, no_autotune_max=False):
     """Compile one decode configuration. batch="max": start from the largest batch whose
     state fits in `free` and shrink it until XLA's own memory analysis of the executable
     (arguments + outputs + temporaries - aliased) fits in `budget`.
@@ -482,12 +481,14 @@ def section_decode(args, results, save):
 
     t0 = time.perf_counter()
     futures = []
-    with ThreadPoolExecutor(max(1, args.compile_workers)) as pool:
+    # largest batches compile one at a time: XLA's autotuner runs candidate kernels on
+    # scratch copies of their operands, which there include the whole keys or values buffer
+    with ThreadPoolExecutor(max(1, args.compile_workers)) as pool, ThreadPoolExecutor(1) as pool_max:
         # the first job alone: a compile time without contention
         futures = [pool.submit(build, jobs[0])] if jobs else []
         if futures:
             futures[0].exception()  # wait
-        futures += [pool.submit(build, j) for j in jobs[1:]]
+        futures += [(pool_max if j[2] == "max" else pool).submit(build, j) for j in jobs[1:]]
         # compiling may take --compile-share of the section's time; what has not started
         # by then is skipped, and what has is waited for (autotuning must not run beside
         # a timed call)
@@ -671,9 +672,11 @@ def main(argv=None):
                     help="'loop:attention' for the decode/prefill sections (default: the library's)")
     ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an XLA option for every decode compile, e.g. xla_gpu_autotune_level=0")
-    ap.add_argument("--autotune-largest", action="store_true",
-                    help="decode section: autotune the largest-batch configurations too (compile them one at a "
-                         "time: --compile-workers 1)")
+    ap.add_argument("--autotune-largest", dest="autotune_largest", action="store_true", default=True,
+                    help="decode section: autotune the largest-batch configurations (the default)")
+    ap.add_argument("--no-autotune-largest", dest="autotune_largest", action="store_false",
+                    help="decode section: compile the largest-batch configurations without autotuning "
+                         "(fits in less memory; the untuned kernels measured 30x slower on an H200)")
     ap.add_argument("--compile-share", type=float, default=0.6,
                     help="decode section: share of its time that compiling may take")
     ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
