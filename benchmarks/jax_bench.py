@@ -676,7 +676,7 @@ def main(argv=None):
                     help="decode section: autotune the largest-batch configurations (the default)")
     ap.add_argument("--no-autotune-largest", dest="autotune_largest", action="store_false",
                     help="decode section: compile the largest-batch configurations without autotuning "
-                         "(fits in less memory; the untuned kernels measured 30x slower on an H200)")
+                         "(fits in less memory, but the untuned kernels reached 7.7%% of the bandwidth on an H200, against 66-83%% tuned)")
     ap.add_argument("--compile-share", type=float, default=0.6,
                     help="decode section: share of its time that compiling may take")
     ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
