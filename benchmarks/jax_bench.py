@@ -128,10 +128,10 @@ def time_decode(compiled, params, cfg, batch, capacity, positions, n_steps, reps
     return out
 
 
-def max_batch(cfg, capacity, free_bytes, temp_per_row, reserve=2 * GiB, multiple=8):
-    """Largest batch whose state (+ per-row temporaries) fits in free_bytes - reserve."""
-    row = state_row_bytes(cfg, capacity) + max(0, temp_per_row)
-    b = int((free_bytes - reserve) // row)
+def max_batch(cfg, capacity, free_bytes, reserve=2 * GiB, multiple=8):
+    """Largest batch whose state fits in free_bytes - reserve (`build_decode` then fits
+    the executable's temporaries too)."""
+    b = int((free_bytes - reserve) // state_row_bytes(cfg, capacity))
     if b >= 2 * multiple:
         b -= b % multiple
     return max(b, 1)
@@ -359,18 +359,11 @@ DEFAULT_JOBS = ",".join([
 ])
 
 
-def _stack_layers(params):
-    layers = params["layers"]
-    if not isinstance(layers, (list, tuple)):
-        return params
-    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
-
-
 def _use_variant(variant, params):
     """Params in the layout a variant wants (stacked or split layers)."""
     import gc
     split, _ = parse_variant(variant)
-    params = msrnn_model.split_layers(params) if split else _stack_layers(params)
+    params = msrnn_model.split_layers(params) if split else {**params, "layers": msrnn_model.stacked_layers(params)}
     jax.block_until_ready(params)
     gc.collect()
     return params
@@ -414,18 +407,14 @@ def parse_compiler_options(items) -> dict:
 
 
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
-                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None, no_autotune_max=False):
-    """Compile one decode configuration. batch="max": start from the largest batch whose
-    state fits in `free` and shrink it until XLA's own memory analysis of the executable
-    (arguments + outputs + temporaries - aliased) fits in `budget`.
-    Returns (batch, compiled, record) or raises."""
+                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None):
+    """Compile one decode configuration (options: XLA compiler options). batch="max":
+    start from the largest batch whose state fits in `free` and shrink it until XLA's own
+    memory analysis of the executable (arguments + outputs + temporaries - aliased) fits
+    in `budget`. Returns (batch, compiled, record) or raises."""
     policy = make_policy(pname)
     fixed = batch != "max"
-    # XLA's autotuner runs each candidate kernel on scratch copies of its operands; at the
-    # largest batches one operand is the whole keys or values buffer (the in-place write),
-    # and a second copy of it does not fit: compile those without autotuning
-    options = options if fixed or not no_autotune_max else LARGEST_BATCH_OPTIONS
-    b = batch if fixed else max_batch(cfg, capacity, free, 0, reserve=reserve)
+    b = batch if fixed else max_batch(cfg, capacity, free, reserve=reserve)
     if not fixed and cap:
         b = min(b, cap)
     shrinks = []
@@ -474,15 +463,18 @@ def section_decode(args, results, save):
     budget = free + min(in_use, param_bytes(cfg)) - args.reserve_bytes
     results["memory_budget"] = {"free": free, "in_use": in_use, "exe_budget": budget}
 
+    # XLA's autotuner runs candidate kernels on scratch copies of their operands, which at
+    # the largest batches include the whole keys or values buffer: those compile one at a
+    # time (below), or without autotuning (--no-autotune-largest)
+    max_options = None if args.autotune_largest else LARGEST_BATCH_OPTIONS
+
     def build(job):
         pname, C, B, v = job
         return build_decode(params, cfg, pname, C, B, n, budget, free, args.reserve_bytes, args.max_batch_cap,
-                            parse_variant(v)[1], no_autotune_max=not args.autotune_largest)
+                            parse_variant(v)[1], max_options if B == "max" else None)
 
     t0 = time.perf_counter()
     futures = []
-    # largest batches compile one at a time: XLA's autotuner runs candidate kernels on
-    # scratch copies of their operands, which there include the whole keys or values buffer
     with ThreadPoolExecutor(max(1, args.compile_workers)) as pool, ThreadPoolExecutor(1) as pool_max:
         # the first job alone: a compile time without contention
         futures = [pool.submit(build, jobs[0])] if jobs else []
@@ -535,7 +527,7 @@ def section_decode(args, results, save):
                 b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
                 try:
                     b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1],
-                                                     options=None if args.autotune_largest else LARGEST_BATCH_OPTIONS)
+                                                     options=max_options)
                 except Exception as e:  # pragma: no cover
                     results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
                                               "stage": "compile", "error": repr(e)[:500]})

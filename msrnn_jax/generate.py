@@ -170,15 +170,14 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
         on_tokens(first[:, None], np.ones((B, 1), bool))
     pending = jnp.ones((B,), bool)
     # the decode rate counts from the end of the first chunk, whose call may compile
-    t_first, n_decoded, n_calls, t_steady, n_steady = time.perf_counter(), 0, 0, None, 0
+    t_first, n_decoded, t_steady, n_steady = time.perf_counter(), 0, None, 0
     while True:
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
             budget, eos)
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         n_decoded += int(emitted.sum())
-        n_calls += 1
-        if n_calls == 1:
+        if t_steady is None:
             t_steady = time.perf_counter()
         else:
             n_steady += int(emitted.sum())

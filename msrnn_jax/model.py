@@ -88,9 +88,10 @@ class StepImpl:
     layer_loop: "scan" (lax.scan over the stacked layers: one compiled layer body) or
       "unroll" (a Python loop with static layer indices). `params["layers"]` given as a
       list of per-layer dicts (see `split_layers`) is always unrolled.
-    attention: how the query meets the kept slots: "einsum" (dot_general: a gemm, which
-      on GPU reads its operand from a materialised slice of the state) or "reduce"
-      (multiply + sum: one fused kernel reads the layer's slice of the state in place).
+    attention: how the query meets the kept slots: "einsum" (dot_general) or "reduce"
+      (multiply + sum). With one query head per KV head XLA GPU turns the einsum into a
+      reduction too (and then carries the values in a transposed layout through a decode
+      loop: benchmarks/results/decode-2026-11-29.md).
     unroll_barrier: unrolled layers get an optimization barrier on the hidden state
       between layers, so that XLA keeps each layer's work (and its state read) in order.
     score_barrier: on GPU, materialise the query-key scores with their own kernel.

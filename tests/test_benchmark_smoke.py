@@ -67,7 +67,7 @@ def test_decode_config_and_report(tiny):
     assert r["bytes_per_step"] == common.weight_bytes_per_step(cfg, batch=2) + common.state_read_bytes_per_step(cfg, 2, 16)
     assert r["step_ms"] > 0 and r["bw_fraction"] > 0
     # the largest batch helper and the HLO scan
-    assert jax_bench.max_batch(cfg, 16, 10 * common.state_row_bytes(cfg, 16), 0, reserve=0, multiple=1) == 10
+    assert jax_bench.max_batch(cfg, 16, 10 * common.state_row_bytes(cfg, 16), reserve=0, multiple=1) == 10
     big = jax_bench.hlo_large_buffers(compiled.as_text(), 1)
     assert big and all("bytes" in b for b in big)
     # the Markdown report renders from a merged result
