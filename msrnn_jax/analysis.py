@@ -27,10 +27,10 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from .api import NLLSummary
+from .api import NLLSummary, run_inputs
 from .config import ModelConfig, MsrnnError
 from .model import scan_logits, token_nll
-from .policies import PerRow, Policy, capacity_for, make_policy, policy_name
+from .policies import PerRow, Policy, make_policy, policy_name
 from .state import State
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
@@ -95,12 +95,8 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
     no [B, T, V] logits buffer: [B, steps_per_call, V] at a time.
     The NLL equals `api.run_policy`'s for the same inputs.
     """
-    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    tokens, pol, capacity = run_inputs(policy, capacity, tokens, sinks)
     B, T = tokens.shape
-    if T < 2:
-        raise MsrnnError(f"need at least 2 tokens, got {T}")
-    pol = make_policy(policy, sinks) if isinstance(policy, str) else policy
-    capacity = capacity_for(pol, capacity, T)
     n_calls = -(-T // steps_per_call)
     width = -(-T // n_calls)  # as even as possible: little padding in the last call
     inputs = np.zeros((B, n_calls * width), np.int32)

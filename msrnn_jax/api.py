@@ -76,6 +76,16 @@ def capacity_for(policy: str | Policy, capacity: int | None, needed: int) -> int
     return _capacity_for(make_policy(policy) if isinstance(policy, str) else policy, capacity, needed)
 
 
+def run_inputs(policy: str | Policy, capacity: int | None, tokens, sinks: int = 4):
+    """What a run over token rows needs: (tokens int32 [B, T] with T >= 2, the policy,
+    the state size)."""
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    if tokens.shape[1] < 2:
+        raise MsrnnError(f"need at least 2 tokens, got {tokens.shape[1]}")
+    pol = make_policy(policy, sinks) if isinstance(policy, str) else policy
+    return tokens, pol, capacity_for(pol, capacity, tokens.shape[1])
+
+
 class NLLSummary:
     """Mean NLL and perplexity of an `nll` array of next-token losses."""
 
@@ -112,12 +122,8 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
     (`chunked`), each compiled once; the last call is padded with inactive steps, which
     never touch the state. `progress(n)` is told how many tokens each call consumed.
     """
-    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    tokens, pol, cap = run_inputs(policy, capacity, tokens, sinks)
     B, T = tokens.shape
-    if T < 2:
-        raise MsrnnError(f"need at least 2 tokens, got {T}")
-    pol = make_policy(policy, sinks) if isinstance(policy, str) else policy
-    cap = capacity_for(pol, capacity, T)
     if prefill == "chunked":
         if not chunk or chunk < 1:
             raise MsrnnError("chunked prefill needs --chunk S with S >= 1")

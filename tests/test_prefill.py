@@ -63,6 +63,21 @@ def run_chunked(params, cfg, name, capacity, tokens, S, sinks=4, pad=True, activ
     return np.concatenate(logits, 1), np.stack(kept), state
 
 
+def check_chunked(kind, name, capacity, seed, S=5, sinks=4, pad=True):
+    """Chunked prefill of T random tokens (one row) against the reference: the same kept
+    positions after every chunk and the same logits. Returns (state, reference)."""
+    cfg = tiny_config(kind)
+    params = tiny_params(cfg)
+    tokens = random_tokens(cfg, (1, T), seed=seed)
+    logits, kept, state = run_chunked(params, cfg, name, capacity, tokens, S, sinks, pad=pad)
+    ref_logits, ref_kept, ref = reference_chunked(params, cfg, name, capacity, tokens[0], S, sinks)
+    assert len(kept) == len(ref_kept)
+    for i in range(len(ref_kept)):
+        np.testing.assert_array_equal(kept[i, :, 0], ref_kept[i], err_msg=f"after chunk {i}")
+    np.testing.assert_allclose(logits[0], ref_logits, atol=ATOL, rtol=RTOL)
+    return state, ref
+
+
 def continue_exact(params, cfg, name, state, ref, tokens, sinks=4):
     """Decode `tokens` [T2] after a prefill in both the implementation and the reference;
     kept positions must agree after every step."""
@@ -159,14 +174,7 @@ def test_oneshot_rows_with_lengths(name):
 @pytest.mark.parametrize("name,sinks", POLICIES, ids=IDS)
 def test_chunked_matches_reference(name, sinks):
     """S=5 does not divide T=24: the last chunk is padded with active=False."""
-    cfg = tiny_config("gqa")
-    params = tiny_params(cfg)
-    tokens = random_tokens(cfg, (1, T), seed=41)
-    logits, kept, state = run_chunked(params, cfg, name, 6, tokens, 5, sinks)
-    ref_logits, ref_kept, ref = reference_chunked(params, cfg, name, 6, tokens[0], 5, sinks)
-    for i in range(len(ref_kept)):
-        np.testing.assert_array_equal(kept[i, :, 0], ref_kept[i], err_msg=f"after chunk {i}")
-    np.testing.assert_allclose(logits[0], ref_logits, atol=ATOL, rtol=RTOL)
+    state, ref = check_chunked("gqa", name, 6, seed=41, sinks=sinks)
     np.testing.assert_array_equal(np.asarray(state.length), [T])
     if name in ("h2o", "h2o-head"):
         np.testing.assert_allclose(slot_scores_by_pos(state.pos, state.score)[:, 0], ref.kept_scores(),
@@ -176,36 +184,18 @@ def test_chunked_matches_reference(name, sinks):
 @pytest.mark.parametrize("name,sinks", [("tova", 4), ("h2o-head", 4), ("sink", 1)], ids=["tova", "h2o-head", "sink1"])
 def test_chunk_longer_than_capacity(name, sinks):
     """S=5 > C=3: most of every chunk is evicted right away."""
-    cfg = tiny_config("gqa")
-    params = tiny_params(cfg)
-    tokens = random_tokens(cfg, (1, T), seed=42)
-    logits, kept, _ = run_chunked(params, cfg, name, 3, tokens, 5, sinks)
-    ref_logits, ref_kept, _ = reference_chunked(params, cfg, name, 3, tokens[0], 5, sinks)
-    np.testing.assert_array_equal(kept[:, :, 0], ref_kept)
-    np.testing.assert_allclose(logits[0], ref_logits, atol=ATOL, rtol=RTOL)
+    check_chunked("gqa", name, 3, seed=42, sinks=sinks)
 
 
 @pytest.mark.parametrize("name", ["tova", "h2o"])
 def test_chunked_short_last_chunk_shape(name):
     """The shorter last chunk called with its own shape [1, 4] gives the same as padding."""
-    cfg = tiny_config("gqa")
-    params = tiny_params(cfg)
-    tokens = random_tokens(cfg, (1, T), seed=41)
-    logits, kept, _ = run_chunked(params, cfg, name, 6, tokens, 5, pad=False)
-    ref_logits, ref_kept, _ = reference_chunked(params, cfg, name, 6, tokens[0], 5)
-    np.testing.assert_array_equal(kept[:, :, 0], ref_kept)
-    np.testing.assert_allclose(logits[0], ref_logits, atol=ATOL, rtol=RTOL)
+    check_chunked("gqa", name, 6, seed=41, pad=False)
 
 
 @pytest.mark.parametrize("name", ["tova", "h2o"])
 def test_chunked_sliding_window(name):
-    cfg = tiny_config("mistral")
-    params = tiny_params(cfg)
-    tokens = random_tokens(cfg, (1, T), seed=43)
-    logits, kept, _ = run_chunked(params, cfg, name, 8, tokens, 5)
-    ref_logits, ref_kept, _ = reference_chunked(params, cfg, name, 8, tokens[0], 5)
-    np.testing.assert_array_equal(kept[:, :, 0], ref_kept)
-    np.testing.assert_allclose(logits[0], ref_logits, atol=ATOL, rtol=RTOL)
+    check_chunked("mistral", name, 8, seed=43)
 
 
 def test_chunked_rows_with_padding():
