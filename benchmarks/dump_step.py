@@ -45,10 +45,10 @@ def main(argv=None):
     tag = f"{args.model}-{args.policy}-C{args.capacity}-B{args.batch}-{args.variant.replace(':', '-')}"
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(rec, f, indent=1)
-    for pat in ("*bench_decode*after_optimizations.txt", "*bench_decode*buffer-assignment.txt"):
+    for pat, name in (("*bench_decode*after_optimizations.txt", "hlo"),
+                      ("*bench_decode*after_optimizations-buffer-assignment.txt", "buffer-assignment")):
         for p in glob.glob(os.path.join(args.dump, pat)):
-            with open(p, "rb") as src, gzip.open(os.path.join(args.out, f"{tag}-{os.path.basename(p)[-40:]}.gz"),
-                                                 "wb") as dst:
+            with open(p, "rb") as src, gzip.open(os.path.join(args.out, f"{tag}-{name}.txt.gz"), "wb") as dst:
                 shutil.copyfileobj(src, dst)
     shutil.rmtree(args.dump, ignore_errors=True)
     print(tag, {k: v for k, v in rec.items() if k.endswith("bytes")})
