@@ -97,11 +97,24 @@ class StepImpl:
     score_barrier: on GPU, materialise the query-key scores with their own kernel.
       Without it XLA fuses the product over D into the softmax's concatenate fusion,
       which re-reads the keys with poor coalescing (~3x the read time at large batch).
+    mix_rows: with attention="einsum", the value mix gets at least this many query rows
+      per KV head (zero rows, dropped after). XLA GPU rewrites a matrix-vector dot (one
+      query head per KV head, e.g. Llama-2's MHA) as multiply + reduce over C and then
+      carries the whole values buffer in a C-minor layout through a decode loop: a
+      transpose of every value on loop entry and exit and a values-sized temporary,
+      which halves the largest batch. Two rows keep it a matrix product. None = 2 on
+      accelerators, 1 (no padding) on the CPU.
     """
     layer_loop: str = "scan"
     attention: str = "einsum"
     unroll_barrier: bool = True
     score_barrier: bool = True
+    mix_rows: int | None = None
+
+    def rows_for_mix(self) -> int:
+        if self.mix_rows is not None:
+            return self.mix_rows
+        return 1 if jax.default_backend() == "cpu" else 2
 
 
 DEFAULT_IMPL = StepImpl()
@@ -135,11 +148,16 @@ def _slot_scores(q, K, attention):
     return jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
 
 
-def _slot_mix(w, V, attention):
-    """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32."""
+def _slot_mix(w, V, attention, rows=1):
+    """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32. rows: pad G with
+    zero rows up to this many (see `StepImpl.mix_rows`); the barrier keeps XLA from
+    seeing through the padding and simplifying the product back to a matrix-vector one."""
     if attention == "reduce":
         return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
-    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
+    G = w.shape[2]
+    if G < rows:
+        w = jax.lax.optimization_barrier(jnp.pad(w, ((0, 0), (0, 0), (0, rows - G), (0, 0))))
+    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)[:, :, :G]
 
 
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
@@ -155,6 +173,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     x = params["embed"][tokens]  # [B, E]
     b_idx = jnp.arange(B)[:, None]
     h_idx = jnp.arange(Hkv)[None, :]
+    mix_rows = impl.rows_for_mix()
 
     def layer(x, lp, K, V, P, S):
         """One layer against its slice of the state. K, V: [B,Hkv,C,D]; P, S: [B,Hkv,C].
@@ -172,7 +191,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
         s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
         s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
         w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]
-        out = _slot_mix(w[..., :C].astype(V.dtype), V, impl.attention) + w[..., C:] * v[:, :, None, :].astype(F32)
+        out = _slot_mix(w[..., :C].astype(V.dtype), V, impl.attention, mix_rows) + w[..., C:] * v[:, :, None, :].astype(F32)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
 
