@@ -566,14 +566,14 @@ def parse_variant(variant: str):
     """'loop:attention[:nobar][:rowsN]', e.g. 'scan:einsum', 'unroll:reduce', 'split:einsum'
     (split = the layers passed as a list of per-layer arrays, so no weight is ever
     sliced; nobar = unrolled without the optimization barrier between layers; rowsN =
-    `StepImpl.mix_rows` N, e.g. rows1 for the unpadded matrix-vector value mix).
+    `StepImpl.query_rows` N, e.g. rows1 for unpadded matrix-vector products).
     Returns (split, model.StepImpl)."""
     parts = variant.split(":")
     rows = [int(p[4:]) for p in parts[2:] if p.startswith("rows")]
     impl = msrnn_model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split") else "scan",
                                 attention=parts[1] if len(parts) > 1 else "einsum",
                                 unroll_barrier="nobar" not in parts[2:],
-                                mix_rows=rows[-1] if rows else None)
+                                query_rows=rows[-1] if rows else None)
     return parts[0] == "split", impl
 
 

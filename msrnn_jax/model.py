@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .config import ModelConfig
 from .policies import Policy, select_keep, step_choice
 from .state import State
@@ -88,32 +89,33 @@ class StepImpl:
     layer_loop: "scan" (lax.scan over the stacked layers: one compiled layer body) or
       "unroll" (a Python loop with static layer indices). `params["layers"]` given as a
       list of per-layer dicts (see `split_layers`) is always unrolled.
-    attention: how the query meets the kept slots: "einsum" (dot_general) or "reduce"
-      (multiply + sum). With one query head per KV head XLA GPU turns the einsum into a
-      reduction too (and then carries the values in a transposed layout through a decode
-      loop: benchmarks/results/decode-2026-11-29.md).
+    attention: how the query meets the kept slots: "einsum" (dot_general), "reduce"
+      (multiply + sum) or "pallas" (`kernels`: custom kernels that read the layer's slots
+      in the whole keys and values buffers; with unrolled layers they read them in
+      place, in a scanned layer loop XLA hands them a copy of each layer's slice).
+      With XLA's own kernels (einsum, reduce) on GPU, one query head per KV head made
+      XLA carry the keys or values in a transposed layout through a decode loop (see
+      `query_rows`), and its autotuner needed a scratch copy of a whole buffer; neither
+      happens to a custom call (benchmarks/results/).
     unroll_barrier: unrolled layers get an optimization barrier on the hidden state
       between layers, so that XLA keeps each layer's work (and its state read) in order.
     score_barrier: on GPU, materialise the query-key scores with their own kernel.
       Without it XLA fuses the product over D into the softmax's concatenate fusion,
       which re-reads the keys with poor coalescing (~3x the read time at large batch).
-    mix_rows: with attention="einsum", the value mix gets at least this many query rows
-      per KV head (zero rows, dropped after). XLA GPU rewrites a matrix-vector dot (one
-      query head per KV head, e.g. Llama-2's MHA) as multiply + reduce over C and then
-      carries the whole values buffer in a C-minor layout through a decode loop: a
-      transpose of every value on loop entry and exit and a values-sized temporary,
-      which halves the largest batch. Two rows keep it a matrix product. None = 2 on
-      accelerators, 1 (no padding) on the CPU.
+    query_rows: with attention="einsum", both products with the state get at least this
+      many query rows per KV head (zero rows, dropped after; see `_pad_rows`), so that
+      one query head per KV head (Llama-2's MHA) stays a matrix product on GPU.
+      None = 2 on accelerators, 1 (no padding) on the CPU.
     """
     layer_loop: str = "scan"
     attention: str = "einsum"
     unroll_barrier: bool = True
     score_barrier: bool = True
-    mix_rows: int | None = None
+    query_rows: int | None = None
 
-    def rows_for_mix(self) -> int:
-        if self.mix_rows is not None:
-            return self.mix_rows
+    def rows(self) -> int:
+        if self.query_rows is not None:
+            return self.query_rows
         return 1 if jax.default_backend() == "cpu" else 2
 
 
@@ -141,23 +143,33 @@ def stacked_layers(params):
     return layers
 
 
-def _slot_scores(q, K, attention):
+# With one query head per KV head (G = 1) both products are matrix-vector products. XLA
+# GPU rewrites those as multiply + reduce, and then carried the keys or values buffer
+# through a compiled decode loop in a transposed layout (a whole-buffer transpose on
+# entry and exit, a state-sized temporary; benchmarks/results/decode-2026-11-29.md).
+# `rows` > G pads the query rows with zeros (dropped after): a matrix product, which
+# reads the state where it lies. The barrier keeps XLA from seeing through the padding.
+def _pad_rows(x, rows):
+    G = x.shape[2]
+    if G >= rows:
+        return x
+    return jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (0, 0), (0, rows - G), (0, 0))))
+
+
+def _slot_scores(q, K, attention, rows=1):
     """q [B,Hkv,G,D] . K [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (products exact, f32 sums)."""
     if attention == "reduce":
         return jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
-    return jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
+    G = q.shape[2]
+    return jnp.einsum("bhgd,bhcd->bhgc", _pad_rows(q, rows), K, preferred_element_type=F32)[:, :, :G]
 
 
 def _slot_mix(w, V, attention, rows=1):
-    """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32. rows: pad G with
-    zero rows up to this many (see `StepImpl.mix_rows`); the barrier keeps XLA from
-    seeing through the padding and simplifying the product back to a matrix-vector one."""
+    """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32."""
     if attention == "reduce":
         return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
     G = w.shape[2]
-    if G < rows:
-        w = jax.lax.optimization_barrier(jnp.pad(w, ((0, 0), (0, 0), (0, rows - G), (0, 0))))
-    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)[:, :, :G]
+    return jnp.einsum("bhgc,bhcd->bhgd", _pad_rows(w, rows), V, preferred_element_type=F32)[:, :, :G]
 
 
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
@@ -173,25 +185,36 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     x = params["embed"][tokens]  # [B, E]
     b_idx = jnp.arange(B)[:, None]
     h_idx = jnp.arange(Hkv)[None, :]
-    mix_rows = impl.rows_for_mix()
+    rows = impl.rows()
 
-    def layer(x, lp, K, V, P, S):
-        """One layer against its slice of the state. K, V: [B,Hkv,C,D]; P, S: [B,Hkv,C].
-        Returns x and what to write back: (k, v [B,Hkv,D], slot [B,Hkv], scores [B,Hkv,C])."""
+    pallas = impl.attention == "pallas"
+
+    def layer(x, lp, K, V, P, S, l=None):
+        """One layer against its slice of the state. K, V: [B,Hkv,C,D] (or, given the
+        layer l, the whole buffers [L,B,Hkv,C,D], which the Pallas kernels read in place);
+        P, S: [B,Hkv,C]. Returns x and what to write back: (k, v [B,Hkv,D],
+        slot [B,Hkv], scores [B,Hkv,C])."""
+        if pallas and l is None:
+            K, V, l = K[None], V[None], 0
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = qkv(cfg, lp, h, p)  # [B,Hq,D], [B,Hkv,D], [B,Hkv,D]
         q = q.reshape(B, Hkv, G, D)
 
         # 2-3. attend over the kept slots plus the new token; softmax in float32
         scale = 1.0 / math.sqrt(D)
-        s_old = _slot_scores(q, K, impl.attention)
-        if impl.score_barrier and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
+        if pallas:
+            s_old = kernels.slot_scores(q, K, l)
+        else:
+            s_old = _slot_scores(q, K, impl.attention, rows)
+        if impl.score_barrier and not pallas and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
             s_old = jax.lax.optimization_barrier(s_old)
         s_old = s_old * scale
         s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
         s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
         w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]
-        out = _slot_mix(w[..., :C].astype(V.dtype), V, impl.attention, mix_rows) + w[..., C:] * v[:, :, None, :].astype(F32)
+        w_old = w[..., :C].astype(V.dtype)
+        out = kernels.slot_mix(w_old, V, l) if pallas else _slot_mix(w_old, V, impl.attention, rows)
+        out = out + w[..., C:] * v[:, :, None, :].astype(F32)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
 
@@ -214,7 +237,10 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
             lp = layers[l] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[l], layers)
             if l and impl.unroll_barrier:
                 x = jax.lax.optimization_barrier(x)
-            x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l])
+            if pallas:  # the kernels read layer l of the whole buffers
+                x, o = layer(x, lp, state.keys, state.values, state.pos[l], state.score[l], l)
+            else:
+                x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l])
             outs.append(o)
         k, v, slot, score = (jnp.stack(a) for a in zip(*outs))
         # The last layer's reads of the state feed only the logits (and, for window and

@@ -1,0 +1,36 @@
+"""The Pallas kernels for the step's products with the state (run in Pallas' interpreter
+on the CPU) against float64 einsums."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msrnn_jax import kernels
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("block", [None, 8])
+def test_kernels_read_one_layer_of_the_whole_buffer(G, block):
+    rng = np.random.default_rng(G)
+    L, B, H, C, D = 3, 2, 2, 48, 16
+    q = jnp.asarray(rng.normal(size=(B, H, G, D)), jnp.float32)
+    w = jnp.asarray(rng.random((B, H, G, C)), jnp.bfloat16)
+    K = jnp.asarray(rng.normal(size=(L, B, H, C, D)), jnp.bfloat16)
+    V = jnp.asarray(rng.normal(size=(L, B, H, C, D)), jnp.bfloat16)
+    f64 = lambda a: np.asarray(a, np.float64)
+    for layer in range(L):
+        s = kernels.slot_scores(q, K, layer, block=block)
+        m = kernels.slot_mix(w, V, layer, block=block)
+        assert s.shape == (B, H, G, C) and s.dtype == jnp.float32 and m.shape == (B, H, G, D)
+        np.testing.assert_allclose(np.asarray(s), np.einsum("bhgd,bhcd->bhgc", f64(q), f64(K[layer])),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(m), np.einsum("bhgc,bhcd->bhgd", f64(w), f64(V[layer])),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_slot_block_is_the_largest_dividing_power_of_two():
+    assert kernels.slot_block(4128) == 32  # 129 x 32, the full cache of the benchmarks
+    assert kernels.slot_block(512) == 256 and kernels.slot_block(512, limit=64) == 64
+    assert kernels.slot_block(48) == 16 and kernels.slot_block(7) == 1
