@@ -335,21 +335,21 @@ def free_bytes() -> int:
 
 # The decode grid in priority order (a deadline cuts the tail): policy/capacity/batch
 # [@variant], capacity F = the full cache (FULL_CAPACITY), batch max = the largest that
-# fits. Fixed batches run the section's --variant (split:einsum); the largest batches run
-# split:reduce (both products as fused multiply + sum). The reduce variant is also timed
-# at the headline fixed batches, for comparison. (On the Llama/MHA shape no largest batch
-# has been measured with this step yet: see benchmarks/results/decode-2026-11-29.md.)
-_R = "@split:reduce"
+# fits. Fixed batches run the section's --variant (split:einsum, XLA's own kernels); the
+# largest batches run split:pallas (msrnn_jax.kernels: custom kernels that read the state
+# in place, where XLA's would carry a transposed copy and need autotuning scratch the size
+# of a whole buffer). The Pallas variant is also timed at the headline fixed batches.
+_P = "@split:pallas"
 DEFAULT_JOBS = ",".join([
     # headline fixed batches
     "tova/512/1", "window/512/1", "full/F/1", "tova/512/32", "window/512/32", "full/F/32",
     "tova/512/8", "window/512/8",
     # the largest batches: the Table 1 analog
-    *(j + _R for j in ("tova/512/max", "window/512/max", "full/F/max", "tova/256/max", "tova/1024/max",
+    *(j + _P for j in ("tova/512/max", "window/512/max", "full/F/max", "tova/256/max", "tova/1024/max",
                        "tova/2048/max", "window/256/max", "window/1024/max", "window/2048/max", "sink/512/max",
                        "sink/256/max", "sink/1024/max", "sink/2048/max")),
     # the headline fixed batches in the other implementation
-    *(j + _R for j in ("tova/512/1", "window/512/1", "full/F/1", "tova/512/32", "window/512/32", "full/F/32")),
+    *(j + _P for j in ("tova/512/1", "window/512/1", "full/F/1", "tova/512/32", "window/512/32", "full/F/32")),
     # the rest of the grid
     "sink/512/1", "tova/256/1", "tova/1024/1", "tova/2048/1", "window/256/1", "window/1024/1", "window/2048/1",
     "tova/256/32", "tova/1024/32", "tova/2048/32", "window/256/32", "window/1024/32", "window/2048/32",
@@ -360,10 +360,17 @@ DEFAULT_JOBS = ",".join([
 
 
 def _use_variant(variant, params):
-    """Params in the layout a variant wants (stacked or split layers)."""
+    """Params in the layout a variant wants (stacked or split layers). The new layout is
+    made on the host, after the old one is freed: building it beside the old one on the
+    device left a params-sized hole at the start of the allocator's pool, and a largest-
+    batch state (two buffers of ~56 GiB each) then no longer fit in one piece."""
     import gc
     split, _ = parse_variant(variant)
-    params = msrnn_model.split_layers(params) if split else {**params, "layers": msrnn_model.stacked_layers(params)}
+    host = jax.device_get(params)
+    for a in jax.tree.leaves(params):
+        a.delete()
+    params = msrnn_model.split_layers(host) if split else {**host, "layers": msrnn_model.stacked_layers(host)}
+    params = jax.device_put(params)
     jax.block_until_ready(params)
     gc.collect()
     return params
@@ -563,17 +570,14 @@ def section_prefill(args, results, save):
 
 
 def parse_variant(variant: str):
-    """'loop:attention[:nobar][:rowsN]', e.g. 'scan:einsum', 'unroll:reduce', 'split:einsum'
+    """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:pallas'
     (split = the layers passed as a list of per-layer arrays, so no weight is ever
-    sliced; nobar = unrolled without the optimization barrier between layers; rowsN =
-    `StepImpl.query_rows` N, e.g. rows1 for unpadded matrix-vector products).
+    sliced; nobar = unrolled without the optimization barrier between layers).
     Returns (split, model.StepImpl)."""
     parts = variant.split(":")
-    rows = [int(p[4:]) for p in parts[2:] if p.startswith("rows")]
     impl = msrnn_model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split") else "scan",
                                 attention=parts[1] if len(parts) > 1 else "einsum",
-                                unroll_barrier="nobar" not in parts[2:],
-                                query_rows=rows[-1] if rows else None)
+                                unroll_barrier="nobar" not in parts[2:])
     return parts[0] == "split", impl
 
 

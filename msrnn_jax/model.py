@@ -93,30 +93,22 @@ class StepImpl:
       (multiply + sum) or "pallas" (`kernels`: custom kernels that read the layer's slots
       in the whole keys and values buffers; with unrolled layers they read them in
       place, in a scanned layer loop XLA hands them a copy of each layer's slice).
-      With XLA's own kernels (einsum, reduce) on GPU, one query head per KV head made
-      XLA carry the keys or values in a transposed layout through a decode loop (see
-      `query_rows`), and its autotuner needed a scratch copy of a whole buffer; neither
-      happens to a custom call (benchmarks/results/).
+      With XLA's own kernels (einsum, reduce) on GPU and one query head per KV head
+      (Llama-2's MHA), XLA carried the keys or values in a transposed layout through a
+      decode loop (a whole-buffer transpose on entry and exit, a state-sized
+      temporary), and its autotuner needed a scratch copy of a whole buffer: at the
+      largest batches neither fits. Neither happens to a custom call. At small batches
+      XLA's einsum is a little faster (benchmarks/results/).
     unroll_barrier: unrolled layers get an optimization barrier on the hidden state
       between layers, so that XLA keeps each layer's work (and its state read) in order.
     score_barrier: on GPU, materialise the query-key scores with their own kernel.
       Without it XLA fuses the product over D into the softmax's concatenate fusion,
       which re-reads the keys with poor coalescing (~3x the read time at large batch).
-    query_rows: with attention="einsum", both products with the state get at least this
-      many query rows per KV head (zero rows, dropped after; see `_pad_rows`), so that
-      one query head per KV head (Llama-2's MHA) stays a matrix product on GPU.
-      None = 2 on accelerators, 1 (no padding) on the CPU.
     """
     layer_loop: str = "scan"
     attention: str = "einsum"
     unroll_barrier: bool = True
     score_barrier: bool = True
-    query_rows: int | None = None
-
-    def rows(self) -> int:
-        if self.query_rows is not None:
-            return self.query_rows
-        return 1 if jax.default_backend() == "cpu" else 2
 
 
 DEFAULT_IMPL = StepImpl()
@@ -143,33 +135,18 @@ def stacked_layers(params):
     return layers
 
 
-# With one query head per KV head (G = 1) both products are matrix-vector products. XLA
-# GPU rewrites those as multiply + reduce, and then carried the keys or values buffer
-# through a compiled decode loop in a transposed layout (a whole-buffer transpose on
-# entry and exit, a state-sized temporary; benchmarks/results/decode-2026-11-29.md).
-# `rows` > G pads the query rows with zeros (dropped after): a matrix product, which
-# reads the state where it lies. The barrier keeps XLA from seeing through the padding.
-def _pad_rows(x, rows):
-    G = x.shape[2]
-    if G >= rows:
-        return x
-    return jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (0, 0), (0, rows - G), (0, 0))))
-
-
-def _slot_scores(q, K, attention, rows=1):
+def _slot_scores(q, K, attention):
     """q [B,Hkv,G,D] . K [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (products exact, f32 sums)."""
     if attention == "reduce":
         return jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
-    G = q.shape[2]
-    return jnp.einsum("bhgd,bhcd->bhgc", _pad_rows(q, rows), K, preferred_element_type=F32)[:, :, :G]
+    return jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
 
 
-def _slot_mix(w, V, attention, rows=1):
+def _slot_mix(w, V, attention):
     """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32."""
     if attention == "reduce":
         return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
-    G = w.shape[2]
-    return jnp.einsum("bhgc,bhcd->bhgd", _pad_rows(w, rows), V, preferred_element_type=F32)[:, :, :G]
+    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
 
 
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
@@ -185,7 +162,6 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     x = params["embed"][tokens]  # [B, E]
     b_idx = jnp.arange(B)[:, None]
     h_idx = jnp.arange(Hkv)[None, :]
-    rows = impl.rows()
 
     pallas = impl.attention == "pallas"
 
@@ -205,7 +181,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
         if pallas:
             s_old = kernels.slot_scores(q, K, l)
         else:
-            s_old = _slot_scores(q, K, impl.attention, rows)
+            s_old = _slot_scores(q, K, impl.attention)
         if impl.score_barrier and not pallas and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
             s_old = jax.lax.optimization_barrier(s_old)
         s_old = s_old * scale
@@ -213,7 +189,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
         s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
         w = jax.nn.softmax(jnp.concatenate([s_old, s_new[..., None]], -1), -1)  # [B,Hkv,G,C+1]
         w_old = w[..., :C].astype(V.dtype)
-        out = kernels.slot_mix(w_old, V, l) if pallas else _slot_mix(w_old, V, impl.attention, rows)
+        out = kernels.slot_mix(w_old, V, l) if pallas else _slot_mix(w_old, V, impl.attention)
         out = out + w[..., C:] * v[:, :, None, :].astype(F32)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
