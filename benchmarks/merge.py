@@ -1,7 +1,7 @@
 """Merge a supplementary run into a main results file (when the device budget forced a
 second, shorter command), keeping every row's provenance, and re-render the Markdown.
 
-    python -m benchmarks.merge MAIN.json SUPP.json [SUPP2.json ...] --out OUT.json [--notes NOTES.md]
+    python -m benchmarks.merge MAIN.json [SUPP.json ...] --out OUT.json [--notes NOTES.md]
 
 Rows of SUPP replace rows of MAIN with the same (model, policy, capacity, batch or
 "max", step implementation); every supplementary row carries "run": "supplementary", and
@@ -72,13 +72,14 @@ def merge(main: dict, supp: dict, tag: str = "supplementary 1") -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("main")
-    ap.add_argument("supp", nargs="+")
+    ap.add_argument("supp", nargs="*", help="none: only re-render MAIN (with --notes)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--notes", default=None, help="a Markdown file appended to the report")
     args = ap.parse_args(argv)
     with open(args.main) as f:
         main_ = json.load(f)
     merged = main_
+    merged["analysis"] = analyse(merged)
     for i, path in enumerate(args.supp, 1):
         with open(path) as f:
             merged = merge(merged, json.load(f), f"supplementary {i}")
