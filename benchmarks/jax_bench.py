@@ -471,9 +471,14 @@ def section_decode(args, results, save):
     results["memory_budget"] = {"free": free, "in_use": in_use, "exe_budget": budget}
 
     # XLA's autotuner runs candidate kernels on scratch copies of their operands, which at
-    # the largest batches include the whole keys or values buffer: those compile one at a
-    # time (below), or without autotuning (--no-autotune-largest)
+    # the largest batches include the whole keys or values buffer when XLA's own kernels
+    # read the state: those compile one at a time (below), or without autotuning
+    # (--no-autotune-largest). The Pallas kernels are not autotuned, so their largest
+    # batches compile in parallel like the rest.
     max_options = None if args.autotune_largest else LARGEST_BATCH_OPTIONS
+
+    def alone(job):
+        return job[2] == "max" and parse_variant(job[3])[1].attention != "pallas"
 
     def build(job):
         pname, C, B, v = job
@@ -487,7 +492,7 @@ def section_decode(args, results, save):
         futures = [pool.submit(build, jobs[0])] if jobs else []
         if futures:
             futures[0].exception()  # wait
-        futures += [(pool_max if j[2] == "max" else pool).submit(build, j) for j in jobs[1:]]
+        futures += [(pool_max if alone(j) else pool).submit(build, j) for j in jobs[1:]]
         # compiling may take --compile-share of the section's time; what has not started
         # by then is skipped, and what has is waited for (autotuning must not run beside
         # a timed call)
