@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, MsrnnError
-from .model import chunk_step, prefill_oneshot, scan_last_logits, step
+from .model import DEFAULT_IMPL, StepImpl, chunk_step, prefill_oneshot, scan_last_logits, step
 from .policies import Policy, capacity_for
 from .sampling import GREEDY, Sampling
 from .state import State
@@ -97,10 +97,11 @@ def first_token(sampling: Sampling, logits, key, budget, eos_ids):
     return tok, key, finished, budget
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps"),
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps", "impl"),
                    donate_argnames=("state",))
 def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n_steps: int,
-                 state: State, tok, key, pending, finished, budget, eos_ids):
+                 state: State, tok, key, pending, finished, budget, eos_ids,
+                 impl: StepImpl = DEFAULT_IMPL):
     """n_steps of the RNN: feed each row's pending token, sample the next one.
 
     tok [B]: the last emitted token; pending [B]: it has not been fed yet; finished [B]:
@@ -112,7 +113,7 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
 
     def body(carry, _):
         st, logits, tok, key, pending, finished, budget = carry
-        new_logits, st = step(params, cfg, policy, st, tok, pending)
+        new_logits, st = step(params, cfg, policy, st, tok, pending, impl=impl)
         logits = jnp.where(pending[:, None], new_logits, logits)
         key, sub = jax.random.split(key)
         nxt = sampling(logits, sub)
@@ -143,10 +144,12 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
              seed: int = 0, prefill_mode: str = "exact", chunk: int | None = None,
              state: State | None = None, eos_ids: Sequence[int] = (),
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             steps_per_call: int = 16) -> GenerateResult:
+             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL) -> GenerateResult:
     """Read `prompts` (token lists, one per row; ragged is fine) into a fresh state or
     continue `state`, then decode up to `max_new_tokens` per row. `on_tokens(tokens,
-    emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive."""
+    emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
+    impl: how the decode step computes (`model.StepImpl`); e.g. attention="pallas" for
+    the largest batches on a GPU (benchmarks/results/)."""
     if max_new_tokens < 1:
         raise MsrnnError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     B = len(prompts)
@@ -174,7 +177,7 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
     while True:
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
-            budget, eos)
+            budget, eos, impl)
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         n_decoded += int(emitted.sum())
         if t_steady is None:
