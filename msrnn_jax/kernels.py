@@ -2,11 +2,11 @@
 
 `model.step` with `StepImpl(attention="pallas")` reads each layer's keys and values
 through these instead of `jnp.einsum`. They take the *whole* keys or values buffer
-[L, B, Hkv, C, D] and a static layer index, and read that layer's slots where they lie:
-a custom call is opaque to XLA, so it neither copies a slice of the state nor changes
-the layout of the loop-carried buffers, and XLA's autotuner never needs a scratch copy
-of them (the three things that kept the largest batches from fitting with XLA's own
-kernels: benchmarks/results/decode-2026-11-29.md).
+[L, B, Hkv, C, D] and a static layer index, and read that layer's slots where they lie.
+A custom call is opaque to XLA: it does not change the layout of the loop-carried state
+buffers, and XLA's autotuner does not run it on scratch copies of its operands. With
+XLA's own kernels on the Llama-2 (MHA) shape, those two things kept the largest batches
+from fitting on an H200 (benchmarks/results/decode-2026-11-29.md).
 
 Each program handles one (row, KV head, block of Cb slots); the value mix sums its
 per-block partial products afterwards (split-K), so a batch-1 step still has
