@@ -110,6 +110,12 @@ class StepImpl:
     unroll_barrier: bool = True
     score_barrier: bool = True
 
+    def __post_init__(self):
+        if self.layer_loop not in ("scan", "unroll"):
+            raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {self.layer_loop!r}")
+        if self.attention not in ("einsum", "reduce", "pallas"):
+            raise ValueError(f"attention must be 'einsum', 'reduce' or 'pallas', got {self.attention!r}")
+
 
 DEFAULT_IMPL = StepImpl()
 

@@ -104,3 +104,10 @@ def test_generate_with_the_pallas_kernels(tiny):
     assert out.tokens == ref.tokens
     assert (np.asarray(out.state.pos) == np.asarray(ref.state.pos)).all()
     np.testing.assert_allclose(np.asarray(out.state.keys), np.asarray(ref.state.keys), rtol=1e-5, atol=1e-6)
+
+
+def test_step_impl_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="attention"):
+        model.StepImpl(attention="palas")
+    with pytest.raises(ValueError, match="layer_loop"):
+        model.StepImpl(layer_loop="unrolled")
