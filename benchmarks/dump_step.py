@@ -14,13 +14,11 @@ import json
 import os
 import shutil
 
-import jax
 
-from msrnn_jax import model as msrnn_model
 from msrnn_jax.policies import make_policy
 
 from .common import device_params, model_config
-from .jax_bench import DTYPE, compile_decode, parse_compiler_options, parse_variant
+from .jax_bench import DTYPE, _use_variant, compile_decode, parse_compiler_options, parse_variant
 
 
 def main(argv=None):
@@ -35,10 +33,8 @@ def main(argv=None):
     ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     cfg = model_config(args.model)
-    split, impl = parse_variant(args.variant)
-    params = device_params(cfg, DTYPE)
-    if split:
-        params = msrnn_model.split_layers(params)
+    _, impl = parse_variant(args.variant)
+    params = _use_variant(args.variant, device_params(cfg, DTYPE))
     compiled, rec = compile_decode(params, cfg, make_policy(args.policy), args.batch, args.capacity, 16, impl,
                                    parse_compiler_options(args.compiler_option))
     os.makedirs(args.out, exist_ok=True)

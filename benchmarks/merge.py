@@ -33,13 +33,7 @@ def merge(main: dict, supp: dict, tag: str = "supplementary 1") -> dict:
         if part.get("started") == out["sections"][name].get("started"):
             continue  # the same part (a warm machine kept it)
         dst = out["sections"][name]
-        new = []
-        for r in part.get("decode", []):
-            r = dict(r, run=tag)
-            if bw and r.get("bytes_per_step"):
-                r["bw_fraction"] = r["bytes_per_step"] / (r["step_ms"] / 1e3) / bw
-                r["bound_step_ms"] = 1e3 * r["bytes_per_step"] / bw
-            new.append(r)
+        new = [dict(r, run=tag) for r in part.get("decode", [])]  # bandwidth fractions: below
         groups = {_gkey(r) for r in new}
         dst["decode"] = [r for r in dst.get("decode", []) if _gkey(r) not in groups] + new
         modes = {p["mode"] for p in part.get("prefill", [])}

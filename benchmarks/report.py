@@ -48,7 +48,6 @@ def analyse(merged: dict) -> dict:
     llama = secs.get("llama") or {}
     rows = _best_rows(_decode_rows(llama))
     out = {"table1": [], "targets": {}}
-    bw = (llama.get("bandwidth") or {}).get("copy_bytes_per_s")
 
     def find(policy, C=None, B=None, pos=None, max_batch=None):
         for r in rows:
