@@ -594,12 +594,9 @@ def section_probe(args, results, save):
     cfg, params = _setup(results, args.model, 0)
     save()
     n, reps = args.n_steps, args.reps
-    split_params = None
     for vi, variant in enumerate(args.variants.split(",")):
-        split, impl = parse_variant(variant)
-        if split and split_params is None:
-            split_params = msrnn_model.split_layers(params)
-        prm = split_params if split else params
+        _, impl = parse_variant(variant)
+        prm = params = _use_variant(variant, params)  # one layout on the device at a time
         cases = [(c.split("/")[0], int(c.split("/")[1]), int(c.split("/")[2])) for c in args.probe_cases.split(",")]
         cases = [(p, C, args.probe_batch if B == 0 else B) for p, C, B in cases]
         if vi == 0 and args.probe_window:

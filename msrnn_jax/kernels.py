@@ -45,15 +45,39 @@ def _interpret() -> bool:
     return jax.default_backend() == "cpu"
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "block"))
-def slot_scores(q, keys, layer: int, block: int | None = None):
-    """q [B,Hkv,G,D] . keys[layer] [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (f32 products and sums)."""
+def _call_options(warps: int | None) -> dict:
+    if warps is None or _interpret():
+        return {}
+    from jax.experimental.pallas import triton as plt
+    return {"compiler_params": plt.CompilerParams(num_warps=warps)}
+
+
+def _rows(G: int, cb: int, mma: bool) -> tuple[int, bool]:
+    """Query rows per program and whether the product runs on tensor cores: a tensor-core
+    product needs 16 rows and 16 slots at least (Triton's smallest dot)."""
+    mma = mma and cb >= 16
+    return (max(16, _pow2(G)) if mma else _pow2(G)), mma
+
+
+def _dot(a, b, contract):
+    prec = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=F32)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "block", "mma", "warps"))
+def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool = False, warps: int | None = None):
+    """q [B,Hkv,G,D] . keys[layer] [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (f32 products and sums).
+    mma: the product on tensor cores (query rows padded to 16); warps: Triton's num_warps."""
     B, H, G, D = q.shape
     C = keys.shape[3]
     cb = block or slot_block(C)
-    gp = _pow2(G)
+    gp, mma = _rows(G, cb, mma)
+    q = q.astype(keys.dtype) if mma else q
 
     def kernel(q_ref, k_ref, o_ref):
+        if mma:
+            o_ref[...] = _dot(q_ref[...], k_ref[...], ((1,), (1,)))
+            return
         k = k_ref[...].astype(F32)  # [Cb, D]
         for g in range(gp):
             o_ref[g, :] = jnp.sum(k * q_ref[g, :].astype(F32)[None, :], axis=1)
@@ -67,21 +91,26 @@ def slot_scores(q, keys, layer: int, block: int | None = None):
         out_specs=pl.BlockSpec((None, None, gp, cb), lambda b, h, c: (b, h, 0, c)),
         interpret=_interpret(),
         name="msrnn_slot_scores",
+        **_call_options(warps),
     )(_pad_rows(q, gp), keys)
     return out[:, :, :G]
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "block"))
-def slot_mix(w, values, layer: int, block: int | None = None):
+@functools.partial(jax.jit, static_argnames=("layer", "block", "mma", "warps"))
+def slot_mix(w, values, layer: int, block: int | None = None, mma: bool = False, warps: int | None = None):
     """w [B,Hkv,G,C] . values[layer] [B,Hkv,C,D] -> [B,Hkv,G,D] float32 (w in any float
-    dtype; f32 products and sums)."""
+    dtype; f32 products and sums; with mma, w is cast to the values' dtype)."""
     B, H, G, C = w.shape
     D = values.shape[4]
     cb = block or slot_block(C)
-    gp = _pow2(G)
+    gp, mma = _rows(G, cb, mma)
+    w = w.astype(values.dtype) if mma else w
     n = C // cb
 
     def kernel(w_ref, v_ref, o_ref):
+        if mma:
+            o_ref[...] = _dot(w_ref[...], v_ref[...], ((1,), (0,)))
+            return
         v = v_ref[...].astype(F32)  # [Cb, D]
         for g in range(gp):
             o_ref[g, :] = jnp.sum(w_ref[g, :].astype(F32)[:, None] * v, axis=0)
@@ -95,5 +124,6 @@ def slot_mix(w, values, layer: int, block: int | None = None):
         out_specs=pl.BlockSpec((None, None, None, gp, D), lambda b, h, c: (b, h, c, 0, 0)),
         interpret=_interpret(),
         name="msrnn_slot_mix",
+        **_call_options(warps),
     )(_pad_rows(w, gp), values)
     return part.sum(2)[:, :, :G]

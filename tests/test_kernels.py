@@ -12,7 +12,8 @@ from msrnn_jax import kernels
 
 @pytest.mark.parametrize("G", [1, 3, 4])
 @pytest.mark.parametrize("block", [None, 8])
-def test_kernels_read_one_layer_of_the_whole_buffer(G, block):
+@pytest.mark.parametrize("mma", [False, True])
+def test_kernels_read_one_layer_of_the_whole_buffer(G, block, mma):
     rng = np.random.default_rng(G)
     L, B, H, C, D = 3, 2, 2, 48, 16
     q = jnp.asarray(rng.normal(size=(B, H, G, D)), jnp.float32)
@@ -20,11 +21,14 @@ def test_kernels_read_one_layer_of_the_whole_buffer(G, block):
     K = jnp.asarray(rng.normal(size=(L, B, H, C, D)), jnp.bfloat16)
     V = jnp.asarray(rng.normal(size=(L, B, H, C, D)), jnp.bfloat16)
     f64 = lambda a: np.asarray(a, np.float64)
+    # the tensor-core product takes the query in the state's dtype (block 8 is too small
+    # for it and falls back to the exact-f32 products)
+    q_in = q.astype(K.dtype) if mma and block != 8 else q
     for layer in range(L):
-        s = kernels.slot_scores(q, K, layer, block=block)
-        m = kernels.slot_mix(w, V, layer, block=block)
+        s = kernels.slot_scores(q, K, layer, block=block, mma=mma)
+        m = kernels.slot_mix(w, V, layer, block=block, mma=mma)
         assert s.shape == (B, H, G, C) and s.dtype == jnp.float32 and m.shape == (B, H, G, D)
-        np.testing.assert_allclose(np.asarray(s), np.einsum("bhgd,bhcd->bhgc", f64(q), f64(K[layer])),
+        np.testing.assert_allclose(np.asarray(s), np.einsum("bhgd,bhcd->bhgc", f64(q_in), f64(K[layer])),
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(m), np.einsum("bhgc,bhcd->bhgd", f64(w), f64(V[layer])),
                                    rtol=1e-5, atol=1e-5)

@@ -1,0 +1,117 @@
+"""The step's two products with the state, alone: XLA's einsum beside the Pallas kernels
+(`msrnn_jax.kernels`) in their variants, at the shapes of the decode benchmarks' largest
+batches. Reports each kernel's time per call and the state bytes it reads per second, as
+a fraction of the device-to-device copy bandwidth measured in the same run.
+
+    python -m benchmarks.kernel_bench --json kernels.json [--cases ...] [--variants ...]
+
+A case is name:B:Hkv:G:C (D = 128). A variant is `xla`, or `vpu/Cb/warps` or `mma/Cb/warps`
+(Cb: slots per program, 0 = kernels.slot_block; warps: Triton num_warps, 0 = its default;
+vpu = multiply-and-sum in f32, mma = tensor-core products with f32 accumulation).
+One jitted call runs the kernel `--repeat` times on distinct queries (nothing to fold),
+timed as the median of `--reps` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from msrnn_jax import kernels
+
+from .common import copy_bandwidth, device_info, write_json
+
+F32 = jnp.float32
+DEFAULT_CASES = "llama-C256-B912:912:32:1:256,llama-C512-B456:456:32:1:512,mistral-C512-B1792:1792:8:4:512"
+DEFAULT_VARIANTS = ("xla,vpu/0/0,vpu/64/0,vpu/128/0,vpu/256/8,vpu/64/2,"
+                    "mma/0/0,mma/64/0,mma/128/0,mma/256/8,mma/64/2")
+
+
+def _kernel_fns(variant: str, layer: int):
+    """(scores(q, K), mix(w, V)) for a variant; K and V are [2, B, H, C, D] buffers."""
+    if variant == "xla":
+        return (lambda q, K: jnp.einsum("bhgd,bhcd->bhgc", q, K[layer], preferred_element_type=F32),
+                lambda w, V: jnp.einsum("bhgc,bhcd->bhgd", w, V[layer], preferred_element_type=F32))
+    kind, cb, warps = variant.split("/")
+    opts = dict(block=int(cb) or None, mma=kind == "mma", warps=int(warps) or None)
+    if kind not in ("vpu", "mma"):
+        raise ValueError(f"unknown variant {variant!r}")
+    return (functools.partial(kernels.slot_scores, layer=layer, **opts),
+            functools.partial(kernels.slot_mix, layer=layer, **opts))
+
+
+def _repeated(fn, repeat: int):
+    @jax.jit
+    def run(x, buf):
+        return [fn(x * (1.0 + i / 64), buf) for i in range(repeat)]
+    return run
+
+
+def _time(run, x, buf, reps: int) -> float:
+    jax.block_until_ready(run(x, buf))  # compile + warm
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(x, buf))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float) -> dict:
+    name, B, H, G, C = case.split(":")
+    B, H, G, C, D = int(B), int(H), int(G), int(C), 128
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+    K = jax.random.normal(k1, (2, B, H, C, D), jnp.bfloat16)
+    V = jax.random.normal(k2, (2, B, H, C, D), jnp.bfloat16)
+    q = jax.random.normal(k3, (B, H, G, D), jnp.bfloat16)
+    w = jax.nn.softmax(jax.random.normal(k4, (B, H, G, C), F32), -1).astype(jnp.bfloat16)
+    layer_bytes = B * H * C * D * 2
+    ref_s = ref_m = None
+    rows = []
+    for variant in variants:
+        row = {"variant": variant}
+        try:
+            scores, mix = _kernel_fns(variant, 1)
+            s_out, m_out = scores(q, K), mix(w, V)
+            if ref_s is None:
+                ref_s, ref_m = s_out, m_out
+            row["max_abs_diff"] = [float(jnp.max(jnp.abs(s_out - ref_s))), float(jnp.max(jnp.abs(m_out - ref_m)))]
+            for what, fn, x, buf in (("scores", scores, q, K), ("mix", mix, w, V)):
+                t = _time(_repeated(fn, repeat), x, buf, reps) / repeat
+                row[f"{what}_us"] = t * 1e6
+                row[f"{what}_bw_frac"] = layer_bytes / t / bw
+        except Exception as e:  # a variant Triton cannot lower is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        rows.append(row)
+        print(name, row, file=sys.stderr, flush=True)
+    del K, V
+    return {"case": name, "batch": B, "kv_heads": H, "group": G, "capacity": C, "head_dim": D,
+            "layer_state_bytes": layer_bytes, "rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--cases", default=DEFAULT_CASES)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    bw = copy_bandwidth()
+    out = {"command": " ".join(["python -m benchmarks.kernel_bench", *(argv or sys.argv[1:])]),
+           "device": device_info(), "jax": jax.__version__, "bandwidth": bw, "cases": []}
+    for case in args.cases.split(","):
+        out["cases"].append(bench_case(case, args.variants.split(","), args.repeat, args.reps,
+                                       bw["copy_bytes_per_s"]))
+        write_json(args.json, out)
+    write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
