@@ -34,7 +34,7 @@ from msrnn_jax.generate import prefill
 from msrnn_jax.policies import make_policy
 from msrnn_jax.state import State
 
-from .common import (GiB, copy_bandwidth, device_info, device_params, fabricate_state, memory_stats,
+from .common import (GiB, copy_bandwidth, device_info, device_params, fabricate_state, matmul_rate, memory_stats,
                      model_config, move_state, param_bytes, state_read_bytes_per_step, state_row_bytes,
                      step_flops, weight_bytes_per_step, write_json)
 
@@ -246,8 +246,8 @@ def profile_call(fn, logdir: str) -> dict:
             busy = sum(k[2] for k in evs)
             span = evs[-1][1] + evs[-1][2] - evs[0][1]
             by_name: dict[str, list] = {}
-            for n, _, d in evs:
-                by_name.setdefault(n, []).append(d)
+            for n, _, d in evs:  # one kernel per layer: msrnn_slot_scores__17 -> msrnn_slot_scores
+                by_name.setdefault(re.sub(r"(__\d+|\.\d+)$", "", n), []).append(d)
             top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
             lines.append({"line": line.name, "events": len(evs), "busy_ms": busy / 1e6, "span_ms": span / 1e6,
                           "top": [{"name": n[:160], "count": len(d), "total_ms": sum(d) / 1e6,
@@ -317,6 +317,7 @@ def _setup(results, model_name, bw_bytes):
     results["info"] = device_info()
     if bw_bytes:
         results["bandwidth"] = copy_bandwidth(bw_bytes)
+        results["matmul"] = matmul_rate()
     t0 = time.perf_counter()
     params = device_params(cfg, DTYPE)
     jax.block_until_ready(params)

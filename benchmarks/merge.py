@@ -33,6 +33,8 @@ def merge(main: dict, supp: dict, tag: str = "supplementary 1") -> dict:
         if part.get("started") == out["sections"][name].get("started"):
             continue  # the same part (a warm machine kept it)
         dst = out["sections"][name]
+        if part.get("matmul") and not dst.get("matmul"):  # same GPU kind, same day
+            dst["matmul"] = part["matmul"]
         new = [dict(r, run=tag) for r in part.get("decode", [])]  # bandwidth fractions: below
         groups = {_gkey(r) for r in new}
         dst["decode"] = [r for r in dst.get("decode", []) if _gkey(r) not in groups] + new

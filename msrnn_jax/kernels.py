@@ -52,11 +52,27 @@ def _call_options(warps: int | None) -> dict:
     return {"compiler_params": plt.CompilerParams(num_warps=warps)}
 
 
-def _rows(G: int, cb: int, mma: bool) -> tuple[int, bool]:
-    """Query rows per program and whether the product runs on tensor cores: a tensor-core
-    product needs 16 rows and 16 slots at least (Triton's smallest dot)."""
-    mma = mma and cb >= 16
-    return (max(16, _pow2(G)) if mma else _pow2(G)), mma
+def _choose(G: int, cb: int, mma: bool | None, warps: int | None) -> tuple[int, bool, int | None]:
+    """(query rows per program, tensor cores or not, num_warps). mma=None: tensor cores
+    when several query heads share a KV head (GQA). With one (MHA) the product is a
+    matrix-vector one: the f32 multiply-and-sum reads the slots at the copy bandwidth,
+    and padding the query to Triton's 16 rows costs ~30%; at G=4 (Mistral) the tensor-core
+    product is ~1.9x faster than the multiply-and-sum (benchmarks/results/kernels-*.md).
+    A tensor-core product needs 16 rows and 16 slots at least (Triton's smallest dot)."""
+    mma = (G >= 2 if mma is None else mma) and cb >= 16
+    if warps is None and mma:
+        warps = 8
+    return (max(16, _pow2(G)) if mma else _pow2(G)), mma, warps
+
+
+def _store_rows(o_ref, val, rows: int):
+    """o_ref[...] = val, writing only the first `rows` rows (the padding rows of a
+    tensor-core product are never written: the output is G / 16 of the bytes)."""
+    if rows == val.shape[0]:
+        o_ref[...] = val
+        return
+    from jax.experimental.pallas import triton as plt
+    plt.store(o_ref, val, mask=jax.lax.broadcasted_iota(jnp.int32, val.shape, 0) < rows)
 
 
 def _dot(a, b, contract):
@@ -65,18 +81,20 @@ def _dot(a, b, contract):
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "block", "mma", "warps"))
-def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool = False, warps: int | None = None):
-    """q [B,Hkv,G,D] . keys[layer] [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (f32 products and sums).
-    mma: the product on tensor cores (query rows padded to 16); warps: Triton's num_warps."""
+def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool | None = None,
+                warps: int | None = None):
+    """q [B,Hkv,G,D] . keys[layer] [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (f32 sums).
+    mma: the product on tensor cores (query rows padded to 16, q cast to the keys' dtype;
+    None: when G >= 2); warps: Triton's num_warps (None: 8 with tensor cores, else Triton's)."""
     B, H, G, D = q.shape
     C = keys.shape[3]
     cb = block or slot_block(C)
-    gp, mma = _rows(G, cb, mma)
+    gp, mma, warps = _choose(G, cb, mma, warps)
     q = q.astype(keys.dtype) if mma else q
 
     def kernel(q_ref, k_ref, o_ref):
         if mma:
-            o_ref[...] = _dot(q_ref[...], k_ref[...], ((1,), (1,)))
+            _store_rows(o_ref, _dot(q_ref[...], k_ref[...], ((1,), (1,))), G)
             return
         k = k_ref[...].astype(F32)  # [Cb, D]
         for g in range(gp):
@@ -97,19 +115,20 @@ def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "block", "mma", "warps"))
-def slot_mix(w, values, layer: int, block: int | None = None, mma: bool = False, warps: int | None = None):
+def slot_mix(w, values, layer: int, block: int | None = None, mma: bool | None = None,
+             warps: int | None = None):
     """w [B,Hkv,G,C] . values[layer] [B,Hkv,C,D] -> [B,Hkv,G,D] float32 (w in any float
-    dtype; f32 products and sums; with mma, w is cast to the values' dtype)."""
+    dtype; f32 sums; mma and warps as in slot_scores, w cast to the values' dtype with mma)."""
     B, H, G, C = w.shape
     D = values.shape[4]
     cb = block or slot_block(C)
-    gp, mma = _rows(G, cb, mma)
+    gp, mma, warps = _choose(G, cb, mma, warps)
     w = w.astype(values.dtype) if mma else w
     n = C // cb
 
     def kernel(w_ref, v_ref, o_ref):
         if mma:
-            o_ref[...] = _dot(w_ref[...], v_ref[...], ((1,), (0,)))
+            _store_rows(o_ref, _dot(w_ref[...], v_ref[...], ((1,), (0,))), G)
             return
         v = v_ref[...].astype(F32)  # [Cb, D]
         for g in range(gp):

@@ -12,7 +12,7 @@ from msrnn_jax import kernels
 
 @pytest.mark.parametrize("G", [1, 3, 4])
 @pytest.mark.parametrize("block", [None, 8])
-@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("mma", [False, True, None])
 def test_kernels_read_one_layer_of_the_whole_buffer(G, block, mma):
     rng = np.random.default_rng(G)
     L, B, H, C, D = 3, 2, 2, 48, 16
@@ -23,7 +23,8 @@ def test_kernels_read_one_layer_of_the_whole_buffer(G, block, mma):
     f64 = lambda a: np.asarray(a, np.float64)
     # the tensor-core product takes the query in the state's dtype (block 8 is too small
     # for it and falls back to the exact-f32 products)
-    q_in = q.astype(K.dtype) if mma and block != 8 else q
+    tensor_cores = (G >= 2 if mma is None else mma) and block != 8
+    q_in = q.astype(K.dtype) if tensor_cores else q
     for layer in range(L):
         s = kernels.slot_scores(q, K, layer, block=block, mma=mma)
         m = kernels.slot_mix(w, V, layer, block=block, mma=mma)
@@ -38,3 +39,10 @@ def test_slot_block_is_the_largest_dividing_power_of_two():
     assert kernels.slot_block(4128) == 32  # 129 x 32, the full cache of the benchmarks
     assert kernels.slot_block(512) == 256 and kernels.slot_block(512, limit=64) == 64
     assert kernels.slot_block(48) == 16 and kernels.slot_block(7) == 1
+
+
+def test_tensor_cores_for_grouped_queries_only():
+    assert kernels._choose(1, 256, None, None) == (1, False, None)  # MHA: multiply-and-sum
+    assert kernels._choose(4, 256, None, None) == (16, True, 8)     # GQA: padded to 16 rows
+    assert kernels._choose(4, 8, None, None) == (4, False, None)    # too few slots for a dot
+    assert kernels._choose(1, 64, True, 4) == (16, True, 4)
