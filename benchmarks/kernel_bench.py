@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from msrnn_jax import kernels
 
-from .common import copy_bandwidth, device_info, write_json
+from .common import copy_bandwidth, device_info, now_tag, write_json
 
 F32 = jnp.float32
 DEFAULT_CASES = "llama-C256-B912:912:32:1:256,llama-C512-B456:456:32:1:512,mistral-C512-B1792:1792:8:4:512"
@@ -96,6 +96,40 @@ def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float
             "layer_state_bytes": layer_bytes, "rows": rows}
 
 
+def render(out: dict) -> str:
+    """The Markdown table of a kernel_bench result."""
+    bw = out["bandwidth"]["copy_bytes_per_s"]
+    L = [f"# State-product kernels alone — {out.get('date', '')}\n",
+         f"- command: `{out['command']}`",
+         f"- GPU: {out['device'].get('device_kind', '?')}; JAX {out['jax']}; copy bandwidth {bw / 1e12:.2f} TB/s "
+         f"((read + written) / time); fraction = one layer's keys or values bytes / kernel time / copy bandwidth "
+         f"(a read-only kernel can pass 100%)",
+         "- `auto`: the kernels' own choice (tensor cores when G >= 2); `vpu`: f32 multiply-and-sum; `mma`: "
+         "tensor-core products, query rows padded to 16; `/Cb/warps`: slots per program (0 = `slot_block`), "
+         "Triton num_warps (0 = default)\n"]
+    for c in out["cases"]:
+        L.append(f"## {c['case']}: B={c['batch']}, Hkv={c['kv_heads']}, G={c['group']}, C={c['capacity']}, "
+                 f"D={c['head_dim']} ({c['layer_state_bytes'] / 1e9:.2f} GB per layer and buffer)\n")
+        L.append("| variant | scores µs | scores fraction | mix µs | mix fraction | max abs diff vs first |")
+        L.append("|---|---|---|---|---|---|")
+        for r in c["rows"]:
+            if "error" in r:
+                L.append(f"| {r['variant']} | error: {r['error'][:120]} | | | | |")
+                continue
+            L.append(f"| {r['variant']} | {r['scores_us']:.0f} | {r['scores_bw_frac']:.1%} | {r['mix_us']:.0f} | "
+                     f"{r['mix_bw_frac']:.1%} | {max(r['max_abs_diff']):.1e} |")
+        L.append("")
+    if out.get("notes"):
+        L.append(out["notes"])
+    return "\n".join(L) + "\n"
+
+
+def _write(path: str, out: dict) -> None:
+    write_json(path, out)
+    with open(path[:-5] + ".md" if path.endswith(".json") else path + ".md", "w") as f:
+        f.write(render(out))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True)
@@ -105,13 +139,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     bw = copy_bandwidth()
-    out = {"command": " ".join(["python -m benchmarks.kernel_bench", *(argv or sys.argv[1:])]),
-           "device": device_info(), "jax": jax.__version__, "bandwidth": bw, "cases": []}
+    out = {"command": " ".join(["python -m benchmarks.kernel_bench", *(sys.argv[1:] if argv is None else argv)]),
+           "date": now_tag(), "device": device_info(), "jax": jax.__version__, "bandwidth": bw, "cases": []}
     for case in args.cases.split(","):
         out["cases"].append(bench_case(case, args.variants.split(","), args.repeat, args.reps,
                                        bw["copy_bytes_per_s"]))
-        write_json(args.json, out)
-    write_json(args.json, out)
+        _write(args.json, out)
+    _write(args.json, out)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ def _seq_fraction(r, part):
     bandwidth bound alone is out of reach. None without both rates."""
     bw = ((part or {}).get("bandwidth") or {}).get("copy_bytes_per_s")
     mm = ((part or {}).get("matmul") or {}).get("flops_per_s")
-    if not (bw and mm and r.get("flops_per_step")):
+    if not (mm and r.get("flops_per_step")) or not (bw or r.get("bound_step_ms")):
         return None
-    return (r["bytes_per_step"] / bw + r["flops_per_step"] / mm) / (r["step_ms"] / 1e3)
+    # the bandwidth term the row's own fraction uses (merged files: the main run's bandwidth)
+    t_bytes = r["bound_step_ms"] / 1e3 if r.get("bound_step_ms") else r["bytes_per_step"] / bw
+    return (t_bytes + r["flops_per_step"] / mm) / (r["step_ms"] / 1e3)
 
 
 def _decode_rows(part):

@@ -75,6 +75,28 @@ def test_decode_config_and_report(tiny):
     merged["analysis"] = report.analyse(merged)
     md = report.render(merged)
     assert "Decode step" in md and "| tova | 16 | 2 |" in md
+    # with a measured matmul rate: the bandwidth + compute fraction, bytes and FLOPs at their rates
+    results["matmul"] = {"n": 8, "s": 1.0, "flops_per_s": 1e12}
+    want = (r["bytes_per_step"] / bw + r["flops_per_step"] / 1e12) / (r["step_ms"] / 1e3)
+    assert report._seq_fraction(r, results) == pytest.approx(want)
+    assert report._seq_fraction(r, {}) is None
+    assert f"{want:.1%}" in report.render(merged)
+
+
+def test_kernel_bench_runs_every_variant_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks.kernel_bench in Pallas' interpreter: every variant agrees with the first."""
+    from benchmarks import kernel_bench
+    monkeypatch.setattr(kernel_bench, "copy_bandwidth", lambda: {"copy_bytes_per_s": 1e10, "read_bytes_per_s": 1e10})
+    out = tmp_path / "k.json"
+    kernel_bench.main(["--json", str(out), "--cases", "t:2:2:4:32", "--variants", "auto/0/0,vpu/16/0,mma/16/2",
+                       "--repeat", "2", "--reps", "1"])
+    import json
+    rows = json.loads(out.read_text())["cases"][0]["rows"]
+    assert [r["variant"] for r in rows] == ["auto/0/0", "vpu/16/0", "mma/16/2"]
+    for r in rows:
+        assert "error" not in r and r["scores_us"] > 0 and r["mix_us"] > 0
+        assert max(r["max_abs_diff"]) < 1e-3
+    assert (tmp_path / "k.md").exists()
 
 
 def test_prefill_timers(tiny):
