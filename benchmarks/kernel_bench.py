@@ -40,7 +40,7 @@ def _kernel_fns(variant: str, layer: int):
         return (lambda q, K: jnp.einsum("bhgd,bhcd->bhgc", q, K[layer], preferred_element_type=F32),
                 lambda w, V: jnp.einsum("bhgc,bhcd->bhgd", w, V[layer], preferred_element_type=F32))
     kind, cb, warps = variant.split("/")
-    opts = dict(block=int(cb) or None, mma={"vpu": False, "mma": True}.get(kind), warps=int(warps) or None)
+    opts = {"block": int(cb) or None, "mma": {"vpu": False, "mma": True}.get(kind), "warps": int(warps) or None}
     if kind not in ("vpu", "mma", "auto"):
         raise ValueError(f"unknown variant {variant!r}")
     return (functools.partial(kernels.slot_scores, layer=layer, **opts),
@@ -101,12 +101,12 @@ def render(out: dict) -> str:
     bw = out["bandwidth"]["copy_bytes_per_s"]
     L = [f"# State-product kernels alone — {out.get('date', '')}\n",
          f"- command: `{out['command']}`",
-         f"- GPU: {out['device'].get('device_kind', '?')}; JAX {out['jax']}; copy bandwidth {bw / 1e12:.2f} TB/s "
-         f"((read + written) / time); fraction = one layer's keys or values bytes / kernel time / copy bandwidth "
-         f"(a read-only kernel can pass 100%)",
-         "- `auto`: the kernels' own choice (tensor cores when G >= 2); `vpu`: f32 multiply-and-sum; `mma`: "
-         "tensor-core products, query rows padded to 16; `/Cb/warps`: slots per program (0 = `slot_block`), "
-         "Triton num_warps (0 = default)\n"]
+         (f"- GPU: {out['device'].get('device_kind', '?')}; JAX {out['jax']}; copy bandwidth {bw / 1e12:.2f} TB/s "
+          f"((read + written) / time); fraction = one layer's keys or values bytes / kernel time / copy bandwidth "
+          f"(a read-only kernel can pass 100%)"),
+         ("- `auto`: the kernels' own choice (tensor cores when G >= 2); `vpu`: f32 multiply-and-sum; `mma`: "
+          "tensor-core products, query rows padded to 16; `/Cb/warps`: slots per program (0 = `slot_block`), "
+          "Triton num_warps (0 = default)\n")]
     for c in out["cases"]:
         L.append(f"## {c['case']}: B={c['batch']}, Hkv={c['kv_heads']}, G={c['group']}, C={c['capacity']}, "
                  f"D={c['head_dim']} ({c['layer_state_bytes'] / 1e9:.2f} GB per layer and buffer)\n")
