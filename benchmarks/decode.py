@@ -27,6 +27,10 @@ Usage (on the GPU machine, from the repository root):
     PYTHONPATH=. python -m benchmarks.decode --out benchmarks/results
 
 `--quick` runs a tiny model on whatever device there is (a CPU rehearsal of the whole pipeline).
+
+A run cut short by its budget lists what it skipped. The same command with `--resume <out>/decode-<date>.json`
+runs only those configurations and merges them into that file (its rows marked †N, the command listed);
+repeat until nothing is skipped.
 """
 
 from __future__ import annotations
@@ -63,11 +67,11 @@ def section_cmd(name: str, part: str, deadline: float, quick: bool, dump_dir: st
             return py + ["benchmarks.jax_bench", "--section", "decode", "--json", part, *tiny, "--n-steps", "2",
                          "--reps", "2", "--jobs", jobs if name == "llama" else "tova/16/1,window/16/1",
                          "--positions", "40,100", "--full-capacity", "64", "--reserve-bytes", "0",
-                         "--max-batch-cap", "8", "--bw-bytes", "4000000", "--variant", "split:einsum",
-                         "--compile-workers", "2", *dl]
+                         "--max-batch-cap", "8", "--bw-bytes", "4000000", "--matmul-n", "128", "--variant", "split:einsum",
+                         "--compile-workers", "2", *extra.get(name, []), *dl]
         if name == "prefill":
             return py + ["benchmarks.jax_bench", "--section", "prefill", "--json", part, *tiny, "--prefill-tokens", "64",
-                         "--prefill-capacity", "16", "--chunk", "16", *dl]
+                         "--prefill-capacity", "16", "--chunk", "16", *extra.get(name, []), *dl]
         if name == "hf":
             return py + ["benchmarks.hf_peer", "--json", part, *tiny, "--device", "cpu", "--lens", "4,8",
                          "--new-tokens", "3", "--caches", "dynamic", *dl]
@@ -110,9 +114,9 @@ def assign_lanes(todo: list[str], weights: dict, n: int) -> list[list[str]]:
     return lanes
 
 
-def merge(work: str, command: str, date: str) -> dict:
+def merge(work: str, command: str, date: str, names=SECTIONS) -> dict:
     secs = {}
-    for name in SECTIONS:
+    for name in names:
         p = os.path.join(work, f"part-{name}.json")
         if os.path.exists(p):
             with open(p) as f:
@@ -132,6 +136,38 @@ def merge(work: str, command: str, date: str) -> dict:
     return merged
 
 
+def resume_plan(prev: dict, todo: list[str], extra: dict) -> tuple[list[str], dict]:
+    """What a run still owes to a previous result: (sections to run, their extra args).
+    A decode section absent from `prev` runs whole; one present runs only the
+    configurations it skipped (as --jobs), or not at all. prefill reruns its skipped
+    modes; hf and the probes run only if absent."""
+    extra = {k: list(v) for k, v in extra.items()}
+    secs = prev.get("sections", {})
+    out = []
+    for name in todo:
+        part = secs.get(name)
+        if part is None:
+            out.append(name)
+            continue
+        skipped = part.get("skipped") or []
+        if name in ("llama", "mistral"):
+            jobs = [f"{s['policy']}/{s['capacity']}/{s['batch']}" + (f"@{s['variant']}" if s.get("variant") else "")
+                    for s in skipped if "policy" in s]
+            if jobs:
+                if "--jobs" in extra.get(name, []):
+                    raise SystemExit(f"--resume chooses the {name} jobs; do not pass --jobs in --extra")
+                extra[name] = [*extra.get(name, []), "--jobs", ",".join(jobs)]
+                out.append(name)
+        elif name == "prefill":
+            modes = [s["prefill"] for s in skipped if "prefill" in s]
+            if modes:
+                extra[name] = [*extra.get(name, []), "--prefill-modes", ",".join(modes)]
+                out.append(name)
+        elif name == "hf" and skipped:
+            out.append(name)
+    return out, extra
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
@@ -146,6 +182,9 @@ def main(argv=None):
     ap.add_argument("--env", default="{}", help='JSON {section: {VAR: value}}: extra environment')
     ap.add_argument("--gpus", type=int, default=0,
                     help="GPUs to spread the sections over, one process per GPU at a time (default: all)")
+    ap.add_argument("--resume", default=None, metavar="RESULT.json",
+                    help="run only what RESULT skipped (see resume_plan) and merge it into RESULT "
+                         "(rows marked as a supplementary run); repeat until nothing is skipped")
     args = ap.parse_args(argv)
     date = args.date or now_tag()
     command = "PYTHONPATH=. python -m benchmarks.decode " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -162,6 +201,17 @@ def main(argv=None):
     for s in todo:
         if s not in SECTIONS:
             ap.error(f"unknown section {s!r}")
+    prev = None
+    if args.resume:
+        try:
+            with open(args.resume) as f:
+                prev = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"--resume: cannot read {args.resume}: {e}")
+        todo, extra = resume_plan(prev, todo, extra)
+        if not todo:
+            print(f"{args.resume}: nothing skipped, nothing to run")
+            return args.resume, args.resume[:-5] + ".md"
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -173,6 +223,8 @@ def main(argv=None):
     status = {}
     json_path = os.path.join(args.out, f"decode-{date}.json")
     md_path = os.path.join(args.out, f"decode-{date}.md")
+    if prev is not None:  # this run's own result stays in the work folder; merged at the end
+        json_path, md_path = os.path.join(work, "resumed-run.json"), os.path.join(work, "resumed-run.md")
     lock = threading.Lock()
     n_gpus = args.gpus if args.gpus else count_gpus()
     lanes = assign_lanes(todo, weights, max(1, n_gpus))
@@ -197,7 +249,7 @@ def main(argv=None):
             with lock:
                 status[name] = {"rc": rc, "seconds": round(time.time() - t0, 1), "env": sec_env.get(name, {}),
                                 "gpu": gpu if len(lanes) > 1 else None}
-                merged = merge(work, command, date)
+                merged = merge(work, command, date, SECTIONS if prev is None else todo)
                 merged["section_status"] = status
                 merged["lanes"] = lanes
                 write_json(json_path, merged)
@@ -214,6 +266,16 @@ def main(argv=None):
         with tarfile.open(os.path.join(args.out, f"hlo-{date}.tar.gz"), "w:gz") as tar:
             for p in dumps:
                 tar.add(p, arcname=os.path.relpath(p, dump_dir))
+    if prev is not None:
+        from .merge import merge as merge_runs
+        with open(json_path) as f:
+            run = json.load(f)
+        n = len(prev.get("commands_supplementary") or []) + 1
+        merged = merge_runs(prev, run, f"supplementary {n}")
+        json_path, md_path = args.resume, args.resume[:-5] + ".md"
+        write_json(json_path, merged)
+        with open(md_path, "w") as f:
+            f.write(render(merged))
     print(open(md_path).read())
     return json_path, md_path
 

@@ -310,14 +310,14 @@ class Deadline:
         return self.left() > need
 
 
-def _setup(results, model_name, bw_bytes):
+def _setup(results, model_name, bw_bytes, matmul_n=8192):
     cfg = model_config(model_name)
     results["model"] = model_name
     results["config"] = cfg.to_dict()
     results["info"] = device_info()
     if bw_bytes:
         results["bandwidth"] = copy_bandwidth(bw_bytes)
-        results["matmul"] = matmul_rate()
+        results["matmul"] = matmul_rate(matmul_n)
     t0 = time.perf_counter()
     params = device_params(cfg, DTYPE)
     jax.block_until_ready(params)
@@ -453,7 +453,7 @@ def section_decode(args, results, save):
     import gc
     from concurrent.futures import ThreadPoolExecutor
     dl = Deadline(args.deadline)
-    cfg, params = _setup(results, args.model, args.bw_bytes)
+    cfg, params = _setup(results, args.model, args.bw_bytes, args.matmul_n)
     bw = results.get("bandwidth", {}).get("copy_bytes_per_s")
     save()
     n, reps = args.n_steps, args.reps
@@ -650,6 +650,7 @@ def main(argv=None):
     ap.add_argument("--json", required=True)
     ap.add_argument("--deadline", type=float, default=None, help="epoch seconds; stop starting work after")
     ap.add_argument("--bw-bytes", type=int, default=4 * GiB)
+    ap.add_argument("--matmul-n", type=int, default=8192, help="size of the square bf16 product timed for the matmul rate")
     ap.add_argument("--n-steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--jobs", default=DEFAULT_JOBS, help="policy/C/B,... (C=F: full capacity; B=max)")

@@ -25,7 +25,7 @@ def _gkey(r):
 
 def merge(main: dict, supp: dict, tag: str = "supplementary 1") -> dict:
     out = json.loads(json.dumps(main))
-    bw = (main["sections"]["llama"].get("bandwidth") or {}).get("copy_bytes_per_s")
+    bw = ((main["sections"].get("llama") or {}).get("bandwidth") or {}).get("copy_bytes_per_s")
     for name, part in supp["sections"].items():
         if name not in out["sections"]:
             out["sections"][name] = part

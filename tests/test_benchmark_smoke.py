@@ -137,3 +137,40 @@ def test_largest_batch_shrinks_to_fit_the_executable(tiny, monkeypatch):
     b, _, rec = jax_bench.build_decode(params, cfg, "tova", 16, "max", 2, budget=1000 + free, free=free)
     assert rec["shrinks"] and rec["shrinks"][0]["batch"] == 200
     assert b == 96  # half the state-only estimate (temporaries = one state), a multiple of 8
+
+
+def test_resume_runs_only_what_was_skipped(tmp_path):
+    """decode --resume: a result that skipped a configuration gets it from a second run,
+    merged in as a supplementary run; a complete result runs nothing."""
+    import json
+
+    from benchmarks import decode
+    out = tmp_path / "out"
+    jobs = json.dumps({"llama": ["--jobs", "tova/16/1,window/16/1"]})
+    path, _ = decode.main(["--quick", "--sections", "llama", "--out", str(out), "--date", "d", "--budget-s", "600",
+                           "--extra", jobs])
+    prev = json.loads(open(path).read())
+    llama = prev["sections"]["llama"]
+    assert not llama["skipped"] and not llama["errors"]
+    gone = [r for r in llama["decode"] if r["policy"] == "window" and r["batch"] == 1]
+    assert len(gone) == 2  # positions 40 and 100
+    llama["decode"] = [r for r in llama["decode"] if r not in gone]
+    llama["skipped"] = [{"policy": "window", "capacity": 16, "batch": 1, "variant": "split:einsum",
+                         "reason": "deadline"}]
+    common.write_json(path, prev)
+
+    todo, extra = decode.resume_plan(prev, ["llama", "prefill", "hf"], {})
+    assert todo == ["llama", "prefill", "hf"]  # prefill and hf were never run
+    assert extra == {"llama": ["--jobs", "window/16/1@split:einsum"]}
+
+    path2, md = decode.main(["--quick", "--sections", "llama", "--out", str(out), "--resume", path])
+    assert path2 == path
+    merged = json.loads(open(path).read())
+    rows = merged["sections"]["llama"]["decode"]
+    back = [r for r in rows if r["policy"] == "window" and r["batch"] == 1]
+    assert len(back) == 2 and all(r["run"] == "supplementary 1" for r in back)
+    assert len(rows) == len(llama["decode"]) + 2  # nothing else ran again
+    assert not merged["sections"]["llama"]["skipped"] and len(merged["commands_supplementary"]) == 1
+    assert "†1" in open(md).read()
+    assert decode.resume_plan(merged, ["llama"], {}) == ([], {})
+    assert decode.main(["--quick", "--sections", "llama", "--out", str(out), "--resume", path]) == (path, md)
