@@ -76,7 +76,8 @@ def main(argv=None):
         main_ = json.load(f)
     merged = main_
     merged["analysis"] = analyse(merged)
-    for i, path in enumerate(args.supp, 1):
+    done = len(merged.get("commands_supplementary") or [])  # MAIN may hold merged runs already
+    for i, path in enumerate(args.supp, done + 1):
         with open(path) as f:
             merged = merge(merged, json.load(f), f"supplementary {i}")
     if args.notes:
