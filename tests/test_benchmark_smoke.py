@@ -174,3 +174,26 @@ def test_resume_runs_only_what_was_skipped(tmp_path):
     assert "†1" in open(md).read()
     assert decode.resume_plan(merged, ["llama"], {}) == ([], {})
     assert decode.main(["--quick", "--sections", "llama", "--out", str(out), "--resume", path]) == (path, md)
+
+
+def test_merge_numbers_runs_after_those_already_merged(tmp_path):
+    import json
+
+    from benchmarks import merge
+    row = {"model": "tiny", "policy": "tova", "capacity": 16, "batch": 2, "position": 40, "step_ms": 1.0,
+           "tokens_per_s": 2000.0, "bytes_per_step": 1e6, "flops_per_step": 1e9, "label": "grid",
+           "variant": "split:einsum", "achieved_bytes_per_s": 1e9, "achieved_tflops": 1e-3}
+    main = {"date": "d", "command": "first", "info": {}, "commands_supplementary": ["second"],
+            "sections": {"llama": {"decode": [dict(row, run="supplementary 1")], "started": 1,
+                                   "bandwidth": {"copy_bytes_per_s": 1e10, "read_bytes_per_s": 1e10}}}}
+    supp = {"command": "third", "sections": {"llama": {"decode": [dict(row, step_ms=0.5)], "started": 2}}}
+    paths = [tmp_path / "main.json", tmp_path / "supp.json"]
+    for p, obj in zip(paths, (main, supp)):
+        p.write_text(json.dumps(obj))
+    merge.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    (r,) = out["sections"]["llama"]["decode"]  # the newer figure replaces the older
+    assert r["run"] == "supplementary 2" and r["step_ms"] == 0.5
+    assert r["bw_fraction"] == pytest.approx(1e6 / 0.5e-3 / 1e10)
+    assert out["commands_supplementary"] == ["second", "third"]
+    assert "†2" in (tmp_path / "out.md").read_text()
