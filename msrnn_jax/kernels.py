@@ -10,7 +10,13 @@ from fitting on an H200 (benchmarks/results/decode-2026-11-29.md).
 
 Each program handles one (row, KV head, block of Cb slots); the value mix sums its
 per-block partial products afterwards (split-K), so a batch-1 step still has
-Hkv * C / Cb programs. On the CPU the kernels run in Pallas' interpreter (tests).
+Hkv * C / Cb programs. With one query head per KV head (MHA) a program multiplies and
+sums in float32; with several (GQA) it runs the product on tensor cores, the query
+rows padded to Triton's 16 and only the real rows stored. Timed alone on an H200
+(benchmarks/results/kernels-*.md), each choice is the faster for its case: MHA reads
+at ~100% of the copy bandwidth (80-83% padded for tensor cores); Mistral's G=4 at
+73-79% on tensor cores (33-39% multiplying and summing). On the CPU the kernels run
+in Pallas' interpreter (tests).
 """
 
 from __future__ import annotations
