@@ -210,6 +210,18 @@ def copy_bandwidth(nbytes: int = 4 * GiB, reps: int = 20) -> dict:
             "read_s": tr, "read_bytes_per_s": 4 * n / tr}
 
 
+def median_seconds(fn, *args, reps: int) -> float:
+    """fn(*args) once to compile and warm, then the median wall time of `reps` calls, each
+    waited for (block_until_ready)."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def matmul_rate(n: int = 8192, reps: int = 10) -> dict:
     """bf16 matrix-product rate: one [n, n] x [n, n] product (float32 accumulation, bf16
     out), 2 n^3 FLOPs / the median time of `reps` runs. The decode step's weight products
@@ -217,14 +229,7 @@ def matmul_rate(n: int = 8192, reps: int = 10) -> dict:
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(k1, (n, n), jnp.bfloat16)
     b = jax.random.normal(k2, (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    t = float(np.median(ts))
+    t = median_seconds(jax.jit(lambda x, y: x @ y), a, b, reps=reps)
     del a, b
     return {"n": n, "s": t, "flops_per_s": 2 * n ** 3 / t}
 

@@ -47,7 +47,7 @@ import threading
 import time
 
 from .common import now_tag, write_json
-from .report import analyse, render
+from .report import analyse, markdown_path, render
 
 SECTIONS = ("probe", "probe2", "llama", "hf", "prefill", "mistral")
 DEFAULT_SECTIONS = ("llama", "mistral", "hf", "prefill")
@@ -211,7 +211,7 @@ def main(argv=None):
         todo, extra = resume_plan(prev, todo, extra)
         if not todo:
             print(f"{args.resume}: nothing skipped, nothing to run")
-            return args.resume, args.resume[:-5] + ".md"
+            return args.resume, markdown_path(args.resume)
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -272,7 +272,7 @@ def main(argv=None):
             run = json.load(f)
         n = len(prev.get("commands_supplementary") or []) + 1
         merged = merge_runs(prev, run, f"supplementary {n}")
-        json_path, md_path = args.resume, args.resume[:-5] + ".md"
+        json_path, md_path = args.resume, markdown_path(args.resume)
         write_json(json_path, merged)
         with open(md_path, "w") as f:
             f.write(render(merged))

@@ -597,7 +597,7 @@ def section_probe(args, results, save):
     n, reps = args.n_steps, args.reps
     for vi, variant in enumerate(args.variants.split(",")):
         _, impl = parse_variant(variant)
-        prm = params = _use_variant(variant, params)  # one layout on the device at a time
+        params = _use_variant(variant, params)  # one layout on the device at a time
         cases = [(c.split("/")[0], int(c.split("/")[1]), int(c.split("/")[2])) for c in args.probe_cases.split(",")]
         cases = [(p, C, args.probe_batch if B == 0 else B) for p, C, B in cases]
         if vi == 0 and args.probe_window:
@@ -607,7 +607,7 @@ def section_probe(args, results, save):
                 results["skipped"].append({"probe": variant, "policy": pname, "batch": B})
                 continue
             positions = [0, 4096, 16384] if (pname == "tova" and vi == 0 and args.probe_window) else [4096]
-            compiled, crec = run_decode_config(prm, cfg, pname, C, B, positions, n, reps, None, results,
+            compiled, crec = run_decode_config(params, cfg, pname, C, B, positions, n, reps, None, results,
                                                "probe", {"variant": variant}, impl)
             if compiled is None:
                 continue
@@ -625,7 +625,7 @@ def section_probe(args, results, save):
                 tok = jnp.ones((B,), jnp.int32)
 
                 def go():
-                    r = compiled(prm, holder["state"], tok)
+                    r = compiled(params, holder["state"], tok)
                     jax.block_until_ready(r)
                     holder["state"] = r[1]
 

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from msrnn_jax import kernels
 
-from .common import copy_bandwidth, device_info, now_tag, write_json
+from .common import copy_bandwidth, device_info, median_seconds, now_tag, write_json
+from .report import markdown_path
 
 F32 = jnp.float32
 DEFAULT_CASES = "llama-C256-B912:912:32:1:256,llama-C512-B456:456:32:1:512,mistral-C512-B1792:1792:8:4:512"
@@ -54,16 +53,6 @@ def _repeated(fn, repeat: int):
     return run
 
 
-def _time(run, x, buf, reps: int) -> float:
-    jax.block_until_ready(run(x, buf))  # compile + warm
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(x, buf))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float) -> dict:
     name, B, H, G, C = case.split(":")
     B, H, G, C, D = int(B), int(H), int(G), int(C), 128
@@ -84,7 +73,7 @@ def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float
                 ref_s, ref_m = s_out, m_out
             row["max_abs_diff"] = [float(jnp.max(jnp.abs(s_out - ref_s))), float(jnp.max(jnp.abs(m_out - ref_m)))]
             for what, fn, x, buf in (("scores", scores, q, K), ("mix", mix, w, V)):
-                t = _time(_repeated(fn, repeat), x, buf, reps) / repeat
+                t = median_seconds(_repeated(fn, repeat), x, buf, reps=reps) / repeat
                 row[f"{what}_us"] = t * 1e6
                 row[f"{what}_bw_frac"] = layer_bytes / t / bw
         except Exception as e:  # a variant Triton cannot lower is reported, not fatal
@@ -126,7 +115,7 @@ def render(out: dict) -> str:
 
 def _write(path: str, out: dict) -> None:
     write_json(path, out)
-    with open(path[:-5] + ".md" if path.endswith(".json") else path + ".md", "w") as f:
+    with open(markdown_path(path), "w") as f:
         f.write(render(out))
 
 

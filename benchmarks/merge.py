@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .report import analyse, render
+from .report import analyse, markdown_path, render
 
 
 def _gkey(r):
@@ -85,7 +85,7 @@ def main(argv=None):
             merged["notes"] = f.read()
     with open(args.out, "w") as f:
         json.dump(merged, f, indent=1)
-    with open(args.out[:-5] + ".md", "w") as f:
+    with open(markdown_path(args.out), "w") as f:
         f.write(render(merged))
 
 

@@ -9,6 +9,11 @@ TARGETS = {"batch1_bw": 0.70, "tova_vs_window": 1.10, "table1_bw": 0.60, "vs_hf"
 TABLE1_CONFIGS = 13  # full + (tova, window, sink) x C in {256, 512, 1024, 2048}
 
 
+def markdown_path(json_path: str) -> str:
+    """The Markdown report beside a JSON result: x.json -> x.md."""
+    return json_path.removesuffix(".json") + ".md"
+
+
 def _f(x, nd=2):
     if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
         return "—"
