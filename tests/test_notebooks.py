@@ -1,5 +1,6 @@
-"""The notebooks in notebooks/: committed without outputs, in sync with notebooks/build.py,
-and run top to bottom (nbclient, small settings via MSRNN_NB_SMALL=1) without error."""
+"""The notebooks in notebooks/: each a jupytext percent-format source NN_name.py paired with
+NN_name.ipynb, committed without outputs and in sync with its .py (`jupytext --sync`), and run
+top to bottom (nbclient, small settings via MSRNN_NB_SMALL=1) without error."""
 
 from __future__ import annotations
 
@@ -19,13 +20,6 @@ FIGURES = {NAMES[0]: 1, NAMES[1]: 7, NAMES[2]: 2}  # figures each notebook draws
 CELL_TIMEOUT_S = 300
 
 
-def _load_build():
-    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_every_notebook_is_listed():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(NAMES)
 
@@ -40,12 +34,25 @@ def test_committed_notebook_has_no_outputs(name):
             assert cell.execution_count is None, f"{name} cell {i} has an execution count"
 
 
-def test_notebooks_match_build_script():
-    built = _load_build().notebooks()
-    assert sorted(built) == sorted(NAMES)
-    for name, text in built.items():
-        assert (NOTEBOOKS / name).read_text(encoding="utf-8") == text, \
-            f"{name} differs from notebooks/build.py: run `python notebooks/build.py`"
+def test_every_notebook_has_its_py_pair():
+    py = sorted(p.stem for p in NOTEBOOKS.glob("*.py"))
+    ipynb = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+    assert py == ipynb, "every notebooks/*.py needs its .ipynb and vice versa (`jupytext --sync`)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_matches_its_py_source(name):
+    import jupytext  # a test dependency: the .py sources are jupytext percent-format notebooks
+
+    py = (NOTEBOOKS / name).with_suffix(".py")
+    source = jupytext.read(py)
+    assert source.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", \
+        f"{py.name} needs a jupytext header with `formats: ipynb,py:percent`"
+    committed = nbformat.read(NOTEBOOKS / name, as_version=4)
+    want = [(c.cell_type, c.source) for c in source.cells]
+    have = [(c.cell_type, c.source) for c in committed.cells]
+    assert have == want, (f"{name} differs from {py.name}: edit the .py, then run "
+                          f"`jupytext --to ipynb notebooks/{py.name}`")
 
 
 @pytest.mark.parametrize("name", NAMES)
