@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from msrnn_jax.config import ModelConfig, MsrnnError
+from ..config import ModelConfig, MsrnnError
 
 from ._common import as_dtype, cast_tree, one_line
 from .checkpoint import is_converted_folder, load_converted, save_converted

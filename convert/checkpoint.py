@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msrnn_jax.config import ModelConfig, MsrnnError
-from msrnn_jax.params import check_params
+from ..config import ModelConfig, MsrnnError
+from ..params import check_params
 
 from ._common import as_dtype, cast_tree, dtype_name, one_line
 

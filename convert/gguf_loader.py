@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msrnn_jax.config import ModelConfig, MsrnnError, UnsupportedConfigError
+from ..config import ModelConfig, MsrnnError, UnsupportedConfigError
 
 from ._common import as_dtype, one_line
 from .hf import assemble, expected_tensors

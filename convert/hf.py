@@ -16,8 +16,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from msrnn_jax.config import ModelConfig, MsrnnError
-from msrnn_jax.params import param_shapes
+from ..config import ModelConfig, MsrnnError
+from ..params import param_shapes
 
 from ._common import as_dtype, one_line
 

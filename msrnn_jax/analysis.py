@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from .api import NLLSummary, run_inputs
-from .config import ModelConfig, MsrnnError
+from .errors import InvalidArgument
+from .evaluate import NLLSummary, run_inputs
 from .model import scan_logits, token_nll
 from .policies import PerRow, Policy, make_policy, policy_name
 from .state import State
@@ -84,7 +84,7 @@ class Recording(NLLSummary):
     pos: np.ndarray     # [T, L, B, Hkv, C] int32 kept positions after step t; -1 = empty
 
 
-def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | None, tokens,
+def record_run(model, policy: str | Policy, capacity: int | None, tokens,
                sinks: int = 4, steps_per_call: int = 32) -> Recording:
     """Feed token rows [B, T] (or one list) through the exact step and record everything.
 
@@ -93,8 +93,10 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
     compile per policy and capacity; the last call is padded with inactive steps, which
     never touch the state), and only the NLL is kept from each call, so long texts need
     no [B, T, V] logits buffer: [B, steps_per_call, V] at a time.
-    The NLL equals `api.run_policy`'s for the same inputs.
+    The NLL equals `evaluate.run_policy`'s for the same inputs. `model`: a loaded
+    `Model` (or anything with `params` and `cfg`).
     """
+    params, cfg = model.params, model.cfg
     tokens, pol, capacity = run_inputs(policy, capacity, tokens, sinks)
     B, T = tokens.shape
     n_calls = -(-T // steps_per_call)
@@ -119,24 +121,24 @@ def record_run(params, cfg: ModelConfig, policy: str | Policy, capacity: int | N
     return Recording(policy_name(pol), int(capacity), tokens, nll, pos)
 
 
-def record_policies(params, cfg: ModelConfig, policies: Sequence[str | Policy], capacity: int,
+def record_policies(model, policies: Sequence[str | Policy], capacity: int,
                     tokens, sinks: int = 4, steps_per_call: int = 32) -> dict[str, Recording]:
     """Several bounded policies at one capacity, recorded in a single run: {name: Recording}.
 
     The policies run side by side as batch rows (`PerRow`: row b follows policy b % n, as in
-    `api.sweep`). Rows never interact, so each recording is exactly what `record_run` gives
+    `evaluate.sweep`). Rows never interact, so each recording is exactly what `record_run` gives
     for that policy alone; what they share is the reading of the weights at every step,
     which is most of a step's cost on a CPU. `full` is not a bounded policy: record it with
     `record_run` (or use the parallel forward pass)."""
     tokens = np.atleast_2d(np.asarray(tokens, np.int32))
-    pols = [make_policy(p, sinks) if isinstance(p, str) else p for p in policies]
+    pols = [make_policy(p, sinks) for p in policies]
     names = [policy_name(p) for p in pols]
     if not pols or any(p.name == "full" for p in pols) or len(set(names)) < len(names):
-        raise MsrnnError(f"record_policies needs distinct bounded policies, got {names}")
+        raise InvalidArgument(f"record_policies needs distinct bounded policies, got {names}")
     if len(pols) == 1:
-        return {names[0]: record_run(params, cfg, pols[0], capacity, tokens, sinks, steps_per_call)}
+        return {names[0]: record_run(model, pols[0], capacity, tokens, sinks, steps_per_call)}
     fused = PerRow(policies=tuple(pols))
-    both = record_run(params, cfg, fused, capacity, fused.spread(tokens), sinks, steps_per_call)
+    both = record_run(model, fused, capacity, fused.spread(tokens), sinks, steps_per_call)
     rows = [fused.rows_of(i, both.nll.shape[0]) for i in range(len(pols))]
     return {name: Recording(name, both.capacity, tokens, both.nll[r], both.pos[:, :, r])
             for name, r in zip(names, rows)}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from .config import MsrnnError, UsageError  # noqa: E402  (light imports only: jax loads lazily)
+from .errors import MsrnnError, UsageError  # noqa: E402  (light imports only: jax loads lazily)
 
 POLICIES_HELP = "full, window, sink, tova, tova-head, h2o, h2o-head"
 
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         if debug:
             raise
-        _error(e, 2)
+        _error(_flagged(e), 2)
         return 2
     except MsrnnError as e:
         if debug:
@@ -138,6 +139,16 @@ def main(argv=None) -> int:
             raise
         _error(f"{type(e).__name__}: {e}", 1)
         return 1
+
+
+def _flagged(e) -> str:
+    """A library message in the command line's words: the parameter at fault becomes its
+    flag (``top_k must be >= 1`` -> ``--top-k must be >= 1``)."""
+    msg, param = str(e), getattr(e, "param", None)
+    if not param:
+        return msg
+    flag = "--" + param.replace("_", "-")
+    return re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag, msg, count=1)
 
 
 def _error(msg, code):

@@ -8,51 +8,43 @@ import sys
 from pathlib import Path
 
 from . import api
-from .config import MsrnnError, UsageError
-from .generate import generate as _generate
-from .policies import make_policy, policy_name
+from .decoding import check_prefill
+from .errors import MsrnnError, UsageError, check_float, check_int
+from .evaluate import sweep
+from .policies import capacity_for, make_policy, policy_name
 from .sampling import Sampling
 
 
 # -- shared ---------------------------------------------------------------------------
 def _policy(args, name=None):
-    if args.sinks < 0:
-        raise UsageError(f"--sinks must be >= 0, got {args.sinks}")
+    check_int("sinks", args.sinks, minimum=0)
     return make_policy(name or args.policy, args.sinks)  # raises on an unknown name
 
 
 def _check_capacity(args, pol, capacity):
+    """The capacity flag for one policy: `full` ignores it (with a note)."""
     if pol.name == "full":
         if capacity is not None:
             print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
         return None
-    if capacity is None:
-        raise UsageError(f"--policy {policy_name(pol)} needs --capacity C")
-    pol.validate(capacity)
-    return capacity
+    return capacity_for(pol, capacity, 1)
 
 
 def _sampling(args) -> Sampling:
+    """Greedy unless a sampling flag is given; a given --temperature must be > 0 and a
+    given --top-k >= 1 (on the command line, giving a flag switches its filter on)."""
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if args.greedy and sampled:
         raise UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    if not sampled:
-        return Sampling()
-    t = 1.0 if args.temperature is None else args.temperature
-    if not t > 0:
-        raise UsageError(f"--temperature must be > 0 for sampling, got {t}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    return Sampling(temperature=t, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+    if args.temperature is not None:
+        check_float("temperature", args.temperature, low=0.0, low_open=True)
+    if args.top_k is not None:
+        check_int("top_k", args.top_k, minimum=1)
+    return Sampling.of(args.temperature, args.top_k, args.top_p)
 
 
 def _prefill_args(args):
-    if args.prefill == "chunked" and args.chunk is None:
-        raise UsageError("--prefill chunked needs --chunk S")
-    if args.chunk is not None and args.prefill != "chunked":
-        raise UsageError("--chunk applies to --prefill chunked only")
+    check_prefill(args.prefill, args.chunk)
 
 
 # -- ppl ------------------------------------------------------------------------------
@@ -65,11 +57,10 @@ def ppl(args):
         if not capacities:
             raise UsageError("--capacity C[,C...] is required by every policy but full")
         for p in policies:
-            if p.name != "full":
-                for c in capacities:
-                    p.validate(c)
-    if args.tokens is not None and args.tokens < 2:
-        raise UsageError(f"--tokens must be >= 2, got {args.tokens}")
+            for c in capacities:
+                capacity_for(p, c, 1)
+    if args.tokens is not None:
+        check_int("tokens", args.tokens, minimum=2)
     _prefill_args(args)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
@@ -93,7 +84,7 @@ def ppl(args):
     total = (n_full + (len(policies) - n_full) * len(capacities or [])) * rows.shape[0] * (rows.shape[1] - 1)
     results = []
     with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False, desc="perplexity") as bar:
-        for res in api.sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
+        for res in sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
                              fuse=not args.no_fuse, progress=bar.update):
             run, pol = res.run, res.policy
             rec = {"policy": policy_name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
@@ -175,22 +166,13 @@ class _Streamer:
         self.out.flush()
 
 
-def _chat_ids(model, messages, add_generation_prompt=True):
-    tok = model.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise MsrnnError(f"the model {model.source} has no chat template")
-    return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, return_dict=False))
-
-
 def generate(args):
     pol = _policy(args)
     # a saved state brings its own capacity; --capacity, if given, must agree with it
     cap = args.capacity if args.load_state else _check_capacity(args, pol, args.capacity)
     sampling = _sampling(args)
     _prefill_args(args)
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_int("max_new_tokens", args.max_new_tokens)
     if args.prompts and args.prompt:
         raise UsageError("give a prompt or --prompts FILE, not both")
     if args.prompts:
@@ -205,12 +187,7 @@ def generate(args):
             raise UsageError("empty prompt")
         prompts = [text]
     model = api.load_model(args.model, args.dtype)
-    if args.chat:
-        ids = [_chat_ids(model, [{"role": "user", "content": p}]) for p in prompts]
-    else:
-        ids = [model.encode(p) for p in prompts]
-    if any(len(i) == 0 for i in ids):
-        raise UsageError("the prompt encodes to no tokens")
+    ids = api.prompt_ids(model, prompts, chat=args.chat)
     state = None
     if args.load_state:
         from .state_io import load_state
@@ -218,9 +195,9 @@ def generate(args):
         state = load_state(args.load_state, model, pol, batch=len(ids), capacity=cap)
         cap = state.capacity
     streamer = _Streamer(model) if len(ids) == 1 else None
-    res = _generate(model.params, model.cfg, pol, cap, ids, args.max_new_tokens, sampling,
-                    seed=args.seed, prefill_mode=args.prefill, chunk=args.chunk, state=state,
-                    eos_ids=model.eos_ids, on_tokens=streamer)
+    res = api.generate(model, ids, args.max_new_tokens, policy=pol, capacity=cap, sampling=sampling,
+                       seed=args.seed, prefill=args.prefill, chunk=args.chunk, state=state,
+                       on_tokens=streamer)
     if streamer is not None:
         streamer.finish()
     else:
@@ -254,7 +231,7 @@ def chat(args):
     if args.prefill == "oneshot":
         raise UsageError("chat continues its state across turns: use --prefill exact or chunked")
     model = api.load_model(args.model, args.dtype)
-    cap = api.capacity_for(pol, cap, model.cfg.max_position_embeddings)
+    cap = capacity_for(pol, cap, model.cfg.max_position_embeddings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     state, consumed = None, ""
     interactive = sys.stdin.isatty()
@@ -276,9 +253,9 @@ def chat(args):
             consumed = prev
         new_ids = list(model.tokenizer(full[len(consumed):], add_special_tokens=False)["input_ids"])
         streamer = _Streamer(model)
-        res = _generate(model.params, model.cfg, pol, cap, [new_ids], args.max_new_tokens, sampling,
-                        seed=args.seed + len(messages), prefill_mode=args.prefill, chunk=args.chunk,
-                        state=state, eos_ids=model.eos_ids, on_tokens=streamer)
+        res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
+                           sampling=sampling, seed=args.seed + len(messages), prefill=args.prefill,
+                           chunk=args.chunk, state=state, on_tokens=streamer)
         streamer.finish()
         state = res.state
         reply = model.decode(res.tokens[0])
@@ -295,7 +272,7 @@ def chat(args):
 
 
 def _feed(model, pol, cap, state, text):
-    from .generate import prefill
+    from .decoding import prefill
 
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
@@ -305,7 +282,7 @@ def _feed(model, pol, cap, state, text):
 
 # -- convert ----------------------------------------------------------------------------
 def convert(args):
-    from convert import convert_cli
+    from msrnn_jax.convert import convert_cli
 
     convert_cli(args.src, args.out, args.dtype)
     print(f"converted {args.src} -> {args.out}", file=sys.stderr)

@@ -15,19 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MsrnnError, UnsupportedConfigError  # noqa: F401  (re-exported)
+
 FAMILIES = ("llama", "mistral", "qwen2")
-
-
-class MsrnnError(Exception):
-    """An error that the command line reports as one line (exit status 1)."""
-
-
-class UsageError(MsrnnError):
-    """Bad command-line usage (exit status 2)."""
-
-
-class UnsupportedConfigError(MsrnnError):
-    """A checkpoint asks for math this implementation does not do."""
 
 
 @dataclasses.dataclass(frozen=True)

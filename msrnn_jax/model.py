@@ -20,7 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import kernels
+from . import attention
+from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
 from .config import ModelConfig
 from .policies import Policy, select_keep, step_choice
 from .state import State
@@ -81,52 +82,11 @@ def _visible(cfg: ModelConfig, key_pos, query_pos):
 
 
 # -- the recurrent step ----------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class StepImpl:
-    """How `step` computes (never what it computes); a static argument, so every choice
-    is its own compiled program. The benchmarks compare them (benchmarks/results/).
-
-    layer_loop: "scan" (lax.scan over the stacked layers: one compiled layer body) or
-      "unroll" (a Python loop with static layer indices). `params["layers"]` given as a
-      list of per-layer dicts (see `split_layers`) is always unrolled.
-    attention: how the query meets the kept slots: "einsum" (dot_general), "reduce"
-      (multiply + sum) or "pallas" (`kernels`: custom kernels that read the layer's slots
-      in the whole keys and values buffers; with unrolled layers they read them in
-      place, in a scanned layer loop XLA hands them a copy of each layer's slice).
-      With XLA's own kernels (einsum, reduce) on GPU and one query head per KV head
-      (Llama-2's MHA), XLA carried the keys or values in a transposed layout through a
-      decode loop (a whole-buffer transpose on entry and exit, a state-sized
-      temporary), and its autotuner needed a scratch copy of a whole buffer: at the
-      largest batches neither fits. Neither happens to a custom call. At small batches
-      XLA's einsum is a little faster (benchmarks/results/).
-    unroll_barrier: unrolled layers get an optimization barrier on the hidden state
-      between layers, so that XLA keeps each layer's work (and its state read) in order.
-    score_barrier: on GPU, materialise the query-key scores with their own kernel
-      (XLA's kernels only). Without it XLA fused the product over D into the softmax's
-      fusion, which re-read the keys with poor coalescing (~3x the read time at large
-      batch; measured when the softmax still joined the scores to C + 1).
-    """
-    layer_loop: str = "scan"
-    attention: str = "einsum"
-    unroll_barrier: bool = True
-    score_barrier: bool = True
-
-    def __post_init__(self):
-        if self.layer_loop not in ("scan", "unroll"):
-            raise ValueError(f"layer_loop must be 'scan' or 'unroll', got {self.layer_loop!r}")
-        if self.attention not in ("einsum", "reduce", "pallas"):
-            raise ValueError(f"attention must be 'einsum', 'reduce' or 'pallas', got {self.attention!r}")
-
-
-DEFAULT_IMPL = StepImpl()
-
-
 def split_layers(params):
     """The same parameters with `layers` as a list of per-layer dicts. `step` then unrolls
-    the layers and reads each weight where it lies; with stacked layers XLA GPU copies
-    every layer's weights out of the stack in each step (2.4x slower decoding at batch 1
-    on an H200, benchmarks/results/). The parallel paths (`forward_parallel`,
-    `chunk_step`) restack such params inside their program: one weight copy per call."""
+    the layers and reads each weight where it lies (the fast layout on GPU, see
+    `attention`). The parallel paths (`forward_parallel`, `chunk_step`) restack such
+    params inside their program: one weight copy per call."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
@@ -142,112 +102,45 @@ def stacked_layers(params):
     return layers
 
 
-def _slot_scores(q, K, attention):
-    """q [B,Hkv,G,D] . K [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (products exact, f32 sums)."""
-    if attention == "reduce":
-        return jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
-    return jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
-
-
-def _slot_mix(w, V, attention):
-    """w [B,Hkv,G,C] (V's dtype) . V [B,Hkv,C,D] -> [B,Hkv,G,D] float32."""
-    if attention == "reduce":
-        return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
-    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
-
-
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
          impl: StepImpl = DEFAULT_IMPL):
-    """One token per row through every layer. tokens: int [B]; active: bool [B] (rows
-    with active=False leave their state untouched); impl: how (see `StepImpl`).
-    Returns (logits [B, V] f32, state)."""
+    """One token per row through every layer (docs/design.md, "One step").
+
+    tokens: int [B]; active: bool [B] (inactive rows leave their state untouched);
+    impl: how the products and the layer loop are computed (`attention.StepImpl`).
+    Returns (logits [B, V] f32, the new state)."""
     B, C = state.batch, state.capacity
     Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    if active is None:
-        active = jnp.ones((B,), bool)
-    p = state.length  # [B] position of the new token
-    x = params["embed"][tokens]  # [B, E]
-    b_idx = jnp.arange(B)[:, None]
-    h_idx = jnp.arange(Hkv)[None, :]
+    active = jnp.ones((B,), bool) if active is None else active
+    p = state.length  # [B] the new token's position
+    new_pos = jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))
 
-    pallas = impl.attention == "pallas"
-
-    def layer(x, lp, K, V, P, S, l=None):
-        """One layer against its slice of the state. K, V: [B,Hkv,C,D] (or, given the
-        layer l, the whole buffers [L,B,Hkv,C,D], which the Pallas kernels read in place);
-        P, S: [B,Hkv,C]. Returns x and what to write back: (k, v [B,Hkv,D],
-        slot [B,Hkv], scores [B,Hkv,C])."""
-        if pallas and l is None:
-            K, V, l = K[None], V[None], 0
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = qkv(cfg, lp, h, p)  # [B,Hq,D], [B,Hkv,D], [B,Hkv,D]
+    def layer(x, lp, K, V, P, S, l):
+        """x [B,E]; this layer's slots K, V [B,Hkv,C,D], P, S [B,Hkv,C]. Returns x and what
+        to write: (k, v [B,Hkv,D], slot [B,Hkv] in [0, C], scores [B,Hkv,C])."""
+        # 1. q, k, v of the new token, RoPE at its position
+        q, k, v = qkv(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), p)
         q = q.reshape(B, Hkv, G, D)
-
-        # 2-3. attend over the kept slots plus the new token; softmax in float32
-        scale = 1.0 / math.sqrt(D)
-        if pallas:
-            s_old = kernels.slot_scores(q, K, l)
-        else:
-            s_old = _slot_scores(q, K, impl.attention)
-        if impl.score_barrier and not pallas and jax.default_backend() != "cpu":  # a GPU fusion problem; costs on CPU
-            s_old = jax.lax.optimization_barrier(s_old)
-        s_old = s_old * scale
-        s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
-        s_old = jnp.where(_visible(cfg, P, p[:, None, None])[:, :, None, :], s_old, -jnp.inf)
-        # softmax over the C slots and the new token, the two parts kept apart: a
-        # concatenation of the scores to C + 1 made XLA GPU fuse the new token's q.k
-        # reduction into a slow concatenate kernel (~6 ms per step at B=912)
-        m = jnp.maximum(s_old.max(-1), s_new)  # the new token is always visible: finite
-        e_old, e_new = jnp.exp(s_old - m[..., None]), jnp.exp(s_new - m)
-        den = e_old.sum(-1) + e_new
-        w_old32, w_new = e_old / den[..., None], e_new / den  # [B,Hkv,G,C], [B,Hkv,G]
-        w_old = w_old32.astype(V.dtype)
-        out = kernels.slot_mix(w_old, V, l) if pallas else _slot_mix(w_old, V, impl.attention)
-        out = out + w_new[..., None] * v[:, :, None, :].astype(F32)
+        # 2-3. attend over the kept slots plus the new token (softmax in float32)
+        out, w_old, w_new = attention.attend(q, k, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
-
-        # 4. the policy picks one of the C + 1 candidates to drop
-        cand_pos = jnp.concatenate([P, jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))], -1)
-        # the policies read the attention averaged over the query heads of a KV head (and,
-        # layer-wise, over those averages): average before joining the new token's column
-        w = jnp.concatenate([w_old32.mean(2), w_new.mean(2)[..., None]], -1)[:, :, None]  # [B,Hkv,1,C+1]
-        slot, cand_score = step_choice(policy, w, cand_pos, S)  # [B,Hkv] in [0, C]
-        slot = jnp.where(active[:, None], slot, C)  # C = "drop the new token" = no write
-        if policy.uses_score:
-            new_s = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
-            S = jnp.where(active[:, None, None], new_s, S)
+        # 4. the policy picks one of the C + 1 candidates to drop, from the attention
+        #    averaged over the query heads of each KV head
+        w = jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1)  # [B,Hkv,C+1]
+        slot, cand_score = step_choice(policy, w, jnp.concatenate([P, new_pos], -1), S)
+        slot = jnp.where(active[:, None], slot, C)  # C = drop the new token = no write
+        if policy.uses_score:  # H2O: the dropped slot's score becomes the new token's
+            kept = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
+            S = jnp.where(active[:, None, None], kept, S)
         return x, (k, v, slot, S)
 
-    # Every layer reads its slice of the old state; the new entries of all layers are
-    # written afterwards in one in-place scatter (slot C is out of range: no write). A
-    # write inside the layer loop would make XLA copy the whole state once per layer.
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)) or impl.layer_loop == "unroll":
-        outs = []
-        for l in range(cfg.num_layers):
-            lp = layers[l] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[l], layers)
-            if l and impl.unroll_barrier:
-                x = jax.lax.optimization_barrier(x)
-            if pallas:  # the kernels read layer l of the whole buffers
-                x, o = layer(x, lp, state.keys, state.values, state.pos[l], state.score[l], l)
-            else:
-                x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l])
-            outs.append(o)
-        k, v, slot, score = (jnp.stack(a) for a in zip(*outs))
-        # The last layer's reads of the state feed only the logits (and, for window and
-        # sink, not the choice of slot), so nothing orders them before the in-place
-        # writes below, and XLA would copy the whole keys and values buffers each step to
-        # keep those reads valid. Make each row's written entries depend on that row's
-        # output (adding 0 * x: a data dependency and no other effect; an optimization
-        # barrier does not order them).
-        dep = (0 * x[None, :, :1, None]).astype(k.dtype)
-        k, v = k + dep, v + dep
-    else:
-        x, (k, v, slot, score) = jax.lax.scan(
-            lambda x, xs: layer(x, *xs), x,
-            (layers, state.keys, state.values, state.pos, state.score))
-    at = (jnp.arange(cfg.num_layers)[:, None, None], b_idx[None], h_idx[None], slot)  # [L,B,Hkv]
+    # every layer reads the old state; all layers' new entries are written afterwards in
+    # one in-place scatter (a write inside the loop would copy the state once per layer)
+    x, (k, v, slot, score) = attention.over_layers(layer, params["embed"][tokens], params["layers"],
+                                                   state, impl)
+    at = (jnp.arange(cfg.num_layers)[:, None, None], jnp.arange(B)[None, :, None],
+          jnp.arange(Hkv)[None, None, :], slot)  # [L,B,Hkv]; slot C is out of range: no write
     state = State(
         keys=state.keys.at[at].set(k.astype(state.keys.dtype), mode="drop"),
         values=state.values.at[at].set(v.astype(state.values.dtype), mode="drop"),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import UsageError
+from .errors import InvalidArgument, check_int
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -40,8 +40,8 @@ class Policy:
         raise NotImplementedError
 
     def validate(self, capacity: int) -> None:
-        if capacity < 1:
-            raise UsageError(f"capacity must be >= 1, got {capacity}")
+        """Raise InvalidArgument unless this policy can run with `capacity` slots."""
+        check_int("capacity", capacity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,14 @@ class Sink(Policy):
     def eviction_keys(self, pos, attn, score, capacity):
         return (jnp.where(pos < self.sinks, _BIG, pos),)
 
+    def __post_init__(self):
+        check_int("sinks", self.sinks, minimum=0)
+
     def validate(self, capacity: int) -> None:
         super().validate(capacity)
-        if self.sinks < 0:
-            raise UsageError(f"--sinks must be >= 0, got {self.sinks}")
         if capacity <= self.sinks:
-            raise UsageError(f"sink policy needs capacity > sinks, got capacity {capacity} "
-                             f"and sinks {self.sinks}")
+            raise InvalidArgument(f"the sink policy needs capacity > sinks, got capacity {capacity} "
+                                  f"and sinks {self.sinks}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,34 +145,51 @@ class PerRow(Policy):
 POLICY_NAMES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
 
 
-def make_policy(name: str, sinks: int = 4) -> Policy:
-    """Policy from its command-line name."""
-    if name == "full":
+def make_policy(name: str | Policy, sinks: int = 4) -> Policy:
+    """A policy from its name (case-insensitive; see POLICY_NAMES); a Policy is returned
+    as it is."""
+    if isinstance(name, Policy):
+        return name
+    key = str(name).strip().lower()
+    if key == "full":
         return Full()
-    if name == "window":
+    if key == "window":
         return Window()
-    if name == "sink":
+    if key == "sink":
         return Sink(sinks=sinks)
-    if name in ("tova", "tova-head"):
-        return Tova(head_wise=name.endswith("-head"))
-    if name in ("h2o", "h2o-head"):
-        return H2O(head_wise=name.endswith("-head"))
-    raise UsageError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+    if key in ("tova", "tova-head"):
+        return Tova(head_wise=key.endswith("-head"))
+    if key in ("h2o", "h2o-head"):
+        return H2O(head_wise=key.endswith("-head"))
+    raise InvalidArgument(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+
+
+def make_policies(names) -> list[Policy]:
+    """A list of policies from names (or a comma-separated string); at least one."""
+    if isinstance(names, (str, Policy)):
+        names = [names] if isinstance(names, Policy) else [n for n in names.split(",") if n.strip()]
+    pols = [make_policy(n) for n in names]
+    if not pols:
+        raise InvalidArgument("need at least one policy")
+    return pols
 
 
 def capacity_for(policy: Policy, capacity: int | None, needed: int, bucket: int = 1) -> int:
-    """The state size a run needs. `full` keeps every token: `needed` slots, rounded up to
-    a multiple of `bucket` (so calls of similar lengths share a compile); every other
-    policy needs its capacity, validated."""
+    """The state size a run needs, checked once here for every caller. `full` keeps every
+    token: `needed` slots, rounded up to a multiple of `bucket` (so calls of similar
+    lengths share a compile), whatever `capacity` says; every other policy needs its
+    capacity, validated."""
     if policy.name == "full":
         return -(-max(needed, 1) // bucket) * bucket
     if capacity is None:
-        raise UsageError(f"policy {policy_name(policy)!r} needs a capacity (--capacity C)")
+        raise InvalidArgument(f"policy {policy_name(policy)} needs capacity C (the number of slots)",
+                              "capacity")
     policy.validate(capacity)
-    return capacity
+    return int(capacity)
 
 
 def policy_name(policy: Policy) -> str:
+    """The policy's name as `make_policy` takes it (tova-head, h2o-head, ...)."""
     return policy.name + ("-head" if policy.head_wise and policy.name in ("tova", "h2o") else "")
 
 
@@ -194,21 +212,20 @@ def lex_argmin(keys) -> jax.Array:
 def step_choice(policy: Policy, w, cand_pos, prev_score):
     """The policy's decision for one layer of one step.
 
-    w: float32 [B, Hkv, G, C+1] attention of every query head over the kept slots and the
-    new token (last); cand_pos: int32 [B, Hkv, C+1]; prev_score: float32 [B, Hkv, C].
-    Returns (slot [B, Hkv] in [0, C], C meaning "drop the new token"; the candidates'
-    updated scores [B, Hkv, C+1], which H2O keeps)."""
-    B, Hkv, _, n = w.shape
+    w: float32 [B, Hkv, C+1], the attention over the kept slots and the new token (last),
+    averaged over the query heads of each KV head (a_h); cand_pos: int32 [B, Hkv, C+1];
+    prev_score: float32 [B, Hkv, C]. Returns (slot [B, Hkv] in [0, C], C meaning "drop
+    the new token"; the candidates' updated scores [B, Hkv, C+1], which H2O keeps)."""
+    B, Hkv, n = w.shape
     if isinstance(policy, PerRow):
         choices = [step_choice(p, w, cand_pos, prev_score) for p in policy.policies]
         which = jnp.arange(B) % len(policy.policies)
         slot = jnp.stack([c[0] for c in choices])[which, jnp.arange(B)]
         score = jnp.stack([c[1] for c in choices])[which, jnp.arange(B)]
         return slot, score
-    if policy.head_wise:
-        attn = w.mean(2)  # a_h: averaged over the query heads that share a KV head
-    else:
-        attn = jnp.broadcast_to(w.mean((1, 2))[:, None, :], (B, Hkv, n))  # a: the whole layer
+    # layer-wise: a, the average over every query head of the layer (KV heads serve
+    # equally many query heads, so it is the mean of the a_h)
+    attn = w if policy.head_wise else jnp.broadcast_to(w.mean(1, keepdims=True), w.shape)
     score = jnp.concatenate([prev_score, jnp.zeros((B, Hkv, 1), jnp.float32)], -1) + attn
     return drop_slot(policy, cand_pos, attn, score, n - 1), score
 

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .config import UsageError
+from .errors import check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,12 +19,20 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.temperature != self.temperature:
-            raise UsageError(f"temperature must be > 0 for sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"top-k must be >= 1, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_float("temperature", self.temperature, low=0.0)
+        check_int("top_k", self.top_k, minimum=0)
+        check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+
+    @classmethod
+    def of(cls, temperature: float | None = None, top_k: int | None = None,
+           top_p: float | None = None) -> "Sampling":
+        """Greedy when nothing is given; otherwise sampling at `temperature` (default 1)
+        with the filters given. temperature 0 is greedy."""
+        if temperature is None and top_k is None and top_p is None:
+            return GREEDY
+        t = 1.0 if temperature is None else temperature
+        return cls(temperature=t, top_k=0 if top_k is None else top_k,
+                   top_p=1.0 if top_p is None else top_p)
 
     @property
     def greedy(self) -> bool:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import MsrnnError, UsageError
+from .errors import MsrnnError, UsageError
 from .policies import Policy, policy_name
 from .state import State
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from msrnn_jax import analysis, api, plots
+from msrnn_jax import analysis, api, evaluate, plots
 from msrnn_jax.config import ModelConfig
 from msrnn_jax.params import init_params
 
@@ -141,8 +141,8 @@ def test_first_token_attention():
 def test_record_run_matches_run_policy(tiny, policy, capacity):
     params, tokens = tiny
     T = tokens.shape[1]
-    rec = analysis.record_run(params, CFG, policy, capacity, tokens, steps_per_call=5)
-    run = api.run_policy(api.Model(CFG, params, None, "tiny"), policy, capacity, tokens)
+    rec = analysis.record_run(api.Model(CFG, params), policy, capacity, tokens, steps_per_call=5)
+    run = evaluate.run_policy(api.Model(CFG, params, None, "tiny"), policy, capacity, tokens)
     C = T if policy == "full" else capacity
     assert rec.policy == policy and rec.capacity == C
     assert rec.nll.shape == (2, T - 1) and rec.pos.shape == (T, CFG.num_layers, 2, CFG.num_kv_heads, C)
@@ -156,7 +156,7 @@ def test_record_run_matches_run_policy(tiny, policy, capacity):
 
 def test_record_run_window_is_the_last_c_tokens(tiny):
     params, tokens = tiny
-    rec = analysis.record_run(params, CFG, "window", 3, tokens)
+    rec = analysis.record_run(api.Model(CFG, params), "window", 3, tokens)
     for t in range(tokens.shape[1]):
         assert sorted(rec.pos[t, 1, 0, 1].tolist()) == sorted(
             list(range(max(0, t - 2), t + 1)) + [-1] * max(0, 2 - t))
@@ -165,16 +165,16 @@ def test_record_run_window_is_the_last_c_tokens(tiny):
 def test_record_policies_equals_one_run_per_policy(tiny):
     params, tokens = tiny
     names = ["window", "sink", "h2o", "tova", "tova-head"]
-    recs = analysis.record_policies(params, CFG, names, 5, tokens, sinks=2, steps_per_call=4)
+    recs = analysis.record_policies(api.Model(CFG, params), names, 5, tokens, sinks=2, steps_per_call=4)
     assert list(recs) == names
     for name in names:
-        alone = analysis.record_run(params, CFG, name, 5, tokens, sinks=2)
+        alone = analysis.record_run(api.Model(CFG, params), name, 5, tokens, sinks=2)
         rec = recs[name]
         assert rec.policy == name and rec.capacity == 5
         np.testing.assert_array_equal(rec.tokens, tokens)
         np.testing.assert_array_equal(rec.pos, alone.pos)
         np.testing.assert_allclose(rec.nll, alone.nll, rtol=1e-5, atol=1e-5)
-    one = analysis.record_policies(params, CFG, ["tova"], 5, tokens)
+    one = analysis.record_policies(api.Model(CFG, params), ["tova"], 5, tokens)
     np.testing.assert_array_equal(one["tova"].pos, recs["tova"].pos)
 
 
@@ -182,17 +182,17 @@ def test_record_policies_rejects_full_and_duplicates(tiny):
     params, tokens = tiny
     for bad in (["full", "tova"], ["tova", "tova"], []):
         with pytest.raises(Exception, match="distinct bounded"):
-            analysis.record_policies(params, CFG, bad, 4, tokens)
+            analysis.record_policies(api.Model(CFG, params), bad, 4, tokens)
 
 
 def test_record_run_rejects_bad_input(tiny):
     params, tokens = tiny
     with pytest.raises(Exception):
-        analysis.record_run(params, CFG, "tova", None, tokens)
+        analysis.record_run(api.Model(CFG, params), "tova", None, tokens)
     with pytest.raises(Exception):
-        analysis.record_run(params, CFG, "tova", 4, tokens[:, :1])
+        analysis.record_run(api.Model(CFG, params), "tova", 4, tokens[:, :1])
     with pytest.raises(Exception):
-        analysis.record_run(params, CFG, "sink", 4, tokens, sinks=4)
+        analysis.record_run(api.Model(CFG, params), "sink", 4, tokens, sinks=4)
 
 
 # -- figures ---------------------------------------------------------------------------

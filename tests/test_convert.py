@@ -22,11 +22,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-import convert
-from convert import checkpoint as ckpt_mod
-from convert.checkpoint import MARKER, load_converted, save_converted
-from convert.gguf_loader import load_gguf
-from convert.hf import load_hf_folder, resolve_hub_id
+import msrnn_jax.convert as convert
+from msrnn_jax.convert import checkpoint as ckpt_mod
+from msrnn_jax.convert.checkpoint import MARKER, load_converted, save_converted
+from msrnn_jax.convert.gguf_loader import load_gguf
+from msrnn_jax.convert.hf import load_hf_folder, resolve_hub_id
 from msrnn_jax.config import ModelConfig, MsrnnError, UnsupportedConfigError
 from msrnn_jax.params import param_shapes
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert.hf import load_hf_folder
-from msrnn_jax.generate import decode_chunk, generate, prefill
+from msrnn_jax.convert.hf import load_hf_folder
+from msrnn_jax.decoding import decode_chunk, prefill
+from msrnn_jax.decoding import generate_tokens as generate
 from msrnn_jax.model import scan_last_logits
 from msrnn_jax.policies import make_policy
 from msrnn_jax.sampling import Sampling
@@ -137,7 +138,7 @@ def test_decode_rate_leaves_out_the_first_chunk(tiny, monkeypatch):
     at 40 tokens/s; the steady rate of this tiny model is far above."""
     import time
 
-    import msrnn_jax.generate as g
+    import msrnn_jax.decoding as g
 
     _, cfg, params = tiny
     real, calls = g.decode_chunk, []
@@ -149,6 +150,6 @@ def test_decode_rate_leaves_out_the_first_chunk(tiny, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(g, "decode_chunk", stalled_first)
-    res = g.generate(params, cfg, make_policy("window"), 16, prompts(1, [5]), 40, steps_per_call=4)
+    res = g.generate_tokens(params, cfg, make_policy("window"), 16, prompts(1, [5]), 40, steps_per_call=4)
     assert len(calls) == 10 and sum(len(t) for t in res.tokens) == 40
     assert res.decode_tokens_per_s > 80

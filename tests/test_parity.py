@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from convert.hf import load_hf_folder
+from msrnn_jax.convert.hf import load_hf_folder
 from msrnn_jax.model import forward_parallel, scan_logits
 from msrnn_jax.policies import make_policy
 from msrnn_jax.state import State

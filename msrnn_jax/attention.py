@@ -1,0 +1,148 @@
+"""How the decode step's query meets the kept slots, and how its layers are looped.
+
+`model.step` states *what* a step computes (docs/design.md, "One step"). This module
+holds *how*: the choices that change speed and memory, never results. They are bundled
+in `StepImpl`, a static argument, so that every choice is its own compiled program, and
+each is small and tested against the others (tests/test_step_impl.py).
+
+* `attend(q, k, v, keys, values, visible, impl, layer)`: the query's attention over the
+  C kept slots plus the new token, softmax in float32 (docs/design.md, step 3).
+* `over_layers(layer, x, params_layers, state, impl)`: run `layer` over every layer's
+  slice of the state, with `lax.scan` or unrolled.
+
+The reasons for each choice were measured on an H200 (benchmarks/README.md):
+
+- attention "einsum" (XLA dot_general, the default), "reduce" (multiply and sum), or
+  "pallas" (`kernels`: custom kernels that read the layer's slots inside the whole keys
+  and values buffers). With XLA's own kernels on GPU and one query head per KV head
+  (Llama-2's MHA), XLA carried the keys or values through a decode loop in a transposed
+  layout (a state-sized temporary) and its autotuner wanted a scratch copy of a whole
+  buffer: at the largest batches neither fits, and neither happens to a custom call. At
+  small batches XLA's einsum is a little faster.
+- The softmax keeps the slots' scores and the new token's score apart: concatenating
+  them to C + 1 made XLA GPU fuse the new token's q.k into a slow concatenate kernel
+  (~6 ms per step at B=912).
+- score_barrier: on GPU, the slot scores get their own kernel (XLA's kernels only).
+  Without it XLA fused the product over D into the softmax, which re-read the keys with
+  poor coalescing (~3x the read time at large batch). On the CPU the barrier only costs.
+- layer_loop "scan" (one compiled layer body over stacked layers: fast compiles, the
+  CPU default) or "unroll" (static layer indices). Per-layer params (`split_layers`)
+  are always unrolled: with stacked weights XLA GPU copied every layer's weights out of
+  the stack in each step (2.4x slower decoding at batch 1).
+- unroll_barrier: unrolled layers get an optimization barrier on the hidden state
+  between layers, so that XLA keeps each layer's work (and its state read) in order.
+- Unrolled layers also make each row's written entries depend on that row's output
+  (`0 * x`, no other effect): otherwise nothing orders the last layer's reads of the
+  state before the in-place write, and XLA copied the whole keys and values each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import kernels
+from .errors import InvalidArgument
+
+F32 = jnp.float32
+
+LAYER_LOOPS = ("scan", "unroll")
+ATTENTIONS = ("einsum", "reduce", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepImpl:
+    """How `model.step` computes (never what): see the module docstring for each field."""
+
+    layer_loop: str = "scan"
+    attention: str = "einsum"
+    unroll_barrier: bool = True
+    score_barrier: bool = True
+
+    def __post_init__(self):
+        for name, choices in (("layer_loop", LAYER_LOOPS), ("attention", ATTENTIONS)):
+            if getattr(self, name) not in choices:
+                raise InvalidArgument(f"unknown {name} {getattr(self, name)!r} "
+                                      f"(choose from {', '.join(choices)})")
+
+
+DEFAULT_IMPL = StepImpl()
+
+
+def _slot_scores(q, K, impl: StepImpl, layer):
+    """q [B,Hkv,G,D] . K -> [B,Hkv,G,C] float32 (f32 sums). K: [B,Hkv,C,D], or the
+    whole keys [L,B,Hkv,C,D] with the layer index for Pallas."""
+    if impl.attention == "pallas":
+        return kernels.slot_scores(q, K, layer)
+    if impl.attention == "reduce":
+        s = jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
+    else:
+        s = jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
+    if impl.score_barrier and jax.default_backend() != "cpu":
+        s = jax.lax.optimization_barrier(s)
+    return s
+
+
+def _slot_mix(w, V, impl: StepImpl, layer):
+    """w [B,Hkv,G,C] (V's dtype) . V -> [B,Hkv,G,D] float32 (V as K in `_slot_scores`)."""
+    if impl.attention == "pallas":
+        return kernels.slot_mix(w, V, layer)
+    if impl.attention == "reduce":
+        return jnp.sum(w[..., None].astype(F32) * V[:, :, None, :, :].astype(F32), -2)
+    return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
+
+
+def attend(q, k, v, keys, values, visible, impl: StepImpl = DEFAULT_IMPL, layer: int = 0):
+    """One query per row over its layer's C kept slots plus the new token.
+
+    q: [B,Hkv,G,D] (G query heads per KV head); k, v: [B,Hkv,D], the new token's;
+    keys, values: the layer's slots [B,Hkv,C,D] ([L,B,Hkv,C,D] and `layer` for Pallas);
+    visible: bool [B,Hkv,C], the slots the query may see (the new token always can).
+    Returns (out [B,Hkv,G,D] f32, weights over the slots [B,Hkv,G,C] f32, weight of the
+    new token [B,Hkv,G] f32): softmax over the C + 1 candidates, scores scaled 1/sqrt(D).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s_old = _slot_scores(q, keys, impl, layer) * scale
+    s_old = jnp.where(visible[:, :, None, :], s_old, -jnp.inf)
+    s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
+    m = jnp.maximum(s_old.max(-1), s_new)  # finite: the new token is always visible
+    e_old, e_new = jnp.exp(s_old - m[..., None]), jnp.exp(s_new - m)
+    den = e_old.sum(-1) + e_new
+    w_old, w_new = e_old / den[..., None], e_new / den
+    out = _slot_mix(w_old.astype(values.dtype), values, impl, layer)
+    return out + w_new[..., None] * v[:, :, None, :].astype(F32), w_old, w_new
+
+
+def over_layers(layer: Callable, x, layers, state, impl: StepImpl = DEFAULT_IMPL):
+    """Run `layer(x, lp, keys, values, pos, score, l) -> (x, writes)` over every layer.
+
+    layers: the stacked layer params (a dict of [L, ...] arrays) or a list of per-layer
+    dicts (`split_layers`). `keys`/`values` are the layer's slice [B,Hkv,C,D] or, for
+    Pallas, the whole buffers [L,B,Hkv,C,D] with the static index l. Returns (x, writes
+    stacked on a leading L axis)."""
+    per_layer = isinstance(layers, (list, tuple))
+    if not per_layer and impl.layer_loop == "scan":
+        if impl.attention == "pallas":
+            return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1][None], xs[2][None], *xs[3:], 0), x,
+                                (layers, state.keys, state.values, state.pos, state.score))
+        return jax.lax.scan(lambda x, xs: layer(x, *xs, 0), x,
+                            (layers, state.keys, state.values, state.pos, state.score))
+    outs = []
+    for l in range(state.keys.shape[0]):
+        lp = layers[l] if per_layer else jax.tree.map(lambda a: a[l], layers)
+        if l and impl.unroll_barrier:
+            x = jax.lax.optimization_barrier(x)
+        if impl.attention == "pallas":  # the kernels read layer l inside the whole buffers
+            x, o = layer(x, lp, state.keys, state.values, state.pos[l], state.score[l], l)
+        else:
+            x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l], l)
+        outs.append(o)
+    writes = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    # order the last layer's state reads before the in-place write (module docstring)
+    k, v = writes[0], writes[1]
+    dep = (0 * x[None, :, :1, None]).astype(k.dtype)
+    return x, (k + dep, v + dep) + tuple(writes[2:])

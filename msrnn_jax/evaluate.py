@@ -1,0 +1,151 @@
+"""Perplexity runs: one policy, or a sweep of policies and capacities, over token rows.
+
+Every function takes a loaded model (`msrnn_jax.Model`, or anything with `params` and
+`cfg`) and feeds the text through the exact step (docs/design.md, "Perplexity") or in
+chunks, one compiled scan call at a time, keeping only each next-token loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .decoding import check_prefill
+from .errors import InvalidArgument
+from .model import chunk_step, scan_nll, token_nll
+from .policies import PerRow, Policy, capacity_for, make_policy
+from .state import State
+
+if TYPE_CHECKING:
+    from .api import Model
+
+STEPS_PER_CALL = 256  # tokens per compiled scan call in perplexity runs (progress, memory)
+PPL_PREFILL_MODES = ("exact", "chunked")
+
+
+def run_inputs(policy: str | Policy, capacity: int | None, tokens, sinks: int = 4):
+    """What a run over token rows needs: (tokens int32 [B, T] with T >= 2, the policy,
+    the state size)."""
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    if tokens.shape[1] < 2:
+        raise InvalidArgument(f"need at least 2 tokens, got {tokens.shape[1]}")
+    pol = make_policy(policy, sinks)
+    return tokens, pol, capacity_for(pol, capacity, tokens.shape[1])
+
+
+class NLLSummary:
+    """Mean NLL and perplexity of an `nll` array of next-token losses."""
+
+    nll: np.ndarray
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.mean())
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+@dataclasses.dataclass
+class PolicyRun(NLLSummary):
+    nll: np.ndarray          # [B, T-1] NLL of each next-token prediction
+    state: State
+    seconds: float           # steady state: compilation excluded
+    compile_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.nll.size / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
+               sinks: int = 4, prefill: str = "exact", chunk: int | None = None,
+               steps_per_call: int = STEPS_PER_CALL,
+               progress: Callable[[int], None] | None = None) -> PolicyRun:
+    """Run one policy over token rows [B, T] (or one list) and return every next-token NLL.
+
+    The text is fed in calls of `steps_per_call` tokens (`exact`) or `chunk` tokens
+    (`chunked`), each compiled once; the last call is padded with inactive steps, which
+    never touch the state. `progress(n)` is told how many tokens each call consumed.
+    """
+    tokens, pol, cap = run_inputs(policy, capacity, tokens, sinks)
+    B, T = tokens.shape
+    prefill, chunk = check_prefill(prefill, chunk, PPL_PREFILL_MODES)
+    width = chunk if prefill == "chunked" else min(steps_per_call, T)
+    n_calls = -(-(T - 1) // width)
+    inputs = np.zeros((B, n_calls * width), np.int32)
+    targets = np.zeros_like(inputs)
+    active = np.zeros(inputs.shape, bool)
+    inputs[:, : T - 1], targets[:, : T - 1], active[:, : T - 1] = tokens[:, :-1], tokens[:, 1:], True
+
+    def call(state, c):
+        sl = slice(c * width, (c + 1) * width)
+        x, y, a = (jnp.asarray(v[:, sl]) for v in (inputs, targets, active))
+        if prefill == "exact":
+            return scan_nll(model.params, model.cfg, pol, state, x, y, a)
+        logits, state = chunk_step(model.params, model.cfg, pol, state, x, a)
+        return jnp.where(a, token_nll(logits, y), 0.0), state
+
+    dtype = model.params["embed"].dtype
+    # compile (and warm up) on a throwaway state so the timing below is steady state
+    t0 = time.perf_counter()
+    jax.block_until_ready(call(State.init(model.cfg, B, cap, dtype), 0))
+    compile_s = time.perf_counter() - t0
+    state = State.init(model.cfg, B, cap, dtype)
+    nlls = []
+    t0 = time.perf_counter()
+    for c in range(n_calls):
+        nll, state = call(state, c)
+        nlls.append(np.asarray(nll))
+        if progress is not None:
+            progress(int(active[:, c * width:(c + 1) * width].sum()))
+    seconds = time.perf_counter() - t0
+    nll = np.concatenate(nlls, 1)[:, : T - 1]
+    return PolicyRun(nll, state, seconds, compile_s)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    policy: Policy
+    capacity: int
+    run: PolicyRun
+    shared_with: int = 1  # policies that ran side by side as batch rows of one run
+
+
+def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[int], tokens,
+          sinks: int = 4, prefill: str = "exact", chunk: int | None = None, fuse: bool = True,
+          progress: Callable[[int], None] | None = None) -> Iterator[SweepResult]:
+    """Every policy at every capacity (`full` once, at the text's length) over rows [B, T].
+
+    With `fuse` (exact prefill), the bounded policies of one capacity run side by side as
+    batch rows of a single run (`PerRow`): the rows never interact, so every policy keeps
+    exactly the positions it keeps alone, and its NLLs differ only by the float rounding
+    of batched matmuls (~1e-5); the weights are read once per step for all of them.
+    Their `tokens_per_s` is then each policy's own rate while sharing the run. Results are
+    yielded as soon as each run ends."""
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    pols = [make_policy(p, sinks) for p in policies]
+    for pol in pols:
+        if pol.name == "full":
+            yield SweepResult(pol, tokens.shape[1], run_policy(model, pol, None, tokens, progress=progress,
+                                                               prefill=prefill, chunk=chunk))
+    bounded = [p for p in pols if p.name != "full"]
+    for cap in capacities:
+        if fuse and prefill == "exact" and len(bounded) > 1:
+            fused = PerRow(policies=tuple(bounded))
+            run = run_policy(model, fused, cap, fused.spread(tokens), progress=progress)
+            for i, pol in enumerate(bounded):
+                rows = fused.rows_of(i, run.nll.shape[0])
+                part = PolicyRun(run.nll[rows], run.state.take_rows(rows), run.seconds, run.compile_seconds)
+                yield SweepResult(pol, cap, part, shared_with=len(bounded))
+        else:
+            for pol in bounded:
+                yield SweepResult(pol, cap, run_policy(model, pol, cap, tokens, progress=progress,
+                                                       prefill=prefill, chunk=chunk))
