@@ -1,13 +1,15 @@
-"""Shared pieces of the decode benchmarks: model shapes, byte counts, fabricated inputs.
+"""Shared pieces of the benchmarks: byte and FLOP counts of a decode step, the device's
+copy bandwidth and matmul rate, device facts, JSON output.
 
-Nothing here touches a checkpoint: the benchmarks run random bf16 weights in the real
-shapes (speed does not depend on the values), made on the device itself.
+The model shapes, random device parameters and fabricated states are
+`msrnn_jax.testing`'s (one definition for the tests and the benchmarks): the benchmarks
+run random bf16 weights in the real shapes (speed does not depend on the values), made on
+the device itself.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 import time
@@ -18,26 +20,8 @@ import numpy as np
 
 from msrnn_jax.config import ModelConfig
 from msrnn_jax.params import param_shapes
-from msrnn_jax.state import State
 
 GiB = 1024 ** 3
-
-# Llama-2-7B (MHA) and Mistral-7B v0.2/v0.3-style (GQA, no sliding window) shapes.
-MODELS = {
-    "llama2-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, max_position_embeddings=4096),
-    "mistral-7b": dict(family="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=1e6, max_position_embeddings=32768),
-    # a few-MB model for the CPU smoke test
-    "tiny": dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0),
-}
-
-
-def model_config(name: str) -> ModelConfig:
-    return ModelConfig(**MODELS[name])
 
 
 def now_tag() -> str:
@@ -90,77 +74,6 @@ def step_flops(cfg: ModelConfig, batch: int, capacity: int) -> int:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = E * (q + 2 * kv) + q * E + 3 * E * F + 2 * cfg.num_heads * (capacity + 1) * cfg.head_dim
     return 2 * batch * (L * per_layer + E * V)
-
-
-# -- inputs made on the device ---------------------------------------------------------
-def _hash_fill(shape, seed, dtype, scale):
-    """Pseudo-random values in [-scale, scale) from an integer hash of the element index:
-    one fused kernel, no float32 or random-bits intermediate the size of the output."""
-    h = jnp.uint32((seed * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF)
-    mult = (0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0x9E3779B1, 0x61C88647)
-    for i in range(len(shape)):
-        idx = jax.lax.broadcasted_iota(jnp.uint32, shape, i)
-        h = (h ^ idx) * jnp.uint32(mult[i % len(mult)])
-        h = h ^ (h >> 15)
-    h = (h ^ (h >> 13)) * jnp.uint32(0x846CA68B)
-    h = h ^ (h >> 16)
-    u = (h >> 8).astype(jnp.float32) * (2.0 ** -24)  # [0, 1)
-    return ((2.0 * u - 1.0) * scale).astype(dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "seed"))
-def device_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> dict:
-    """Random parameters in the model's shapes, made on the device (norms = 1, matrices
-    uniform with std ~0.02)."""
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    out = []
-    for i, (shape, path) in enumerate(zip(leaves, paths)):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
-        else:
-            out.append(_hash_fill(shape, seed * 1000 + i, dtype, 0.0346))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "batch", "capacity", "dtype"))
-def fabricate_state(cfg: ModelConfig, batch: int, capacity: int, position, dtype=jnp.bfloat16) -> State:
-    """A state as it would be after `position` tokens, without running them.
-
-    Keys/values are pseudo-random (never zeros). If position >= capacity every slot holds
-    a distinct earlier position, permuted across slots per (layer, row) — the same in
-    every KV head, as layer-wise policies keep it; otherwise slots [0, position) hold
-    positions 0..position-1 and the rest are empty. `length` = position for every row.
-    Step cost does not depend on these contents: the step reads every slot of the
-    fixed-size buffer and masks empty ones.
-    """
-    L, Hkv, D, C, B = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, batch
-    shape = (L, B, Hkv, C, D)
-    keys = _hash_fill(shape, 11, dtype, 2.0)
-    values = _hash_fill(shape, 12, dtype, 2.0)
-    position = jnp.asarray(position, jnp.int32)
-    c = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 3)
-    l = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 0)
-    b = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 1)
-    # (c * odd + offset) mod C is a permutation of 0..C-1 when C is a power of two;
-    # for other C fall back to the identity
-    if C & (C - 1) == 0:
-        perm = (c * 37 + l * 7 + b * 13) % C
-    else:
-        perm = c
-    pos = jnp.where(position >= C, position - C + perm, jnp.where(c < position, c, -1))
-    return State(keys, values, pos.astype(jnp.int32), jnp.zeros((L, B, Hkv, C), jnp.float32),
-                 jnp.full((B,), position, jnp.int32))
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def move_state(state: State, position) -> State:
-    """Shift a full state's positions so that it sits at `position` (same kept set)."""
-    shift = jnp.asarray(position, jnp.int32) - state.length[0]
-    return state._replace(pos=jnp.where(state.pos >= 0, state.pos + shift, -1),
-                          length=state.length + shift)
 
 
 # -- measuring -------------------------------------------------------------------------

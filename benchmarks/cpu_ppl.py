@@ -7,7 +7,7 @@ Prints, and writes as JSON and Markdown:
   * whether a bounded policy's per-token cost stays flat with the text's length: tova
     C=256 tokens/s over --long tokens vs over --short tokens, and the same for `full`.
 
-    python -m benchmarks.cpu_ppl TEXT [--short 512] [--long 4096] [--out benchmarks/results]
+    python -m benchmarks.cpu_ppl [TEXT] [--short 512] [--long 4096] [--out benchmarks/results]
 
 Tokens/s count next-token predictions per second (rows x (T - 1)), steady state: ours
 excludes compilation (a warm-up call on a throwaway state); transformers' excludes the
@@ -29,11 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+BOOK = "data/pg_news_from_nowhere.txt"  # William Morris, News from Nowhere (Project Gutenberg)
+
 
 def ours(model, policy, capacity, rows):
-    from msrnn_jax import api
+    from msrnn_jax.evaluate import run_policy
 
-    run = api.run_policy(model, policy, capacity, rows)
+    run = run_policy(model, policy, capacity, rows)
     return {"impl": "msrnn-jax", "policy": policy, "capacity": capacity, "batch": int(rows.shape[0]),
             "tokens": int(rows.shape[1]), "mean_nll": run.mean_nll, "tokens_per_s": run.tokens_per_s,
             "compile_s": run.compile_seconds}
@@ -70,7 +72,7 @@ def rerender(path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("text", help="a long UTF-8 text (e.g. ../shared/data/pg_news_from_nowhere.txt)")
+    ap.add_argument("text", nargs="?", default=BOOK, help=f"a long UTF-8 text (default: {BOOK})")
     ap.add_argument("--short", type=int, default=512)
     ap.add_argument("--long", type=int, default=4096)
     ap.add_argument("--peer-tokens", type=int, default=512, help="tokens per row for the batch-1/8 comparison")
@@ -81,7 +83,7 @@ def main(argv=None):
     import torch
     import transformers
 
-    from convert import default_model_path
+    from msrnn_jax.convert import default_model_path
     from msrnn_jax import api
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -14,11 +14,10 @@ import json
 import os
 import shutil
 
-
 from msrnn_jax.policies import make_policy
+from msrnn_jax.testing import device_params, model_config, parse_variant
 
-from .common import device_params, model_config
-from .jax_bench import DTYPE, _use_variant, compile_decode, parse_compiler_options, parse_variant
+from .jax_bench import DTYPE, _use_variant, compile_decode, parse_compiler_options
 
 
 def main(argv=None):
@@ -41,8 +40,8 @@ def main(argv=None):
     tag = f"{args.model}-{args.policy}-C{args.capacity}-B{args.batch}-{args.variant.replace(':', '-')}"
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(rec, f, indent=1)
-    for pat, name in (("*bench_decode*after_optimizations.txt", "hlo"),
-                      ("*bench_decode*after_optimizations-buffer-assignment.txt", "buffer-assignment")):
+    for pat, name in (("*greedy_decode*after_optimizations.txt", "hlo"),
+                      ("*greedy_decode*after_optimizations-buffer-assignment.txt", "buffer-assignment")):
         for p in glob.glob(os.path.join(args.dump, pat)):
             with open(p, "rb") as src, gzip.open(os.path.join(args.out, f"{tag}-{name}.txt.gz"), "wb") as dst:
                 shutil.copyfileobj(src, dst)

@@ -27,7 +27,9 @@ import warnings
 
 import numpy as np
 
-from .common import MODELS, write_json
+from msrnn_jax.testing import MODELS
+
+from .common import write_json
 
 PROMPT = 32
 DECODE_LEN = 4096

@@ -1,11 +1,11 @@
 """The JAX side of the decode benchmarks (one model per process; see decode.py).
 
-Every decode figure is the steady state of `bench_decode`: n greedy steps of
-`msrnn_jax.model.step` inside one `lax.scan`, the state donated — the per-step work of
-`msrnn_jax.generate.decode_chunk` (which adds only [B]-sized bookkeeping), kept here so
-that the benchmark does not follow that function's signature. It is compiled ahead of
-time for fixed (policy, capacity, batch) and called on a state fabricated at the wanted
-position (`common.fabricate_state`). Step time = median wall time of a call / n steps;
+Every decode figure is the steady state of `msrnn_jax.testing.greedy_decode`: n greedy
+steps of `msrnn_jax.model.step` inside one `lax.scan`, the state donated — the per-step
+work of `msrnn_jax.decoding.decode_chunk` (which adds only [B]-sized bookkeeping), kept
+apart so that the benchmark does not follow that function's signature. It is compiled
+ahead of time for fixed (policy, capacity, batch) and called on a state fabricated at the
+wanted position (`msrnn_jax.testing.fabricate_state`). Step time = median wall time of a call / n steps;
 a call is followed by `block_until_ready`.
 
     python -m benchmarks.jax_bench --section llama --json part.json [--deadline EPOCH]
@@ -14,7 +14,7 @@ a call is followed by `block_until_ready`.
 from __future__ import annotations
 
 import argparse
-import functools
+import gc
 import glob
 import gzip
 import os
@@ -30,13 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from msrnn_jax import model as msrnn_model
-from msrnn_jax.generate import prefill
+from msrnn_jax.decoding import prefill
 from msrnn_jax.policies import make_policy
 from msrnn_jax.state import State
+from msrnn_jax.testing import (decode_inputs, device_params, fabricate_state, greedy_decode, hlo_large_buffers,
+                               model_config, move_state, parse_variant, state_copies)
 
-from .common import (GiB, copy_bandwidth, device_info, device_params, fabricate_state, matmul_rate, memory_stats,
-                     model_config, move_state, param_bytes, state_read_bytes_per_step, state_row_bytes,
-                     step_flops, weight_bytes_per_step, write_json)
+from .common import (GiB, copy_bandwidth, device_info, matmul_rate, memory_stats, param_bytes,
+                     state_read_bytes_per_step, state_row_bytes, step_flops, weight_bytes_per_step, write_json)
+from .schedule import Deadline, compile_then_run
 
 DTYPE = jnp.bfloat16
 FULL_PROMPT = 32          # Table 1 analog: a 32-token prompt, then 4096 decoded tokens
@@ -45,36 +47,13 @@ FULL_CAPACITY = FULL_PROMPT + DECODE_LEN  # the full cache holds every token of 
 
 
 # -- decode ----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
-def bench_decode(params, cfg, policy, n_steps, state, tok, impl=msrnn_model.DEFAULT_IMPL):
-    """n greedy decode steps. tok [B]: the token fed first. Returns (tokens [B, n], state)."""
-
-    def body(carry, _):
-        st, tok = carry
-        logits, st = msrnn_model.step(params, cfg, policy, st, tok, impl=impl)
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        return (st, nxt), nxt
-
-    (state, tok), toks = jax.lax.scan(body, (state, tok), None, length=n_steps)
-    return toks.T, state
-
-
-def _decode_inputs(cfg, batch, capacity):
-    sds = jax.ShapeDtypeStruct
-    L, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    st = State(sds((L, batch, H, capacity, D), DTYPE), sds((L, batch, H, capacity, D), DTYPE),
-               sds((L, batch, H, capacity), jnp.int32), sds((L, batch, H, capacity), jnp.float32),
-               sds((batch,), jnp.int32))
-    return st, sds((batch,), jnp.int32)
-
-
 def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=msrnn_model.DEFAULT_IMPL,
                    options=None):
-    """AOT-compile bench_decode for these sizes (options: XLA compiler options).
+    """AOT-compile greedy_decode for these sizes (options: XLA compiler options).
     Returns (compiled, record)."""
-    st, tok = _decode_inputs(cfg, batch, capacity)
+    st, tok = decode_inputs(cfg, batch, capacity, DTYPE)
     t0 = time.perf_counter()
-    lowered = bench_decode.lower(params, cfg, policy, n_steps, st, tok, impl)
+    lowered = greedy_decode.lower(params, cfg, policy, n_steps, st, tok, impl)
     t1 = time.perf_counter()
     options = {**COMPILER_OPTIONS, **(options or {})}
     compiled = lowered.compile(options) if options else lowered.compile()
@@ -186,41 +165,7 @@ def run_decode_config(params, cfg, pname, capacity, batch, positions, n_steps, r
     return compiled, crec
 
 
-# -- HLO and profile inspection --------------------------------------------------------
-_DT = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
-_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)$")
-
-
-def hlo_large_buffers(text: str, min_bytes: int) -> list[dict]:
-    """Instructions of the optimised HLO that materialise an array of >= min_bytes:
-    copies, fusions that are whole-buffer writes, etc. (in-place updates of the carried
-    state show up as fusions/scatters whose output is the state shape — they alias)."""
-    out = []
-    comp = ""
-    nested = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", text))  # fused / reducer bodies
-    for line in text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            comp = line.split("(")[0].strip().split()[-1].lstrip("%")
-            continue
-        m = _INSTR.match(line)
-        if not m or comp in nested:
-            continue
-        name, dt, dims, op, rest = m.groups()
-        if op in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
-            continue
-        n = int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _DT.get(dt, 4)
-        if n >= min_bytes:
-            kind = re.search(r"kind=(\w+)", rest)
-            calls = re.search(r"calls=%([\w.\-]+)", rest)
-            out.append({"computation": comp[:80], "name": name, "op": op, "shape": f"{dt}[{dims}]",
-                        "bytes": n, "kind": kind.group(1) if kind else None,
-                        "calls": calls.group(1) if calls else None})
-    return out
-
-
-_SKIP_LINES = ("xla modules", "steps", "source", "launch stats", "xla traceme")
-
-
+# -- profile ---------------------------------------------------------------------------
 def profile_call(fn, logdir: str) -> dict:
     """Trace fn() with the JAX profiler; summarise every line of the GPU plane (kernels
     per stream, XLA ops): event count, busy time, span, top events by total time."""
@@ -299,17 +244,6 @@ def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1):
 
 
 # -- sections --------------------------------------------------------------------------
-class Deadline:
-    def __init__(self, epoch: float | None):
-        self.epoch = epoch
-
-    def left(self) -> float:
-        return float("inf") if self.epoch is None else self.epoch - time.time()
-
-    def ok(self, need: float = 0.0) -> bool:
-        return self.left() > need
-
-
 def _setup(results, model_name, bw_bytes, matmul_n=8192):
     cfg = model_config(model_name)
     results["model"] = model_name
@@ -365,7 +299,6 @@ def _use_variant(variant, params):
     made on the host, after the old one is freed: building it beside the old one on the
     device left a params-sized hole at the start of the allocator's pool, and a largest-
     batch state (two buffers of ~56 GiB each) then no longer fit in one piece."""
-    import gc
     split, _ = parse_variant(variant)
     host = jax.device_get(params)
     for a in jax.tree.leaves(params):
@@ -387,18 +320,6 @@ def _parse_jobs(spec: str, full_capacity: int, variant: str):
         p, c, b = j.split("/")
         jobs.append((p, full_capacity if c == "F" else int(c), b if b == "max" else int(b), v or variant))
     return jobs
-
-
-def _state_copies(compiled, cfg, capacity, batch) -> list[dict]:
-    """Copies in the optimised HLO at least one layer's keys in size (there should be none:
-    the state is updated in place, and split layers slice no weight)."""
-    layer_bytes = batch * cfg.num_kv_heads * capacity * cfg.head_dim * 2
-    try:
-        text = compiled.as_text()
-    except Exception:  # pragma: no cover
-        return []
-    return [{"name": b["name"], "shape": b["shape"], "bytes": b["bytes"]}
-            for b in hlo_large_buffers(text, max(layer_bytes, 1)) if b["op"] in ("copy", "copy-start")]
 
 
 LARGEST_BATCH_OPTIONS = {"xla_gpu_autotune_level": 0}
@@ -439,7 +360,7 @@ def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free
         shrinks.append({"batch": b, "exe_peak_bytes": peak})
         b = min(nb, b - 1)
     crec["shrinks"] = shrinks
-    crec["state_copies"] = _state_copies(compiled, cfg, capacity, b)
+    crec["state_copies"] = state_copies(compiled, cfg, capacity, b)
     return b, compiled, crec
 
 
@@ -450,8 +371,6 @@ def section_decode(args, results, save):
     Every configuration is compiled ahead of time, --compile-workers at a time (XLA
     compiles in C++, off the GIL), before any is timed, so that autotuning never runs
     beside a timed call; then they run one by one in job order."""
-    import gc
-    from concurrent.futures import ThreadPoolExecutor
     dl = Deadline(args.deadline)
     cfg, params = _setup(results, args.model, args.bw_bytes, args.matmul_n)
     bw = results.get("bandwidth", {}).get("copy_bytes_per_s")
@@ -487,66 +406,50 @@ def section_decode(args, results, save):
                             parse_variant(v)[1], max_options if B == "max" else None)
 
     t0 = time.perf_counter()
-    futures = []
-    with ThreadPoolExecutor(max(1, args.compile_workers)) as pool, ThreadPoolExecutor(1) as pool_max:
-        # the first job alone: a compile time without contention
-        futures = [pool.submit(build, jobs[0])] if jobs else []
-        if futures:
-            futures[0].exception()  # wait
-        futures += [(pool_max if alone(j) else pool).submit(build, j) for j in jobs[1:]]
-        # compiling may take --compile-share of the section's time; what has not started
-        # by then is skipped, and what has is waited for (autotuning must not run beside
-        # a timed call)
-        stop = time.time() + args.compile_share * dl.left() if dl.epoch else None
-        for f in futures:
-            try:
-                f.result(timeout=None if stop is None else max(0.0, stop - time.time()))
-            except Exception:
-                pass
-        for f in futures:
-            f.cancel()
-        for f in futures:
-            if not f.cancelled():
-                f.exception()
+
+    def compile_phase_over():
         results["compile_phase_s"] = time.perf_counter() - t0
         results["compile_workers"] = args.compile_workers
         save()
-        for job, fut in zip(jobs, futures):
-            pname, C, B, variant = job
-            if fut.cancelled() or not dl.ok(8 if B != "max" else 15):
-                results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "variant": variant,
-                                           "reason": "deadline" + (" (compile)" if fut.cancelled() else "")})
-                continue
-            base = {"label": "max" if B == "max" else "grid", "model": results["model"], "variant": variant}
-            try:
-                b, compiled, crec = fut.result()
-            except Exception as e:  # pragma: no cover (device problems)
-                results["errors"].append({**base, "policy": pname, "capacity": C, "batch": B,
-                                          "stage": "compile", "oom": _is_oom(e), "error": repr(e)[:500]})
-                save()
-                continue
-            crec["compile_workers"] = 1 if job == jobs[0] else args.compile_workers
-            positions = [C - FULL_PROMPT - n * (reps + 1)] if pname == "full" else \
-                [int(p) for p in args.positions.split(",")]
-            if B == "max":
-                base.update({"max_batch": True, "free_bytes": free})
-            for attempt in range(3):
-                before = len(results["decode"])
-                err = run_compiled(compiled, crec, params, cfg, pname, C, b, positions, n, reps, bw, results,
-                                   {**base, "attempt": attempt})
-                gc.collect()
-                if len(results["decode"]) > before or B != "max" or not (err and err.get("oom")):
-                    break
-                b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
-                try:
-                    b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1],
-                                                     options=max_options)
-                except Exception as e:  # pragma: no cover
-                    results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
-                                              "stage": "compile", "error": repr(e)[:500]})
-                    break
-            del compiled
+
+    # compiling may take --compile-share of the section's time
+    for job, skip, fut in compile_then_run(jobs, build, dl, args.compile_workers, alone, args.compile_share,
+                                           lambda job: 8 if job[2] != "max" else 15, compile_phase_over):
+        pname, C, B, variant = job
+        if skip:
+            results["skipped"].append({"policy": pname, "capacity": C, "batch": B, "variant": variant,
+                                       "reason": skip})
+            continue
+        base = {"label": "max" if B == "max" else "grid", "model": results["model"], "variant": variant}
+        try:
+            b, compiled, crec = fut.result()
+        except Exception as e:  # pragma: no cover (device problems)
+            results["errors"].append({**base, "policy": pname, "capacity": C, "batch": B,
+                                      "stage": "compile", "oom": _is_oom(e), "error": repr(e)[:500]})
             save()
+            continue
+        crec["compile_workers"] = 1 if job == jobs[0] else args.compile_workers
+        positions = [C - FULL_PROMPT - n * (reps + 1)] if pname == "full" else \
+            [int(p) for p in args.positions.split(",")]
+        if B == "max":
+            base.update({"max_batch": True, "free_bytes": free})
+        for attempt in range(3):
+            before = len(results["decode"])
+            err = run_compiled(compiled, crec, params, cfg, pname, C, b, positions, n, reps, bw, results,
+                               {**base, "attempt": attempt})
+            gc.collect()
+            if len(results["decode"]) > before or B != "max" or not (err and err.get("oom")):
+                break
+            b = max(1, int(b * 0.9) // 8 * 8)  # XLA's analysis was short: shrink, recompile
+            try:
+                b, compiled, crec = build_decode(params, cfg, pname, C, b, n, impl=parse_variant(variant)[1],
+                                                 options=max_options)
+            except Exception as e:  # pragma: no cover
+                results["errors"].append({**base, "policy": pname, "capacity": C, "batch": b,
+                                          "stage": "compile", "error": repr(e)[:500]})
+                break
+        del compiled
+        save()
     results["memory_end"] = memory_stats()
 
 
@@ -573,18 +476,6 @@ def section_prefill(args, results, save):
             results["errors"].append({"prefill": mode, "error": repr(e)[:500], "oom": _is_oom(e)})
         save()
     results["memory_end"] = memory_stats()
-
-
-def parse_variant(variant: str):
-    """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:pallas'
-    (split = the layers passed as a list of per-layer arrays, so no weight is ever
-    sliced; nobar = unrolled without the optimization barrier between layers).
-    Returns (split, model.StepImpl)."""
-    parts = variant.split(":")
-    impl = msrnn_model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split") else "scan",
-                                attention=parts[1] if len(parts) > 1 else "einsum",
-                                unroll_barrier="nobar" not in parts[2:])
-    return parts[0] == "split", impl
 
 
 def section_probe(args, results, save):

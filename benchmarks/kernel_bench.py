@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from msrnn_jax import kernels
 
-from .common import copy_bandwidth, device_info, median_seconds, now_tag, write_json
+from .common import GiB, copy_bandwidth, device_info, median_seconds, now_tag, write_json
 from .report import markdown_path
 
 F32 = jnp.float32
@@ -126,8 +126,9 @@ def main(argv=None):
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bw-bytes", type=int, default=4 * GiB, help="bytes of the copy-bandwidth measurement")
     args = ap.parse_args(argv)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(args.bw_bytes)
     out = {"command": " ".join(["python -m benchmarks.kernel_bench", *(sys.argv[1:] if argv is None else argv)]),
            "date": now_tag(), "device": device_info(), "jax": jax.__version__, "bandwidth": bw, "cases": []}
     for case in args.cases.split(","):

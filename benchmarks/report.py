@@ -193,7 +193,7 @@ def render(merged: dict) -> str:
                  + (f"; torch copy_ {hf['bandwidth']['copy_bytes_per_s'] / 1e12:.2f} TB/s" if hf.get("bandwidth") else ""))
     L.append("- weights: random bf16 in the model's shapes, made on the device; state bf16 keys/values, "
              "int32 positions, float32 softmax. Decode states are fabricated at the stated position "
-             "(`benchmarks/common.py: fabricate_state`) instead of prefilled: a step reads and masks every "
+             "(`msrnn_jax/testing.py: fabricate_state`) instead of prefilled: a step reads and masks every "
              "slot of the fixed-size buffer, so its cost does not depend on the contents (the probe section "
              "checks positions 0, 4096 and 16384).")
     L.append("- implementation (`impl` column, `model.StepImpl`): `split:` = `model.split_layers(params)` "
@@ -204,7 +204,7 @@ def render(merged: dict) -> str:
              "buffer and need autotuning scratch the size of one). Where a configuration ran several ways, the "
              "targets and Table 1 take the faster. `scan:` = `lax.scan` over the stacked layers (the library "
              "default on the CPU; XLA copies each layer's weights per step on GPU).")
-    L.append("- step time: median over calls of `benchmarks.jax_bench.bench_decode` (16 greedy steps of "
+    L.append("- step time: median over calls of `msrnn_jax.testing.greedy_decode` (16 greedy steps of "
              "`msrnn_jax.model.step` in one `lax.scan`, state donated) / 16. "
              "Bandwidth fraction = (weight bytes + state bytes read per step) / step time / copy bandwidth.")
     L.append("")

@@ -1,26 +1,58 @@
-"""The GPU decode benchmark's core functions on a tiny model, on the CPU, in seconds —
-so that benchmarks/decode.py cannot rot silently."""
+"""The benchmarks end to end on a tiny model, on the CPU, in seconds — each as the
+subprocess its README command starts (`python -m benchmarks.<x> ...`), so that they
+cannot rot silently; the tests import nothing from `benchmarks`. The shared pieces
+(fabricated states, the decode loop) are `msrnn_jax.testing`'s."""
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, jax_bench, report
+from msrnn_jax import testing
+from msrnn_jax.params import param_shapes
 from msrnn_jax.policies import make_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args, timeout=600):
+    """python -m benchmarks.<args>, from the repository root; returns its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = common.model_config("tiny")
-    return cfg, common.device_params(cfg, jnp.float32)
+    cfg = testing.model_config("tiny")
+    return cfg, testing.device_params(cfg, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `decode --quick` run: the llama grid (fixed and largest batches) and prefill."""
+    out = tmp_path_factory.mktemp("quick")
+    bench("benchmarks.decode", "--quick", "--sections", "llama,prefill", "--out", out, "--date", "d",
+          "--budget-s", "600")
+    path = out / "decode-d.json"
+    return path, json.loads(path.read_text()), (out / "decode-d.md").read_text()
 
 
 def test_fabricated_state_is_well_formed(tiny):
     cfg, _ = tiny
-    st = common.fabricate_state(cfg, 3, 16, 40, jnp.float32)
+    st = testing.fabricate_state(cfg, 3, 16, 40, jnp.float32)
     pos = np.asarray(st.pos)
     assert pos.shape == (cfg.num_layers, 3, cfg.num_kv_heads, 16)
     # every slot holds a distinct earlier position, the same in every KV head
@@ -28,19 +60,19 @@ def test_fabricated_state_is_well_formed(tiny):
     assert (pos == pos[:, :, :1]).all()
     assert np.asarray(st.length).tolist() == [40, 40, 40]
     assert float(jnp.abs(st.keys).min()) >= 0 and float(jnp.abs(st.keys).max()) > 0.1
-    part = common.fabricate_state(cfg, 1, 16, 5, jnp.float32)
+    part = testing.fabricate_state(cfg, 1, 16, 5, jnp.float32)
     assert (np.asarray(part.pos)[..., :5] == np.arange(5)).all() and (np.asarray(part.pos)[..., 5:] == -1).all()
-    moved = common.move_state(st, 100)
+    moved = testing.move_state(st, 100)
     assert (np.sort(np.asarray(moved.pos), -1) == np.arange(84, 100)).all()
 
 
 def test_bench_decode_matches_step_by_step(tiny):
-    """bench_decode (what the benchmark times) is n greedy steps of model.step."""
+    """greedy_decode (what the benchmark times) is n greedy steps of model.step."""
     cfg, params = tiny
     pol = make_policy("tova")
-    st = common.fabricate_state(cfg, 2, 8, 20, jnp.float32)
+    st = testing.fabricate_state(cfg, 2, 8, 20, jnp.float32)
     ref_st = jax.tree.map(jnp.copy, st)
-    toks, st = jax_bench.bench_decode(params, cfg, pol, 3, st, jnp.ones((2,), jnp.int32))
+    toks, st = testing.greedy_decode(params, cfg, pol, 3, st, jnp.ones((2,), jnp.int32))
     from msrnn_jax.model import step
     tok = jnp.ones((2,), jnp.int32)
     ref = []
@@ -52,45 +84,49 @@ def test_bench_decode_matches_step_by_step(tiny):
     assert (np.asarray(st.pos) == np.asarray(ref_st.pos)).all()
 
 
-def test_decode_config_and_report(tiny):
+def test_hlo_large_buffers(tiny):
     cfg, params = tiny
-    results = {"model": "tiny", "decode": [], "errors": []}
-    bw = 1e11
-    for pname in ("tova", "window"):
-        compiled, crec = jax_bench.run_decode_config(params, cfg, pname, 16, 2, [40, 100], 2, 1, bw, results, "grid")
-        assert compiled is not None and crec["compile_s"] > 0
-    compiled, crec = jax_bench.run_decode_config(params, cfg, "full", 64, 2, [20], 2, 1, bw, results, "max",
-                                                 {"max_batch": True})
-    assert not results["errors"], results["errors"]
-    assert len(results["decode"]) == 5
-    r = results["decode"][0]
-    assert r["bytes_per_step"] == common.weight_bytes_per_step(cfg, batch=2) + common.state_read_bytes_per_step(cfg, 2, 16)
-    assert r["step_ms"] > 0 and r["bw_fraction"] > 0
-    # the largest batch helper and the HLO scan
-    assert jax_bench.max_batch(cfg, 16, 10 * common.state_row_bytes(cfg, 16), reserve=0, multiple=1) == 10
-    big = jax_bench.hlo_large_buffers(compiled.as_text(), 1)
+    st, tok = testing.decode_inputs(cfg, 2, 16, jnp.float32)
+    compiled = testing.greedy_decode.lower(params, cfg, make_policy("tova"), 2, st, tok).compile()
+    big = testing.hlo_large_buffers(compiled.as_text(), 1)
     assert big and all("bytes" in b for b in big)
-    # the Markdown report renders from a merged result
-    merged = {"date": "today", "command": "x", "info": {}, "sections": {"llama": results}}
-    merged["analysis"] = report.analyse(merged)
-    md = report.render(merged)
+
+
+def _weight_bytes(cfg, batch, itemsize=2):
+    """Every weight read once, but only one embedding row per batch row."""
+    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]
+    return sum((batch * s[1] if "embed" in jax.tree_util.keystr(p) else int(np.prod(s))) * itemsize
+               for p, s in leaves)
+
+
+def test_decode_config_and_report(quick, tiny):
+    cfg, _ = tiny
+    _, result, md = quick
+    llama = result["sections"]["llama"]
+    assert not llama["errors"] and not llama["skipped"], (llama["errors"], llama["skipped"])
+    rows = llama["decode"]
+    # 7 configurations; full (at one position) twice, the rest at positions 40 and 100
+    assert len(rows) == 2 + 5 * 2
+    r = next(r for r in rows if (r["policy"], r["capacity"], r["batch"], r["position"]) == ("tova", 16, 2, 40))
+    state_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * 16 * (2 * cfg.head_dim * 2 + 4)
+    assert r["bytes_per_step"] == _weight_bytes(cfg, 2) + state_bytes
+    assert r["step_ms"] > 0 and r["bw_fraction"] > 0 and r["compile_s"] > 0
+    # the largest batches: capped by --max-batch-cap 8
+    big = [r for r in rows if r.get("max_batch")]
+    assert len(big) == 1 + 2 * 2 and all(r["batch"] == 8 for r in big)
+    # the Markdown report
     assert "Decode step" in md and "| tova | 16 | 2 |" in md
     # with a measured matmul rate: the bandwidth + compute fraction, bytes and FLOPs at their rates
-    results["matmul"] = {"n": 8, "s": 1.0, "flops_per_s": 1e12}
-    want = (r["bytes_per_step"] / bw + r["flops_per_step"] / 1e12) / (r["step_ms"] / 1e3)
-    assert report._seq_fraction(r, results) == pytest.approx(want)
-    assert report._seq_fraction(r, {}) is None
-    assert f"{want:.1%}" in report.render(merged)
+    bw, mm = llama["bandwidth"]["copy_bytes_per_s"], llama["matmul"]["flops_per_s"]
+    want = (r["bytes_per_step"] / bw + r["flops_per_step"] / mm) / (r["step_ms"] / 1e3)
+    assert f"{want:.1%}" in md
 
 
-def test_kernel_bench_runs_every_variant_on_the_cpu(tmp_path, monkeypatch):
+def test_kernel_bench_runs_every_variant_on_the_cpu(tmp_path):
     """benchmarks.kernel_bench in Pallas' interpreter: every variant agrees with the first."""
-    from benchmarks import kernel_bench
-    monkeypatch.setattr(kernel_bench, "copy_bandwidth", lambda: {"copy_bytes_per_s": 1e10, "read_bytes_per_s": 1e10})
     out = tmp_path / "k.json"
-    kernel_bench.main(["--json", str(out), "--cases", "t:2:2:4:32", "--variants", "auto/0/0,vpu/16/0,mma/16/2",
-                       "--repeat", "2", "--reps", "1"])
-    import json
+    bench("benchmarks.kernel_bench", "--json", out, "--cases", "t:2:2:4:32", "--variants",
+          "auto/0/0,vpu/16/0,mma/16/2", "--repeat", "2", "--reps", "1", "--bw-bytes", "4000000")
     rows = json.loads(out.read_text())["cases"][0]["rows"]
     assert [r["variant"] for r in rows] == ["auto/0/0", "vpu/16/0", "mma/16/2"]
     for r in rows:
@@ -99,87 +135,88 @@ def test_kernel_bench_runs_every_variant_on_the_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "k.md").exists()
 
 
-def test_prefill_timers(tiny):
-    cfg, params = tiny
-    for mode, chunk in (("oneshot", None), ("chunked", 8)):
-        rec = jax_bench.time_prefill(params, cfg, "tova", 8, 24, mode, chunk, runs=1)
-        assert rec["tokens_per_s"] > 0
-    rec = jax_bench.time_exact_prefill(params, cfg, "tova", 8, 24)
-    assert rec["tokens_per_s"] > 0 and rec["compile_s"] > 0
+def test_prefill_timers(quick):
+    _, result, _ = quick
+    prefill = result["sections"]["prefill"]
+    assert not prefill["errors"]
+    recs = {r["mode"]: r for r in prefill["prefill"]}
+    assert sorted(recs) == ["chunked", "exact", "oneshot"]
+    assert all(r["tokens_per_s"] > 0 for r in recs.values())
+    assert recs["exact"]["compile_s"] > 0 and recs["chunked"]["chunk"] == 16
 
 
-def test_hf_peer_integration_math():
-    from benchmarks.hf_peer import integrate
-    # constant step time: 4096 steps of 10 ms
-    assert abs(integrate([(0, 0.01), (5000, 0.01)]) - 40.96) < 1e-9
-    # linear in the cache length: mean of the end points
-    t = integrate([(32, 0.01), (4128, 0.03)], prompt=32, n=4096)
-    assert abs(t / 4096 - 0.02) < 1e-4
+def test_hf_peer_integration_math(tmp_path):
+    """The peer's 4096-step figure is its measured step times, interpolated linearly in the
+    cache length and summed over the cache lengths 32 .. 4127."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf.json"
+    bench("benchmarks.hf_peer", "--json", out, "--model", "tiny", "--device", "cpu", "--lens", "4,8",
+          "--new-tokens", "3", "--caches", "dynamic")
+    res = json.loads(out.read_text())
+    assert not res["errors"] and len(res["runs"]) == 2
+    for s in res["runs"]:
+        xs = [p["cache_len"] for p in s["points"]]
+        ys = [p["step_ms"] / 1e3 for p in s["points"]]
+        want = float(np.interp(32 + np.arange(4096.0), xs, ys).sum())
+        assert s["decode4096_s"] == pytest.approx(want)
+        assert s["decode4096_tokens_per_s"] == pytest.approx(s["batch"] * 4096 / want)
 
 
-def test_largest_batch_shrinks_to_fit_the_executable(tiny, monkeypatch):
-    """build_decode(batch="max") starts from the state-only estimate and shrinks the batch
-    until XLA's analysis of the executable fits the budget, also when temporaries grow
-    with the batch."""
-    cfg, params = tiny
-    real = jax_bench.compile_decode
-
-    def fake(params, cfg, policy, batch, capacity, n_steps, impl=None, options=None):
-        compiled, rec = real(params, cfg, policy, batch, capacity, n_steps)
-        row = common.state_row_bytes(cfg, capacity)
-        rec = dict(rec, exe_peak_bytes=1000 + batch * 2 * row, arg_bytes=1000 + batch * row)  # temps = 1 state
-        return compiled, rec
-
-    monkeypatch.setattr(jax_bench, "compile_decode", fake)
-    monkeypatch.setattr(jax_bench, "param_bytes", lambda cfg: 1000)
-    row = common.state_row_bytes(cfg, 16)
-    free = 200 * row
-    b, _, rec = jax_bench.build_decode(params, cfg, "tova", 16, "max", 2, budget=1000 + free, free=free)
-    assert rec["shrinks"] and rec["shrinks"][0]["batch"] == 200
-    assert b == 96  # half the state-only estimate (temporaries = one state), a multiple of 8
+def test_largest_batch_shrinks_to_fit_the_executable(tmp_path):
+    """A largest-batch job starts from the state-only estimate and shrinks the batch until
+    XLA's analysis of the executable fits the budget (here the state alone fills the
+    budget, so the params and temporaries force a shrink)."""
+    cfg = testing.model_config("tiny")
+    row = cfg.num_layers * cfg.num_kv_heads * 16 * (2 * cfg.head_dim * 2 + 4 + 4) + 4  # one state row, bf16
+    free = 64 << 20  # what the benchmark assumes on the CPU
+    out = tmp_path / "max.json"
+    bench("benchmarks.jax_bench", "--section", "decode", "--json", out, "--model", "tiny", "--jobs", "tova/16/max",
+          "--n-steps", "2", "--reps", "1", "--positions", "40", "--reserve-bytes", free - 200 * row,
+          "--bw-bytes", "4000000", "--matmul-n", "128", "--variant", "split:einsum")
+    res = json.loads(out.read_text())
+    assert not res["errors"] and res["memory_budget"]["free"] == free
+    (r,) = res["decode"]
+    assert r["shrinks"] and r["shrinks"][0]["batch"] == 200  # the state-only estimate
+    assert r["batch"] < 200 and r["batch"] % 8 == 0
+    assert r["exe_peak_bytes"] <= res["memory_budget"]["exe_budget"]
 
 
-def test_resume_runs_only_what_was_skipped(tmp_path):
+def test_resume_runs_only_what_was_skipped(quick, tmp_path):
     """decode --resume: a result that skipped a configuration gets it from a second run,
     merged in as a supplementary run; a complete result runs nothing."""
-    import json
-
-    from benchmarks import decode
     out = tmp_path / "out"
-    jobs = json.dumps({"llama": ["--jobs", "tova/16/1,window/16/1"]})
-    path, _ = decode.main(["--quick", "--sections", "llama", "--out", str(out), "--date", "d", "--budget-s", "600",
-                           "--extra", jobs])
-    prev = json.loads(open(path).read())
+    out.mkdir()
+    path = out / "decode-d.json"
+    shutil.copy(quick[0], path)
+    prev = json.loads(path.read_text())
+    del prev["sections"]["prefill"]
     llama = prev["sections"]["llama"]
-    assert not llama["skipped"] and not llama["errors"]
     gone = [r for r in llama["decode"] if r["policy"] == "window" and r["batch"] == 1]
     assert len(gone) == 2  # positions 40 and 100
     llama["decode"] = [r for r in llama["decode"] if r not in gone]
     llama["skipped"] = [{"policy": "window", "capacity": 16, "batch": 1, "variant": "split:einsum",
                          "reason": "deadline"}]
-    common.write_json(path, prev)
+    path.write_text(json.dumps(prev))
 
-    todo, extra = decode.resume_plan(prev, ["llama", "prefill", "hf"], {})
-    assert todo == ["llama", "prefill", "hf"]  # prefill and hf were never run
-    assert extra == {"llama": ["--jobs", "window/16/1@split:einsum"]}
+    plan = json.loads(bench("benchmarks.decode", "--resume", path, "--sections", "llama,prefill,hf", "--plan"))
+    assert plan["sections"] == ["llama", "prefill", "hf"]  # prefill and hf were never run
+    assert plan["extra"] == {"llama": ["--jobs", "window/16/1@split:einsum"]}
 
-    path2, md = decode.main(["--quick", "--sections", "llama", "--out", str(out), "--resume", path])
-    assert path2 == path
-    merged = json.loads(open(path).read())
+    bench("benchmarks.decode", "--quick", "--sections", "llama", "--out", out, "--resume", path)
+    merged = json.loads(path.read_text())
     rows = merged["sections"]["llama"]["decode"]
     back = [r for r in rows if r["policy"] == "window" and r["batch"] == 1]
     assert len(back) == 2 and all(r["run"] == "supplementary 1" for r in back)
     assert len(rows) == len(llama["decode"]) + 2  # nothing else ran again
     assert not merged["sections"]["llama"]["skipped"] and len(merged["commands_supplementary"]) == 1
-    assert "†1" in open(md).read()
-    assert decode.resume_plan(merged, ["llama"], {}) == ([], {})
-    assert decode.main(["--quick", "--sections", "llama", "--out", str(out), "--resume", path]) == (path, md)
+    assert "†1" in (out / "decode-d.md").read_text()
+    assert json.loads(bench("benchmarks.decode", "--resume", path, "--sections", "llama", "--plan")) == \
+        {"sections": [], "extra": {}}
+    assert "nothing skipped" in bench("benchmarks.decode", "--quick", "--sections", "llama", "--out", out,
+                                      "--resume", path)
 
 
 def test_merge_numbers_runs_after_those_already_merged(tmp_path):
-    import json
-
-    from benchmarks import merge
     row = {"model": "tiny", "policy": "tova", "capacity": 16, "batch": 2, "position": 40, "step_ms": 1.0,
            "tokens_per_s": 2000.0, "bytes_per_step": 1e6, "flops_per_step": 1e9, "label": "grid",
            "variant": "split:einsum", "achieved_bytes_per_s": 1e9, "achieved_tflops": 1e-3}
@@ -190,7 +227,7 @@ def test_merge_numbers_runs_after_those_already_merged(tmp_path):
     paths = [tmp_path / "main.json", tmp_path / "supp.json"]
     for p, obj in zip(paths, (main, supp)):
         p.write_text(json.dumps(obj))
-    merge.main([str(paths[0]), str(paths[1]), "--out", str(tmp_path / "out.json")])
+    bench("benchmarks.merge", paths[0], paths[1], "--out", tmp_path / "out.json")
     out = json.loads((tmp_path / "out.json").read_text())
     (r,) = out["sections"]["llama"]["decode"]  # the newer figure replaces the older
     assert r["run"] == "supplementary 2" and r["step_ms"] == 0.5

@@ -9,22 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, jax_bench
-from msrnn_jax import model
+from msrnn_jax import model, testing
 from msrnn_jax.policies import make_policy
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = common.model_config("tiny")
-    return cfg, common.device_params(cfg, jnp.float32)
+    cfg = testing.model_config("tiny")
+    return cfg, testing.device_params(cfg, jnp.float32)
 
 
 @pytest.mark.parametrize("pname", ["tova", "window", "sink", "h2o-head"])
 def test_split_layers_step_matches_scan(tiny, pname):
     cfg, params = tiny
     pol = make_policy(pname)
-    st = common.fabricate_state(cfg, 3, 8, 6, jnp.float32)  # partly empty: fills, then evicts
+    st = testing.fabricate_state(cfg, 3, 8, 6, jnp.float32)  # partly empty: fills, then evicts
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (3, 7)), jnp.int32)
     logits_a, st_a = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens)
     logits_b, st_b = model.scan_logits(model.split_layers(params), cfg, pol, st, tokens)
@@ -36,16 +35,15 @@ def test_split_layers_step_matches_scan(tiny, pname):
 
 @pytest.mark.parametrize("split", [False, True], ids=["scan", "split"])
 @pytest.mark.parametrize("pname", ["tova", "window"])
-def test_decode_loop_has_no_state_copy(tiny, monkeypatch, split, pname):
+def test_decode_loop_has_no_state_copy(tiny, split, pname):
     """The optimised HLO of a compiled 4-step decode holds no copy as large as one layer's
     keys: the state is updated in place. (Unrolled layers once copied the whole keys and
     values buffers every step: the last layer's reads were not ordered before the write.)"""
     cfg, params = tiny
-    monkeypatch.setattr(jax_bench, "DTYPE", jnp.float32)
     prm = model.split_layers(params) if split else params
-    st, tok = jax_bench._decode_inputs(cfg, 64, 256)
-    compiled = jax_bench.bench_decode.lower(prm, cfg, make_policy(pname), 4, st, tok).compile()
-    assert jax_bench._state_copies(compiled, cfg, 256, 64) == []
+    st, tok = testing.decode_inputs(cfg, 64, 256, jnp.float32)
+    compiled = testing.greedy_decode.lower(prm, cfg, make_policy(pname), 4, st, tok).compile()
+    assert testing.state_copies(compiled, cfg, 256, 64) == []
 
 
 @pytest.mark.parametrize("variant", ["split:reduce", "scan:reduce", "unroll:einsum:nobar", "split:pallas", "scan:pallas"])
@@ -53,12 +51,12 @@ def test_step_implementations_agree(tiny, variant):
     """Every StepImpl the benchmarks time decodes the same tokens into the same state."""
     cfg, params = tiny
     pol = make_policy("tova")
-    st = common.fabricate_state(cfg, 2, 8, 20, jnp.float32)
+    st = testing.fabricate_state(cfg, 2, 8, 20, jnp.float32)
     tok = jnp.ones((2,), jnp.int32)
-    ref_toks, ref = jax_bench.bench_decode(params, cfg, pol, 5, jax.tree.map(jnp.copy, st), tok)
-    split, impl = jax_bench.parse_variant(variant)
+    ref_toks, ref = testing.greedy_decode(params, cfg, pol, 5, jax.tree.map(jnp.copy, st), tok)
+    split, impl = testing.parse_variant(variant)
     prm = model.split_layers(params) if split else params
-    toks, out = jax_bench.bench_decode(prm, cfg, pol, 5, st, tok, impl)
+    toks, out = testing.greedy_decode(prm, cfg, pol, 5, st, tok, impl)
     assert np.asarray(toks).tolist() == np.asarray(ref_toks).tolist()
     assert (np.asarray(out.pos) == np.asarray(ref.pos)).all()
     np.testing.assert_allclose(np.asarray(out.values), np.asarray(ref.values), rtol=1e-5, atol=1e-6)
@@ -70,8 +68,8 @@ def test_split_layout_model_gives_the_same_results(tmp_path):
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from hf_models import save_tiny_model
-    from msrnn_jax import api
-    from msrnn_jax.generate import generate
+    from msrnn_jax import api, evaluate
+    from msrnn_jax.decoding import generate_tokens as generate
 
     folder = save_tiny_model(tmp_path / "m")
     stacked = api.load_model(folder, layers="stacked")
@@ -79,8 +77,8 @@ def test_split_layout_model_gives_the_same_results(tmp_path):
     assert isinstance(split.params["layers"], list) and not isinstance(stacked.params["layers"], list)
     ids = np.random.default_rng(1).integers(1, stacked.cfg.vocab_size, 40).tolist()
     for prefill, chunk in (("exact", None), ("chunked", 8)):
-        a = api.run_policy(stacked, "tova", 16, ids, prefill=prefill, chunk=chunk)
-        b = api.run_policy(split, "tova", 16, ids, prefill=prefill, chunk=chunk)
+        a = evaluate.run_policy(stacked, "tova", 16, ids, prefill=prefill, chunk=chunk)
+        b = evaluate.run_policy(split, "tova", 16, ids, prefill=prefill, chunk=chunk)
         np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5, atol=1e-5)
         assert (np.asarray(a.state.pos) == np.asarray(b.state.pos)).all()
     pol = make_policy("tova")
@@ -95,7 +93,7 @@ def test_split_layout_model_gives_the_same_results(tmp_path):
 def test_generate_with_the_pallas_kernels(tiny):
     """generate(impl=StepImpl(attention="pallas")) (the largest-batch path on GPU; Pallas'
     interpreter here) emits the same tokens and state as the default step."""
-    from msrnn_jax.generate import generate
+    from msrnn_jax.decoding import generate_tokens as generate
     cfg, params = tiny
     prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
     ref = generate(params, cfg, make_policy("tova"), 6, prompts, 10)

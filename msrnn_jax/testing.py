@@ -1,0 +1,194 @@
+"""Helpers shared by the tests and the benchmarks: named model shapes, random parameters
+and fabricated states made on the device, a compiled n-step greedy decode loop, and the
+inspection of its optimised HLO for copies of the state.
+
+Nothing here touches a checkpoint: random weights in the real shapes (speed does not
+depend on the values), made on the device itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model as _model
+from .config import ModelConfig
+from .params import param_shapes
+from .state import State
+
+# Llama-2-7B (MHA) and Mistral-7B v0.2/v0.3-style (GQA, no sliding window) shapes, and a
+# few-MB model for tests on the CPU.
+MODELS = {
+    "llama2-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, max_position_embeddings=4096),
+    "mistral-7b": dict(family="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                       rope_theta=1e6, max_position_embeddings=32768),
+    "tiny": dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0),
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    """The ModelConfig of a named shape in MODELS ("tiny", "llama2-7b", "mistral-7b")."""
+    return ModelConfig(**MODELS[name])
+
+
+# -- inputs made on the device ---------------------------------------------------------
+def _hash_fill(shape, seed, dtype, scale):
+    """Pseudo-random values in [-scale, scale) from an integer hash of the element index:
+    one fused kernel, no float32 or random-bits intermediate the size of the output."""
+    h = jnp.uint32((seed * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF)
+    mult = (0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0x9E3779B1, 0x61C88647)
+    for i in range(len(shape)):
+        idx = jax.lax.broadcasted_iota(jnp.uint32, shape, i)
+        h = (h ^ idx) * jnp.uint32(mult[i % len(mult)])
+        h = h ^ (h >> 15)
+    h = (h ^ (h >> 13)) * jnp.uint32(0x846CA68B)
+    h = h ^ (h >> 16)
+    u = (h >> 8).astype(jnp.float32) * (2.0 ** -24)  # [0, 1)
+    return ((2.0 * u - 1.0) * scale).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "seed"))
+def device_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> dict:
+    """Random parameters in the model's shapes, made on the device (norms = 1, matrices
+    uniform with std ~0.02)."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    out = []
+    for i, (shape, path) in enumerate(zip(leaves, paths)):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append(_hash_fill(shape, seed * 1000 + i, dtype, 0.0346))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "capacity", "dtype"))
+def fabricate_state(cfg: ModelConfig, batch: int, capacity: int, position, dtype=jnp.bfloat16) -> State:
+    """A state as it would be after `position` tokens, without running them.
+
+    Keys/values are pseudo-random (never zeros). If position >= capacity every slot holds
+    a distinct earlier position, permuted across slots per (layer, row) — the same in
+    every KV head, as layer-wise policies keep it; otherwise slots [0, position) hold
+    positions 0..position-1 and the rest are empty. `length` = position for every row.
+    Step cost does not depend on these contents: the step reads every slot of the
+    fixed-size buffer and masks empty ones.
+    """
+    L, Hkv, D, C, B = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, batch
+    shape = (L, B, Hkv, C, D)
+    keys = _hash_fill(shape, 11, dtype, 2.0)
+    values = _hash_fill(shape, 12, dtype, 2.0)
+    position = jnp.asarray(position, jnp.int32)
+    c = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 3)
+    l = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 0)
+    b = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 1)
+    # (c * odd + offset) mod C is a permutation of 0..C-1 when C is a power of two;
+    # for other C fall back to the identity
+    if C & (C - 1) == 0:
+        perm = (c * 37 + l * 7 + b * 13) % C
+    else:
+        perm = c
+    pos = jnp.where(position >= C, position - C + perm, jnp.where(c < position, c, -1))
+    return State(keys, values, pos.astype(jnp.int32), jnp.zeros((L, B, Hkv, C), jnp.float32),
+                 jnp.full((B,), position, jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def move_state(state: State, position) -> State:
+    """Shift a full state's positions so that it sits at `position` (same kept set)."""
+    shift = jnp.asarray(position, jnp.int32) - state.length[0]
+    return state._replace(pos=jnp.where(state.pos >= 0, state.pos + shift, -1),
+                          length=state.length + shift)
+
+
+def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16):
+    """Abstract (state, first token) arguments of `greedy_decode`, for lowering it."""
+    sds = jax.ShapeDtypeStruct
+    L, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    st = State(sds((L, batch, H, capacity, D), dtype), sds((L, batch, H, capacity, D), dtype),
+               sds((L, batch, H, capacity), jnp.int32), sds((L, batch, H, capacity), jnp.float32),
+               sds((batch,), jnp.int32))
+    return st, sds((batch,), jnp.int32)
+
+
+# -- the decode loop -------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
+def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=_model.DEFAULT_IMPL):
+    """n greedy decode steps of `model.step` in one lax.scan, the state donated (the
+    per-step work of `decoding.decode_chunk` without its [B]-sized bookkeeping).
+    tok [B]: the token fed first. Returns (tokens [B, n], state)."""
+
+    def body(carry, _):
+        st, tok = carry
+        logits, st = _model.step(params, cfg, policy, st, tok, impl=impl)
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        return (st, nxt), nxt
+
+    (state, tok), toks = jax.lax.scan(body, (state, tok), None, length=n_steps)
+    return toks.T, state
+
+
+def parse_variant(variant: str):
+    """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:pallas'
+    (split = the layers passed as a list of per-layer arrays, so no weight is ever
+    sliced; nobar = unrolled without the optimization barrier between layers).
+    Returns (split, StepImpl)."""
+    parts = variant.split(":")
+    impl = _model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split") else "scan",
+                           attention=parts[1] if len(parts) > 1 else "einsum",
+                           unroll_barrier="nobar" not in parts[2:])
+    return parts[0] == "split", impl
+
+
+# -- HLO inspection --------------------------------------------------------------------
+_DT = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)$")
+
+
+def hlo_large_buffers(text: str, min_bytes: int) -> list[dict]:
+    """Instructions of the optimised HLO that materialise an array of >= min_bytes:
+    copies, fusions that are whole-buffer writes, etc. (in-place updates of the carried
+    state show up as fusions/scatters whose output is the state shape — they alias)."""
+    out = []
+    comp = ""
+    nested = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", text))  # fused / reducer bodies
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            comp = line.split("(")[0].strip().split()[-1].lstrip("%")
+            continue
+        m = _INSTR.match(line)
+        if not m or comp in nested:
+            continue
+        name, dt, dims, op, rest = m.groups()
+        if op in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
+            continue
+        n = int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _DT.get(dt, 4)
+        if n >= min_bytes:
+            kind = re.search(r"kind=(\w+)", rest)
+            calls = re.search(r"calls=%([\w.\-]+)", rest)
+            out.append({"computation": comp[:80], "name": name, "op": op, "shape": f"{dt}[{dims}]",
+                        "bytes": n, "kind": kind.group(1) if kind else None,
+                        "calls": calls.group(1) if calls else None})
+    return out
+
+
+def state_copies(compiled, cfg: ModelConfig, capacity: int, batch: int) -> list[dict]:
+    """Copies in a compiled decode's optimised HLO at least one layer's bf16 keys in size
+    (there should be none: the state is updated in place, and split layers slice no
+    weight)."""
+    layer_bytes = batch * cfg.num_kv_heads * capacity * cfg.head_dim * 2
+    try:
+        text = compiled.as_text()
+    except Exception:  # pragma: no cover
+        return []
+    return [{"name": b["name"], "shape": b["shape"], "bytes": b["bytes"]}
+            for b in hlo_large_buffers(text, max(layer_bytes, 1)) if b["op"] in ("copy", "copy-start")]
