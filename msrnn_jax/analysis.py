@@ -3,7 +3,7 @@
 The notebooks (and anyone studying a policy) use these to reproduce the analysis of the
 paper's §7.3 for a model of their choice:
 
-* `record_run` feeds token rows through the exact step (DESIGN.md §3) and keeps, besides
+* `record_run` feeds token rows through the exact step (docs/design.md §3) and keeps, besides
   the NLL of every next-token prediction, the *kept positions after every step*
   (`pos` [T, L, B, Hkv, C], the `pos` field of the state at each step; -1 = empty slot).
   `record_policies` records several policies at once, side by side as batch rows.

@@ -78,7 +78,7 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
             raise InvalidArgument("oneshot prefill reads a prompt into an empty state; use exact or chunked")
         lengths = active.sum(1).astype(np.int32)
         logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
-        return _row_last(logits, lengths), state._replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
+        return _row_last(logits, lengths), state.replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
     if state is None:
         state = State.init(cfg, B, capacity, dtype)
     if mode == "exact":

@@ -1,4 +1,4 @@
-"""A llama-like decoder written as a multi-state RNN (DESIGN.md §3).
+"""A llama-like decoder written as a multi-state RNN (docs/design.md §3).
 
 `step` consumes one token per batch row: every layer attends over its kept slots plus
 the new token, the policy picks the candidate to drop, and the new (key, value) is

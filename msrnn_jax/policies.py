@@ -10,7 +10,7 @@ lexicographically, lowest evicted first. Two generic routines use those keys:
 * `select_keep` (prompt prefill, N candidates) returns the C candidates to keep.
 
 Both put empty slots first (they are filled before anything is evicted) and break every
-remaining tie by the smallest position (DESIGN.md §3), so one definition serves both.
+remaining tie by the smallest position (docs/design.md §3), so one definition serves both.
 Policies differ only in array logic, never in shapes.
 """
 

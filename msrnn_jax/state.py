@@ -1,4 +1,4 @@
-"""The multi-state: one fixed-shape pytree for the whole model (DESIGN.md §2).
+"""The multi-state: one fixed-shape pytree for the whole model (docs/design.md §2).
 
 Shape notation used throughout the package::
 
@@ -12,15 +12,19 @@ slot per step, and the unbounded (`full`) MSRNN is the same thing with C = T.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from .config import ModelConfig
 
 
-class State(NamedTuple):
+@struct.dataclass
+class State:
+    """The multi-state (a pytree: `jax.tree.map` and `jit` see its five arrays)."""
+
     keys: jax.Array    # [L, B, Hkv, C, D]  RoPE applied at each token's original position
     values: jax.Array  # [L, B, Hkv, C, D]
     pos: jax.Array     # [L, B, Hkv, C] int32, original absolute position; -1 = empty
@@ -54,7 +58,18 @@ class State(NamedTuple):
         return (self.pos >= 0).sum(-1)
 
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in self)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def as_dict(self) -> dict:
+        """{field name: array}, e.g. to save the state."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __iter__(self):  # the five arrays in field order, as a tuple would give them
+        return iter(self.as_dict().values())
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def copy(self) -> "State":
         """An independent copy (jitted calls donate their state; keep a copy to fork)."""

@@ -42,7 +42,7 @@ def save_state(path, state: State, model, policy: Policy) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "arrays", jax.tree.map(np.asarray, state._asdict()))
+            ckpt.save(tmp / "arrays", jax.tree.map(np.asarray, state.as_dict()))
         meta = {"format": FORMAT, "model": model_fingerprint(model), "policy": policy_name(policy),
                 "capacity": state.capacity, "batch": state.batch, "dtype": str(state.keys.dtype),
                 "length": [int(x) for x in np.asarray(state.length)]}
@@ -81,7 +81,7 @@ def load_state(path, model, policy: Policy | None = None, batch: int | None = No
     try:
         with ocp.StandardCheckpointer() as ckpt:
             arrays = ckpt.restore(path / "arrays")
-        state = State(**{k: jnp.asarray(arrays[k]) for k in State._fields})
+        state = State(**{k: jnp.asarray(arrays[k]) for k in State.field_names()})
     except Exception as e:  # noqa: BLE001
         raise MsrnnError(f"corrupt saved state {path}: {type(e).__name__}") from None
     cfg = model.cfg

@@ -106,7 +106,7 @@ def fabricate_state(cfg: ModelConfig, batch: int, capacity: int, position, dtype
 def move_state(state: State, position) -> State:
     """Shift a full state's positions so that it sits at `position` (same kept set)."""
     shift = jnp.asarray(position, jnp.int32) - state.length[0]
-    return state._replace(pos=jnp.where(state.pos >= 0, state.pos + shift, -1),
+    return state.replace(pos=jnp.where(state.pos >= 0, state.pos + shift, -1),
                           length=state.length + shift)
 
 

@@ -1,7 +1,7 @@
 """A deliberately simple, independent reference of the bounded multi-state RNN.
 
 Plain numpy and Python lists, one batch row, one token at a time, float32 math, written
-from DESIGN.md §3 (one step, every policy, ties) and §4 (prefill modes) alone — it never
+from docs/design.md §3 (one step, every policy, ties) and §4 (prefill modes) alone — it never
 looks at `msrnn_jax.policies` or `msrnn_jax.model`, so agreement means something.
 
 Every layer keeps, per KV head, a Python list of `Entry(pos, k, v, score)`. A step:
@@ -148,7 +148,7 @@ class ReferenceMSRNN:
 
     # -- policies ------------------------------------------------------------------------
     def _drop_index(self, cands, a):
-        """DESIGN.md §3: which of the C+1 candidates (one KV head's list) to drop.
+        """docs/design.md §3: which of the C+1 candidates (one KV head's list) to drop.
 
         `a`: head-averaged attention per candidate; h2o scores are already updated."""
         pos = [c.pos for c in cands]
@@ -208,7 +208,7 @@ class ReferenceMSRNN:
         return [a for _ in weights]
 
     def _apply_step_policy(self, layer, cand_lists, weights):
-        """One step's update of one layer's kept lists (DESIGN.md §3 step 4)."""
+        """One step's update of one layer's kept lists (docs/design.md §3 step 4)."""
         avgs = self._averages(cand_lists, weights)
         for h, (cands, a) in enumerate(zip(cand_lists, avgs)):
             if self.policy in ("h2o", "h2o-head"):

@@ -1,4 +1,4 @@
-"""The `msrnn` command: success paths on a tiny model, and every bad input of DESIGN.md §6
+"""The `msrnn` command: success paths on a tiny model, and every bad input of docs/design.md §6
 as one line `msrnn: error: ...`, the right exit status, no traceback, no partial output."""
 
 from __future__ import annotations

@@ -75,6 +75,24 @@ def test_compiles_once_across_chunks_and_calls(tiny):
     assert (decode_chunk._cache_size(), scan_last_logits._cache_size()) == sizes
 
 
+def test_decode_chunk_traces_once(tiny, monkeypatch):
+    """chex counts the traces: two generations with other prompt lengths and budgets run
+    the decode chunk from one trace (nothing in it depends on a request's sizes)."""
+    import chex
+
+    import msrnn_jax.decoding as g
+
+    _, cfg, params = tiny
+    chex.clear_trace_counter()
+    counted = jax.jit(chex.assert_max_traces(g.decode_chunk.__wrapped__, n=1),
+                      static_argnames=("cfg", "policy", "sampling", "n_steps", "impl"),
+                      donate_argnames=("state",))
+    monkeypatch.setattr(g, "decode_chunk", counted)
+    pol = make_policy("tova")
+    generate(params, cfg, pol, 16, prompts(2, [9, 14], seed=4), 40, steps_per_call=8)
+    generate(params, cfg, pol, 16, prompts(2, [30, 3], seed=5), 17, steps_per_call=8)
+
+
 def test_sampling_seed_topk_topp(tiny):
     _, cfg, params = tiny
     ps = prompts(1, [8], seed=6)

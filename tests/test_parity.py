@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from msrnn_jax.convert.hf import load_hf_folder
 from msrnn_jax.model import forward_parallel, scan_logits
@@ -41,8 +42,7 @@ def test_scan_matches_transformers_ragged_batch(family_model):
     logits = np.asarray(logits)
     ref0 = hf_logits(model, tokens[0])[0]
     ref1 = hf_logits(model, tokens[1, :short])[0]
-    np.testing.assert_allclose(logits[0], ref0, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(logits[1, :short], ref1, atol=1e-4, rtol=0)
+    chex.assert_trees_all_close((logits[0], logits[1, :short]), (ref0, ref1), atol=1e-4, rtol=0)
     assert np.asarray(state.length).tolist() == [T, short]
     # padding never entered row 1's state
     assert (np.asarray(state.pos)[:, 1] < short).all()

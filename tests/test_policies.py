@@ -1,7 +1,7 @@
 """Exact-mode decoding with every eviction policy against the independent reference.
 
 The reference (tests/reference.py) is plain numpy, one token at a time, written from
-DESIGN.md §3 alone. Slot order has no meaning, so kept positions are compared sorted per
+docs/design.md §3 alone. Slot order has no meaning, so kept positions are compared sorted per
 (step, layer, row, KV head).
 """
 

@@ -1,4 +1,4 @@
-"""Prompt prefill modes (DESIGN.md §4) against the independent reference.
+"""Prompt prefill modes (docs/design.md §4) against the independent reference.
 
 `oneshot`: one causal forward, then a top-C mask per layer. `chunked`: S tokens at a time
 against the state, then C+S candidates reduced to C. Kept positions are compared sorted
