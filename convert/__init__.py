@@ -26,7 +26,7 @@ import numpy as np
 from ..config import ModelConfig, MsrnnError
 
 from ._common import as_dtype, cast_tree, one_line
-from .checkpoint import is_converted_folder, load_converted, save_converted
+from .checkpoint import check_output_folder, is_converted_folder, load_converted, save_converted
 from .gguf_loader import load_gguf, load_gguf_tokenizer
 from .hf import load_hf_folder, resolve_hub_id
 
@@ -70,7 +70,7 @@ def cache_folder(gguf_path: str | os.PathLike) -> Path:
     return cache_root() / f"{p.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def _load_gguf(path: Path, dtype, cache: bool) -> LoadedModel:
+def _load_gguf(path: Path, dtype, cache: bool, notify=None) -> LoadedModel:
     from . import gguf_loader
 
     folder = cache_folder(path) if cache else None
@@ -80,7 +80,10 @@ def _load_gguf(path: Path, dtype, cache: bool) -> LoadedModel:
             return LoadedModel(cfg, params, tok, f"{path} (cached in {folder})")
         except MsrnnError as e:
             warnings.warn(f"ignoring the broken cached conversion {folder}: {e}", stacklevel=3)
-    cfg, params, has_tokenizer = gguf_loader._load(path, dtype=np.float32)
+    message = (f"converting {path.name} (once: later runs load the copy cached in {folder})"
+               if folder is not None else f"converting {path.name}")
+    cfg, params, has_tokenizer = gguf_loader._load(
+        path, dtype=np.float32, notify=notify and (lambda: notify(message)))
     tok = load_gguf_tokenizer(path) if has_tokenizer else None
     if folder is not None:
         try:
@@ -106,15 +109,17 @@ def _load_hf(folder: Path, dtype, source: str) -> LoadedModel:
     return LoadedModel(cfg, params, _hf_tokenizer(folder), source)
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype=np.float32, cache: bool = True) -> LoadedModel:
+def load_model(spec: str | os.PathLike | None = None, dtype=np.float32, cache: bool = True,
+               notify=None) -> LoadedModel:
     """Load a model from any supported source (see the module doc) -> LoadedModel.
 
     `dtype`: "float32" / "bfloat16" / a numpy dtype for every array, or None to keep the
     source's own. `cache=False` converts GGUF files without reading or writing the cache.
+    `notify(message)` hears of slow work (a first conversion) before it starts.
     """
     as_dtype(dtype)  # validate early
     if spec is None or str(spec) == "default":
-        return _load_gguf(default_model_path(), dtype, cache)
+        return _load_gguf(default_model_path(), dtype, cache, notify)
     p = Path(spec).expanduser()
     if p.is_dir():
         if is_converted_folder(p):
@@ -128,7 +133,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype=np.float32, cache: b
         raise MsrnnError(f"{p}: not a model folder (no config.json or msrnn.json)")
     if p.is_file():
         if p.suffix.lower() == ".gguf":
-            return _load_gguf(p, dtype, cache)
+            return _load_gguf(p, dtype, cache, notify)
         raise MsrnnError(f"{p}: unsupported model file (expected a .gguf file or a model folder)")
     s = str(spec)
     if s.lower().endswith(".gguf") or s.startswith((".", "/", "~")) or s.count("/") > 1:
@@ -145,6 +150,7 @@ def convert_cli(src: str | os.PathLike | None, out: str | os.PathLike, dtype="fl
                 overwrite: bool = False) -> Path:
     """`msrnn convert SRC OUT --dtype float32|bfloat16`: write a converted folder, return it."""
     dt = as_dtype(dtype)
+    check_output_folder(out, overwrite)  # before the (long) conversion
     m = load_model(src, dtype=None, cache=False)
     return save_converted(out, m.cfg, m.params, m.tokenizer, source=m.source, dtype=dt,
                           overwrite=overwrite)

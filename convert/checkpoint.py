@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig, MsrnnError
+from ..files import temp_folder, temporary
 from ..params import check_params
 
 from ._common import as_dtype, cast_tree, dtype_name, one_line
@@ -73,6 +74,18 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The absolute output folder, if a conversion may be written there (checked before
+    any work): absent, empty, or (with `overwrite`) a folder to replace."""
+    out = Path(out_dir).absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise MsrnnError(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise MsrnnError(f"{out} already exists and is not empty (overwrite replaces it)", "overwrite")
+    return out
+
+
 def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer=None,
                    source: str | None = None, dtype=None, overwrite: bool = False) -> Path:
     """Write a self-contained converted model folder; atomic (all or nothing).
@@ -80,12 +93,7 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict, t
     `dtype` ("float32", "bfloat16", np dtype; None = keep) casts every array first.
     Refuses an existing non-empty `out_dir` unless `overwrite`. Returns the folder.
     """
-    out = Path(out_dir).absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise MsrnnError(f"{out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise MsrnnError(f"{out} already exists and is not empty (pass overwrite to replace it)")
+    out = check_output_folder(out_dir, overwrite)
     check_params(cfg, params)
     params = _to_numpy(cast_tree(params, dtype) if dtype is not None else params)
     dtypes = _leaf_dtypes(params)
@@ -95,25 +103,25 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict, t
     as_dtype(param_dtype)  # only float32 / bfloat16 / float16
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = temp_folder(out)
     try:
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        provenance = {"source": source, "dtype": dtype_name(param_dtype), "created": created,
-                      "msrnn_jax_version": _package_version()}
-        _write_json(tmp / "config.json", {**cfg.to_dict(), PROVENANCE_KEY: provenance})
-        ocp, ckpt = _checkpointer()
-        try:
-            ckpt.save(tmp / "params", args=ocp.args.StandardSave(params))
-        finally:
-            ckpt.close()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        _write_json(tmp / MARKER, {"format": FORMAT, "version": VERSION,
-                                   "dtype": dtype_name(param_dtype),
-                                   "tokenizer": tokenizer is not None, "source": source,
-                                   "created": created})
-        _publish(tmp, out)
+        with temporary(tmp):
+            created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            provenance = {"source": source, "dtype": dtype_name(param_dtype), "created": created,
+                          "msrnn_jax_version": _package_version()}
+            _write_json(tmp / "config.json", {**cfg.to_dict(), PROVENANCE_KEY: provenance})
+            ocp, ckpt = _checkpointer()
+            try:
+                ckpt.save(tmp / "params", args=ocp.args.StandardSave(params))
+            finally:
+                ckpt.close()
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            _write_json(tmp / MARKER, {"format": FORMAT, "version": VERSION,
+                                       "dtype": dtype_name(param_dtype),
+                                       "tokenizer": tokenizer is not None, "source": source,
+                                       "created": created})
+            _publish(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (MsrnnError, KeyboardInterrupt, SystemExit)) or not isinstance(e, Exception):

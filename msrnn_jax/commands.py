@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from . import api
 from .decoding import check_prefill
 from .errors import MsrnnError, UsageError, check_float, check_int
 from .evaluate import sweep
+from .files import check_output_file, write_atomic
 from .policies import capacity_for, make_policy, policy_name
 from .sampling import Sampling
 
@@ -47,6 +49,24 @@ def _prefill_args(args):
     check_prefill(args.prefill, args.chunk)
 
 
+def _load(args):
+    """The model of --model/--dtype; a first conversion says so in one line on stderr."""
+    return api.load_model(args.model, args.dtype,
+                          notify=lambda msg: print(f"msrnn: {msg}", file=sys.stderr, flush=True))
+
+
+def _check_outputs(args):
+    """Every output path of a command, checked before any work starts."""
+    if getattr(args, "csv", None):
+        check_output_file(args.csv, "csv")
+    if getattr(args, "plot", None):
+        check_output_file(args.plot, "plot", suffix=".png")
+    if getattr(args, "save_state", None):
+        from .state_io import check_state_folder
+
+        check_state_folder(args.save_state)
+
+
 # -- ppl ------------------------------------------------------------------------------
 def ppl(args):
     policies = [_policy(args, n.strip()) for n in args.policy.split(",") if n.strip()]
@@ -62,10 +82,9 @@ def ppl(args):
     if args.tokens is not None:
         check_int("tokens", args.tokens, minimum=2)
     _prefill_args(args)
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise UsageError(f"--plot must name a .png file, got {args.plot}")
+    _check_outputs(args)
     texts = [api.read_text(f) for f in args.files]
-    model = api.load_model(args.model, args.dtype)
+    model = _load(args)
     limit = model.cfg.max_position_embeddings
     if args.tokens is not None and args.tokens > limit:
         raise UsageError(f"--tokens {args.tokens} is beyond the model's trained context of {limit} tokens")
@@ -81,9 +100,11 @@ def ppl(args):
     from tqdm.auto import tqdm
 
     n_full = sum(p.name == "full" for p in policies)
-    total = (n_full + (len(policies) - n_full) * len(capacities or [])) * rows.shape[0] * (rows.shape[1] - 1)
+    runs = n_full + (len(policies) - n_full) * len(capacities or [])
+    per_run = rows.shape[0] * (rows.shape[1] - 1)
     results = []
-    with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False, desc="perplexity") as bar:
+    with tqdm(total=runs * per_run, unit="tok", disable=None, file=sys.stderr, leave=False,
+              desc=f"perplexity, {runs} runs x {per_run} tokens") as bar:
         for res in sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
                              fuse=not args.no_fuse, progress=bar.update):
             run, pol = res.run, res.policy
@@ -100,7 +121,7 @@ def ppl(args):
     if not args.json:
         _print_table(results)
     if args.csv:
-        _write_atomic(args.csv, lambda f: _csv(results, f))
+        write_atomic(args.csv, lambda f: _csv(results, f))
     if args.plot:
         _plot(results, args.plot, title=f"{Path(args.files[0]).name}, {rows.shape[1]} tokens")
     return 0
@@ -120,27 +141,10 @@ def _csv(results, f):
     w.writerows(results)
 
 
-def _write_atomic(path, write, mode="w"):
-    import os
-    import tempfile
-
-    path = Path(path)
-    if not path.parent.exists():
-        raise MsrnnError(f"folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plot(results, path, title=""):
     from .plots import plot_ppl_vs_capacity
 
-    _write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), mode="wb")
+    write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), binary=True)
 
 
 # -- generate / chat -----------------------------------------------------------------
@@ -175,6 +179,7 @@ def generate(args):
     check_int("max_new_tokens", args.max_new_tokens)
     if args.prompts and args.prompt:
         raise UsageError("give a prompt or --prompts FILE, not both")
+    _check_outputs(args)
     if args.prompts:
         lines = api.read_text(args.prompts).splitlines()
         for i, line in enumerate(lines, 1):
@@ -186,7 +191,7 @@ def generate(args):
         if not text.strip():
             raise UsageError("empty prompt")
         prompts = [text]
-    model = api.load_model(args.model, args.dtype)
+    model = _load(args)
     ids = api.prompt_ids(model, prompts, chat=args.chat)
     state = None
     if args.load_state:
@@ -216,9 +221,12 @@ def generate(args):
 
 def _print_stats(res, prompt_lengths):
     n = sum(len(t) for t in res.tokens)
+    rate = res.decode_tokens_per_s
+    rate = (f"decode {rate:.1f} tokens/s" if math.isfinite(rate)
+            else "decode tokens/s n/a (every token came from the compiling call)")
     print(f"[stats] prompt tokens {sum(prompt_lengths)}, new tokens {n}, "
           f"time to first token {res.time_to_first_token * 1000:.0f} ms, "
-          f"decode {res.decode_tokens_per_s:.1f} tokens/s, "
+          f"decode compile {res.compile_s:.2f} s, {rate}, "
           f"state {res.state.nbytes() / 2**20:.2f} MiB ({res.state.nbytes()} bytes, "
           f"capacity {res.state.capacity})", file=sys.stderr)
 
@@ -230,17 +238,18 @@ def chat(args):
     _prefill_args(args)
     if args.prefill == "oneshot":
         raise UsageError("chat continues its state across turns: use --prefill exact or chunked")
-    model = api.load_model(args.model, args.dtype)
+    model = _load(args)
     cap = capacity_for(pol, cap, model.cfg.max_position_embeddings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     state, consumed = None, ""
     interactive = sys.stdin.isatty()
     eos_text = model.tokenizer.eos_token or ""
+    if interactive:
+        print(f"msrnn chat: {args.policy}" + (f", capacity {cap}" if pol.name != "full" else "")
+              + " — Ctrl-C stops a reply, Ctrl-D or /exit quits", file=sys.stderr)
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_turn(interactive)
+        if line is None or line.strip() == "/exit":
             break
         if not line.strip():
             continue
@@ -253,9 +262,15 @@ def chat(args):
             consumed = prev
         new_ids = list(model.tokenizer(full[len(consumed):], add_special_tokens=False)["input_ids"])
         streamer = _Streamer(model)
-        res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
-                           sampling=sampling, seed=args.seed + len(messages), prefill=args.prefill,
-                           chunk=args.chunk, state=state, on_tokens=streamer)
+        try:
+            res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
+                               sampling=sampling, seed=args.seed + len(messages), prefill=args.prefill,
+                               chunk=args.chunk, state=state, on_tokens=streamer)
+        except KeyboardInterrupt:  # drop this turn: the state is the one before it (generate copies)
+            streamer.finish()
+            print("[reply interrupted]", file=sys.stderr)
+            messages.pop()
+            continue
         streamer.finish()
         state = res.state
         reply = model.decode(res.tokens[0])
@@ -271,6 +286,22 @@ def chat(args):
     return 0
 
 
+def _read_turn(interactive: bool) -> str | None:
+    """The user's next line; None at end of input (Ctrl-D). On a terminal, Ctrl-C at the
+    prompt starts a fresh line, as a shell does."""
+    while True:
+        try:
+            if not interactive:
+                line = sys.stdin.readline()
+                return line if line else None
+            return input("> ")
+        except EOFError:
+            print(flush=True)  # leave the shell's prompt on a line of its own
+            return None
+        except KeyboardInterrupt:
+            print(flush=True)
+
+
 def _feed(model, pol, cap, state, text):
     from .decoding import prefill
 
@@ -284,6 +315,6 @@ def _feed(model, pol, cap, state, text):
 def convert(args):
     from msrnn_jax.convert import convert_cli
 
-    convert_cli(args.src, args.out, args.dtype)
+    convert_cli(args.src, args.out, args.dtype, overwrite=args.overwrite)
     print(f"converted {args.src} -> {args.out}", file=sys.stderr)
     return 0

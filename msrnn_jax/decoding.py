@@ -146,8 +146,9 @@ class GenerateResult:
     state: State             # the state after the last emitted token: keep it, fork it
     logits: jax.Array        # next-token logits [B, V], to continue from the state
     time_to_first_token: float
-    decode_tokens_per_s: float   # after the first decode chunk (whose call may compile)
+    decode_tokens_per_s: float   # steady state, compilation excluded (NaN: nothing to time)
     prefill_s: float
+    compile_s: float = 0.0       # the first decode call's time, when it compiled
     texts: list[str] = dataclasses.field(default_factory=list)  # decoded rows (with a tokenizer)
 
 
@@ -183,18 +184,24 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     if on_tokens is not None:
         on_tokens(first[:, None], np.ones((B, 1), bool))
     pending = jnp.ones((B,), bool)
-    # the decode rate counts from the end of the first chunk, whose call may compile
-    t_first, n_decoded, t_steady, n_steady = time.perf_counter(), 0, None, 0
+    # The decode rate never counts compilation: a first chunk whose call compiled (or may
+    # have: a wrapped function cannot tell) is timed as compile_s and left out of the rate.
+    cache_size = getattr(decode_chunk, "_cache_size", None)
+    before = cache_size() if cache_size else None
+    t_start, t_rate, n_rate, compile_s = time.perf_counter(), None, 0, 0.0
     while True:
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
             budget, eos, impl)
         toks, emitted = np.asarray(toks), np.asarray(emitted)
-        n_decoded += int(emitted.sum())
-        if t_steady is None:
-            t_steady = time.perf_counter()
+        if t_rate is None:  # the first chunk has returned
+            if before is not None and cache_size() == before:  # warm: it counts
+                t_rate, n_rate = t_start, int(emitted.sum())
+            else:
+                t_rate = time.perf_counter()
+                compile_s = t_rate - t_start
         else:
-            n_steady += int(emitted.sum())
+            n_rate += int(emitted.sum())
         for b in range(B):
             out[b].extend(int(t) for t in toks[b][emitted[b]])
         if on_tokens is not None and emitted.any():
@@ -202,8 +209,5 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
         if not bool(np.asarray(pending).any()):
             break
     end = time.perf_counter()
-    if n_steady:  # steady state: every chunk after the first
-        rate = n_steady / (end - t_steady)
-    else:  # one chunk only: its time includes any compilation
-        rate = n_decoded / (end - t_first) if n_decoded and end > t_first else float("nan")
-    return GenerateResult(out, state, logits, ttft, rate, prefill_s)
+    rate = n_rate / (end - t_rate) if n_rate and end > t_rate else float("nan")
+    return GenerateResult(out, state, logits, ttft, rate, prefill_s, compile_s=compile_s)

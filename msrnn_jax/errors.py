@@ -13,18 +13,18 @@ import math
 
 
 class MsrnnError(Exception):
-    """Anything the library refuses to do, in one line (command line: exit status 1)."""
+    """Anything the library refuses to do, in one line (command line: exit status 1).
 
-
-class InvalidArgument(MsrnnError, ValueError):
-    """A value a caller passed is out of range or unknown (command line: exit status 2).
-
-    `param` names the argument at fault (e.g. "top_k"); the command line words the
-    message with its own flag for it (``--top-k``)."""
+    `param` names the argument at fault, if one is (e.g. "top_k"); the command line words
+    the message with its own flag for it (``--top-k``)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class InvalidArgument(MsrnnError, ValueError):
+    """A value a caller passed is out of range or unknown (command line: exit status 2)."""
 
 
 class UnsupportedConfigError(MsrnnError, ValueError):

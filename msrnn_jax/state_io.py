@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import MsrnnError, UsageError
+from .files import temp_folder, temporary
 from .policies import Policy, policy_name
 from .state import State
 
@@ -32,15 +31,21 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def save_state(path, state: State, model, policy: Policy) -> None:
-    import orbax.checkpoint as ocp
-
+def check_state_folder(path) -> Path:
+    """The absolute folder a state may be saved to (checked before any work): new, or an
+    empty folder, in a folder that exists or can be made."""
     path = Path(path).absolute()
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise MsrnnError(f"{path} already exists; choose a new folder for the state")
+    return path
+
+
+def save_state(path, state: State, model, policy: Policy) -> None:
+    import orbax.checkpoint as ocp
+
+    path = check_state_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with temporary(temp_folder(path)) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "arrays", jax.tree.map(np.asarray, state.as_dict()))
         meta = {"format": FORMAT, "model": model_fingerprint(model), "policy": policy_name(policy),
@@ -50,9 +55,6 @@ def save_state(path, state: State, model, policy: Policy) -> None:
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_state(path, model, policy: Policy | None = None, batch: int | None = None,
