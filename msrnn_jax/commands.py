@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import signal
+import threading
 import sys
 from pathlib import Path
 
@@ -154,8 +157,11 @@ class _Streamer:
 
     def __init__(self, model, out=None):
         self.model, self.out, self.ids, self.printed = model, out or sys.stdout, [], 0
+        self.stop = None  # an Event that, once set, stops the generation at the next chunk
 
     def __call__(self, toks, emitted):
+        if self.stop is not None and self.stop.is_set():
+            raise _ReplyStopped
         self.ids.extend(int(t) for t in toks[0][emitted[0]])
         text = self.model.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
@@ -263,10 +269,12 @@ def chat(args):
         new_ids = list(model.tokenizer(full[len(consumed):], add_special_tokens=False)["input_ids"])
         streamer = _Streamer(model)
         try:
-            res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
-                               sampling=sampling, seed=args.seed + len(messages), prefill=args.prefill,
-                               chunk=args.chunk, state=state, on_tokens=streamer)
-        except KeyboardInterrupt:  # drop this turn: the state is the one before it (generate copies)
+            with _ctrl_c_stops(streamer):
+                res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
+                                   sampling=sampling, seed=args.seed + len(messages),
+                                   prefill=args.prefill, chunk=args.chunk, state=state,
+                                   on_tokens=streamer)
+        except _ReplyStopped:  # drop this turn: the state is the one before it (generate copies)
             streamer.finish()
             print("[reply interrupted]", file=sys.stderr)
             messages.pop()
@@ -284,6 +292,25 @@ def chat(args):
         if args.stats:
             _print_stats(res, [len(new_ids)])
     return 0
+
+
+class _ReplyStopped(Exception):
+    """Ctrl-C during a chat reply."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(streamer):
+    """While the block runs, Ctrl-C stops the reply at the next chunk of tokens: the
+    signal only sets a flag, and the streamer raises between compiled calls (an
+    exception raised inside one of JAX's calls can leave it in a bad state)."""
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    streamer.stop = stop
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        streamer.stop = None
 
 
 def _read_turn(interactive: bool) -> str | None:

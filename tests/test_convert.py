@@ -314,7 +314,9 @@ def test_gguf_mistral_name_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MSRNN_CACHE", str(tmp_path / "cache"))
     folder, sd = make_hf(tmp_path, "llama")
     path = write_gguf(tmp_path / "m.gguf", sd, name="Mistral 7B Tiny")
-    m1 = convert.load_model(str(path))
+    told = []
+    m1 = convert.load_model(str(path), notify=told.append)
+    assert len(told) == 1 and told[0].startswith("converting m.gguf (once")  # the first load says so
     assert m1.cfg.family == "mistral" and m1.cfg.sliding_window is None and m1.tokenizer is None
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("m-") and (cached[0] / MARKER).is_file()
@@ -323,8 +325,8 @@ def test_gguf_mistral_name_and_cache(tmp_path, monkeypatch):
         raise AssertionError("GGUF parsed again")
 
     monkeypatch.setattr(convert.gguf_loader, "_load", boom)
-    m2 = convert.load_model(str(path), dtype="bfloat16")
-    assert "cached" in m2.source
+    m2 = convert.load_model(str(path), dtype="bfloat16", notify=told.append)
+    assert "cached" in m2.source and len(told) == 1
     assert_trees_identical(m2.params, convert._common.cast_tree(m1.params, "bfloat16"))
 
 

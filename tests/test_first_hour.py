@@ -1,0 +1,177 @@
+"""What a new user meets in the first hour: interrupts, output paths checked before any
+work, file modes, help texts, case-insensitive policies, convert --overwrite, chat on a
+terminal (Ctrl-C, Ctrl-D, /exit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from msrnn_jax import cli
+
+from hf_models import save_tiny_model
+from test_cli import TEXT, assert_one_line_error, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "book.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return str(p)
+
+
+def msrnn(*argv, **kw):
+    return subprocess.Popen([sys.executable, "-m", "msrnn_jax.cli", *map(str, argv)], cwd=REPO,
+                            env=ENV, text=True, **kw)
+
+
+def test_sigint_stops_a_long_ppl_at_once(tiny, text_file, tmp_path):
+    """Ctrl-C during a sweep that compiles one program per capacity: exit 130 within a few
+    seconds with one line, the JSON lines already printed kept, no CSV or temporary left."""
+    caps = ",".join(str(c) for c in range(4, 60))
+    csv_path = tmp_path / "out.csv"
+    p = msrnn("ppl", text_file, "--model", tiny, "--policy", "window,tova", "--capacity", caps,
+              "--tokens", "48", "--json", "--csv", csv_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = p.stdout.readline()  # a result is out: the sweep is well under way
+        assert first, p.stderr.read()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "msrnn: interrupted", err
+    assert "Traceback" not in err
+    assert waited < 5, f"took {waited:.1f} s to stop"
+    for line in [first, *out.splitlines()]:
+        assert json.loads(line)["policy"] in ("window", "tova")
+    assert not csv_path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_output_paths_are_checked_before_the_model_loads(capsys, text_file, tmp_path, monkeypatch):
+    from msrnn_jax import api
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(api, "load_model", no_load)
+    missing = tmp_path / "missing" / "x.csv"
+    assert_one_line_error(*run_cli(capsys, "ppl", text_file, "--csv", missing), 1, "folder does not exist")
+    assert_one_line_error(*run_cli(capsys, "ppl", text_file, "--plot", tmp_path / "missing" / "p.png"),
+                          1, "folder does not exist")
+    assert_one_line_error(*run_cli(capsys, "ppl", text_file, "--plot", tmp_path / "p.jpg"), 2, "--plot")
+    assert_one_line_error(*run_cli(capsys, "ppl", text_file, "--csv", tmp_path), 1, "folder")
+    taken = tmp_path / "state"
+    taken.mkdir()
+    (taken / "x").write_text("mine")
+    assert_one_line_error(*run_cli(capsys, "generate", "hi", "--save-state", taken), 1, "already exists")
+    assert (taken / "x").read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(capsys, tiny, text_file, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "full",
+                               "--tokens", "24", "--csv", tmp_path / "r.csv", "--plot", tmp_path / "r.png")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    for name in ("r.csv", "r.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_every_flag_has_help_and_the_defaults_show():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) >= {"generate", "chat", "ppl", "convert"}
+    for name, q in sub.choices.items():
+        for action in q._actions:
+            if action.dest != "help":
+                assert action.help, f"msrnn {name} {action.option_strings or action.dest} has no help"
+        text = q.format_help()
+        assert "examples:" in text, name
+    gen = sub.choices["generate"].format_help()
+    assert "(default: full)" in gen and "(default: 128)" in gen
+    assert "(default: full)" in sub.choices["ppl"].format_help()  # ppl and generate agree
+
+
+def test_policy_names_ignore_case(capsys, tiny, text_file):
+    code, out, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "TOVA,Window",
+                             "--capacity", "8", "--tokens", "24", "--json")
+    assert code == 0, err
+    assert [json.loads(line)["policy"] for line in out.splitlines()] == ["tova", "window"]
+
+
+def test_convert_overwrite_is_what_the_message_names(capsys, tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "convert", tiny, out)
+    assert code == 1 and "--overwrite" in err, err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli(capsys, "convert", tiny, out, "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "msrnn.json").is_file()
+
+
+def test_chat_on_a_terminal(tiny):
+    """Driven through a pseudo-terminal: a banner says how to quit, Ctrl-C stops an endless
+    reply and returns to the prompt, the chat goes on, and Ctrl-D exits 0."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "msrnn_jax.cli", "chat", "--model", str(tiny),
+                                           "--policy", "window", "--capacity", "16",
+                                           "--max-new-tokens", "100000000"],
+                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=120)
+    try:
+        child.expect("Ctrl-D or /exit")
+        child.expect("> ")
+        child.sendline("hello there")
+        time.sleep(3)  # the reply streams (a window policy never runs out of room)
+        child.sendintr()
+        child.expect(r"\[reply interrupted\]", timeout=30)
+        child.expect("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF, timeout=60)
+        child.close()
+        assert child.exitstatus == 0, child.before
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
+def test_chat_ctrl_d_exits_cleanly(tiny):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "msrnn_jax.cli", "chat", "--model", str(tiny),
+                                           "--policy", "window", "--capacity", "16"],
+                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=120)
+    try:
+        child.expect("> ")
+        child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not the end
+        child.expect("> ")
+        child.sendeof()
+        child.expect(pexpect.EOF, timeout=60)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
