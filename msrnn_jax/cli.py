@@ -101,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")
     model_args(q)
 
+    w = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    w.add_argument("--policy", default="tova", help=f"{POLICIES_HELP} (default tova)")
+    w.add_argument("--capacity", type=_positive("--capacity"),
+                   help="state size C per row (default 512; full: the model's trained context "
+                        "unless given, and a request's prompt + max_tokens must fit in it)")
+    w.add_argument("--max-batch", type=_positive("--max-batch"), default=8, help="rows B (default 8)")
+    w.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row (default 64); beyond that: 503")
+    w.add_argument("--prefill", default="exact", choices=["exact", "chunked"])
+    w.add_argument("--chunk", type=_positive("--chunk"), help="chunk size for --prefill chunked")
+    w.add_argument("--steps-per-call", type=_positive("--steps-per-call"), default=8,
+                   help="decode steps per chunk: how often tokens are streamed (default 8)")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
+    model_args(w)
+
     v = sub.add_parser("convert", help="convert a checkpoint into an orbax folder")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")
     v.add_argument("out", help="output folder (written atomically)")
