@@ -101,13 +101,14 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
 def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: State, tok, keys,
-                pending, finished, budget, temperature, top_k, top_p, eos_ids,
+                pending, finished, budget, temperature, top_k, top_p, eos_ids, ignore_eos,
                 impl: StepImpl = DEFAULT_IMPL):
     """n_steps of the RNN over B rows, `decoding.decode_chunk` with per-row sampling.
 
     tok [B]: each row's last emitted token; pending [B]: not fed yet; finished [B]: it was
     the row's last; budget [B]: tokens the row may still emit; keys uint32 [B, 2];
-    temperature/top_k/top_p [B] (see `sample_rows`). A free row has pending = False and
+    temperature/top_k/top_p [B] (see `sample_rows`); ignore_eos [B]: the row runs to its
+    budget whatever it emits (fixed lengths, for benchmarks). A free row has pending = False and
     finished = True: the step leaves it untouched. Returns (tokens [B, n], emitted
     [B, n], state, tok, keys, pending, finished, budget)."""
 
@@ -118,7 +119,7 @@ def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: S
         nxt = sample_rows(logits, sub, temperature, top_k, top_p)
         emit = pending & ~finished
         budget = budget - emit.astype(jnp.int32)
-        finished = finished | (emit & (jnp.isin(nxt, eos_ids) | (budget <= 0)))
+        finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
         tok = jnp.where(emit, nxt, tok)
         return (st, tok, keys, emit, finished, budget), (nxt, emit)
 
@@ -136,6 +137,13 @@ def chunk_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
     n = active.sum(1)
     here = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
     return jnp.where((n > 0)[:, None], here, last_logits), state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits):
+    """One exact-prefill piece: `scan_last_logits` over tokens [R, P] (the engine's own
+    compiled copy, so that its compile count is the engine's alone)."""
+    return scan_last_logits(params, cfg, policy, state, tokens, active, last_logits)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -183,11 +191,12 @@ class Request:
     "finish_reason": str, "result": Result}."""
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
-                 top_p: float, seed: int, stop: Sequence[str], listener, rid: str):
+                 top_p: float, seed: int, stop: Sequence[str], listener, rid: str,
+                 ignore_eos: bool = False):
         self.id = rid
         self.prompt = list(prompt)
         self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
-        self.seed, self.stop = seed, tuple(stop)
+        self.seed, self.stop, self.ignore_eos = seed, tuple(stop), bool(ignore_eos)
         self.tokens: list[int] = []
         self.text_sent = 0        # characters of the decoded text already streamed
         self.final_text: str | None = None
@@ -296,6 +305,7 @@ class Engine:
         self.temperature = np.zeros(B, np.float32)
         self.top_k = np.zeros(B, np.int32)
         self.top_p = np.ones(B, np.float32)
+        self.ignore_eos = np.zeros(B, bool)
         self.rows: list[Request | None] = [None] * B
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: _Prefill | None = None
@@ -317,6 +327,8 @@ class Engine:
         if not prompt:
             raise InvalidArgument("empty prompt", "prompt")
         check_int("max_tokens", max_tokens)
+        if max_tokens >= 2 ** 31:
+            raise InvalidArgument(f"max_tokens must be < 2**31, got {max_tokens}", "max_tokens")
         if self.policy.name == "full" and len(prompt) + max_tokens > self.capacity:
             raise InvalidArgument(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is beyond the "
@@ -325,9 +337,10 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = (), listener: Callable[[dict], None] | None = None,
-               rid: str | None = None) -> Request:
+               rid: str | None = None, ignore_eos: bool = False) -> Request:
         """Queue a request (token ids). Raises InvalidArgument for a bad one, QueueFull
-        when B rows are busy and max_queue requests already wait."""
+        when B rows are busy and max_queue requests already wait. ignore_eos: run to
+        max_tokens (benchmarks' fixed lengths)."""
         prompt = [int(t) for t in prompt]
         self.check_request(prompt, max_tokens)
         temperature = check_float("temperature", temperature, low=0.0)
@@ -344,7 +357,7 @@ class Engine:
         if any(not isinstance(s, str) or not s for s in stop):
             raise InvalidArgument("stop must be non-empty strings", "stop")
         req = Request(prompt, max_tokens, temperature, top_k, top_p, seed, stop, listener,
-                      rid or f"req-{next(_ids)}")
+                      rid or f"req-{next(_ids)}", ignore_eos)
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -384,7 +397,7 @@ class Engine:
     def compiled(self) -> dict[str, int]:
         """Compiled variants of each program the engine calls (constant while serving)."""
         progs = {"decode_rows": decode_rows, "insert_row": insert_row, "first_rows": first_rows,
-                 "prefill_piece": chunk_piece if self.prefill_mode == "chunked" else scan_last_logits}
+                 "prefill_piece": chunk_piece if self.prefill_mode == "chunked" else exact_piece}
         return {k: f._cache_size() for k, f in progs.items()}
 
     # -- the loop (its own thread) -----------------------------------------------------
@@ -442,7 +455,7 @@ class Engine:
             pf.logits, pf.state = chunk_piece(self.model.params, self.cfg, self.policy, pf.state,
                                               jnp.asarray(toks), jnp.asarray(act), pf.logits)
         else:
-            pf.logits, pf.state = scan_last_logits(self.model.params, self.cfg, self.policy, pf.state,
+            pf.logits, pf.state = exact_piece(self.model.params, self.cfg, self.policy, pf.state,
                                                    jnp.asarray(toks), jnp.asarray(act), pf.logits)
         pf.next_piece += 1
         return pf.next_piece * P >= len(prompt)
@@ -451,7 +464,7 @@ class Engine:
         t0 = time.perf_counter()
         out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, self.state,
                           self.tok, self.keys, self.pending, self.finished, self.budget,
-                          self.temperature, self.top_k, self.top_p, self.eos, self.impl)
+                          self.temperature, self.top_k, self.top_p, self.eos, self.ignore_eos, self.impl)
         toks, emitted, self.state, tok, keys, pending, finished, budget = out
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         # np.array: writable host copies (the host edits rows between chunks)
@@ -518,7 +531,8 @@ class Engine:
             self.temperature[b], self.top_k[b], self.top_p[b] = temp[0], tk[0], tp[0]
             self.budget[b] = req.max_tokens - 1
             self.pending[b] = True
-            self.finished[b] = first in self._eos_set or req.max_tokens <= 1
+            self.ignore_eos[b] = req.ignore_eos
+            self.finished[b] = (first in self._eos_set and not req.ignore_eos) or req.max_tokens <= 1
         req.t_first = time.perf_counter()
         self._add_tokens(req, [first])
 
@@ -534,7 +548,7 @@ class Engine:
         b = req.row
         req.tokens.extend(new)
         reason = None
-        if req.tokens[-1] in self._eos_set:
+        if req.tokens[-1] in self._eos_set and not req.ignore_eos:
             reason = FINISH_STOP
         elif len(req.tokens) >= req.max_tokens:
             reason = FINISH_LENGTH

@@ -96,6 +96,7 @@ def parse_request(body, chat: bool, served: set[str], name: str = "") -> dict:
         "top_k": _field(body, "top_k", int, 0),
         "seed": _field(body, "seed", int),
         "stream": _field(body, "stream", bool, False),
+        "ignore_eos": _field(body, "ignore_eos", bool, False),  # vLLM's extension: fixed lengths
     }
     if out["top_k"] == -1:  # vLLM's spelling of "off"
         out["top_k"] = 0
@@ -248,7 +249,8 @@ class Service:
 
             try:
                 req = eng.submit(ids, max_tokens, temperature=p["temperature"], top_k=p["top_k"],
-                                 top_p=p["top_p"], seed=p["seed"], stop=p["stop"], listener=listener, rid=rid)
+                                 top_p=p["top_p"], seed=p["seed"], stop=p["stop"], listener=listener, rid=rid,
+                                 ignore_eos=p["ignore_eos"])
             except QueueFull as e:
                 raise ApiError(503, str(e), type_="server_error", code="queue_full") from None
             except EngineStopped as e:
