@@ -247,7 +247,7 @@ def server(tiny_dir, tmp_path_factory):
         srv.wait_ready()
         yield srv
     finally:
-        srv.stop()
+        srv.stop()  # the shutdown test has already stopped it, unless it failed
 
 
 def test_health_is_503_until_ready(server):
@@ -300,35 +300,60 @@ def test_16_concurrent_streams_against_4_rows(tiny, server):
     assert httpx.get(server.url + "/health", timeout=10).json()["waiting"] == 0
 
 
+def _hold_streams(url, prompts, read_first=None, **extra):
+    """Open one streaming request per prompt (running to no end), read the first event of
+    the first `read_first` (default all: those that have a row), and keep every stream open. Returns [(context, line iterator, request id)]."""
+    held = []
+    for t in prompts:
+        ctx = httpx.stream("POST", url + "/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": t, "max_tokens": 10 ** 6, "temperature": 1.0,
+                                 "seed": 1, "stream": True, "ignore_eos": True, **extra})
+        r = ctx.__enter__()
+        assert r.status_code == 200, r.read()
+        held.append((ctx, r.iter_lines(), r.headers["x-request-id"]))  # the iterator keeps it open
+    for _, lines, _ in held[:read_first]:
+        assert next(lines).startswith("data: ")
+    return held
+
+
+def _close(held):
+    for ctx, _, _ in held:
+        ctx.__exit__(None, None, None)
+
+
 def test_disconnect_frees_the_row(tiny, server):
-    """4 long streams fill the 4 rows; a 5th request waits. Closing the 4 streams after
-    their first chunk must end them (logged as abort) and let the 5th run."""
-    hold = []
-    for t in TEXTS[:4]:
-        resp = httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                            json={"model": "tiny", "prompt": t, "max_tokens": 100000, "temperature": 1.0,
-                                  "seed": 1, "stream": True, "ignore_eos": True})
-        r = resp.__enter__()
-        assert r.status_code == 200
-        hold.append((resp, r, r.headers["x-request-id"]))
-    for _, r, _ in hold:
-        next(r.iter_lines())
+    """4 endless streams fill the 4 rows; a 5th request waits. Closing the 4 streams
+    must end them (logged as abort) and let the 5th run."""
+    held = _hold_streams(server.url, TEXTS[:4])
     client = server.client()
     with cf.ThreadPoolExecutor(1) as pool:
         fifth = pool.submit(client.completions.create, model="tiny", prompt=TEXTS[5], max_tokens=4, temperature=0)
         time.sleep(1.0)
         assert not fifth.done()  # every row is busy
-        for resp, _, _ in hold:
-            resp.__exit__(None, None, None)
+        assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "rows_busy": 4, "waiting": 1}
+        _close(held)
         r = fifth.result(timeout=60)
     assert r.choices[0].text == tiny.decode(reference(tiny, tiny.encode(TEXTS[5]), 4))
     end = time.time() + 30
-    while time.time() < end and not all(f"{rid} " in server.text() for _, _, rid in hold):
+    while time.time() < end and not all(f"{rid} " in server.text() for _, _, rid in held):
         time.sleep(0.2)
     log = server.text()
-    for _, _, rid in hold:
+    for _, _, rid in held:
         line = next(l for l in log.splitlines() if f"{rid} " in l)
         assert "finish=abort" in line, line
+
+
+def test_full_queue_gets_503(server):
+    held = _hold_streams(server.url, TEXTS[:4] + TEXTS[:16], read_first=4)  # 4 rows, a queue of 16
+    try:
+        busy = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "y"}, timeout=30)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full", busy.text
+    finally:
+        _close(held)
+    end = time.time() + 30
+    while time.time() < end and httpx.get(server.url + "/health", timeout=10).json()["rows_busy"]:
+        time.sleep(0.2)
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "rows_busy": 0, "waiting": 0}
 
 
 BAD = [
@@ -365,44 +390,21 @@ def test_bad_requests_get_400_and_the_server_goes_on(tiny, server):
     assert r.choices[0].text == tiny.decode(reference(tiny, tiny.encode(TEXTS[3]), 4))
 
 
-def test_full_policy_refuses_what_it_cannot_hold(tiny_dir, tmp_path):
-    srv = Server("--model", tiny_dir, "--policy", "full", "--capacity", "48", "--max-batch", "1",
-                 "--max-queue", "0", log_path=tmp_path / "full.log")
-    try:
-        srv.wait_ready()
-        body = {"model": "tiny", "prompt": TEXTS[4], "max_tokens": 48}
-        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
-        # one row, no queue: a second request while the first streams is refused with 503
-        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
-                          json={"model": "tiny", "prompt": "x", "max_tokens": 40, "temperature": 1.0,
-                                "seed": 0, "stream": True, "ignore_eos": True}) as first:
-            next(first.iter_lines())
-            busy = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "y"}, timeout=30)
-            assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full", busy.text
-    finally:
-        assert srv.stop() == 0
-
-
-def test_shutdown_during_a_stream_ends_it_and_exits_0(tiny_dir, tmp_path):
-    srv = Server("--model", tiny_dir, "--capacity", "16", "--max-batch", "2", log_path=tmp_path / "stop.log")
-    try:
-        srv.wait_ready()
-        events = []
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
-                          json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                "max_tokens": 100000, "temperature": 1.0, "seed": 0, "stream": True,
-                                "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            events.append(next(lines))
-            srv.proc.send_signal(signal.SIGTERM)
-            events += [line for line in lines if line]
-        assert events[-1] == "data: [DONE]"
-        last = json.loads(events[-2][len("data: "):])
-        assert last["choices"][0]["finish_reason"] == "abort"
-        assert srv.proc.wait(60) == 0
-    finally:
-        srv.stop()
+def test_shutdown_during_a_stream_ends_it_and_exits_0(server):
+    """The last test of the tiny server: SIGTERM while a chat streams."""
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 10 ** 6, "temperature": 1.0, "seed": 0, "stream": True,
+                            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        events.append(next(lines))
+        server.proc.send_signal(signal.SIGTERM)
+        events += [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "abort"
+    assert server.proc.wait(60) == 0
 
 
 @pytest.fixture(scope="module")
