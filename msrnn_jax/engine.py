@@ -473,6 +473,9 @@ class Engine:
         self.stats["chunks"] += 1
         self.stats["decode_tokens"] += int(emitted.sum())
         self.stats["decode_seconds"] += time.perf_counter() - t0
+        if emitted.all():  # every row emitted every step: the engine's full-batch rate
+            self.stats["full_tokens"] += int(emitted.size)
+            self.stats["full_seconds"] += time.perf_counter() - t0
         return toks, emitted
 
     def _loop(self):

@@ -434,3 +434,19 @@ def test_embedded_model_out_of_the_box(default_model, tmp_path):
         assert "".join(p.choices[0].text for p in parts) == default_model.decode(want)
     finally:
         assert srv.stop() == 0
+
+
+def test_benchmark_quick_runs(tmp_path):
+    """benchmarks/serve.py --quick, as the subprocess its command starts."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = json.loads((tmp_path / "serve.json").read_text())
+    for name, rec in out["systems"].items():
+        assert "error" not in rec, (name, rec)
+        o = rec["offline"]
+        assert o["generated_tokens"] == out["requests"] * out["generated_tokens_each"]  # ignore_eos: fixed lengths
+    tova = next(r for r in out["systems"].values() if r["policy"] == "tova")
+    assert tova["overhead"]["engine_tokens_per_s"] > 0 and tova["online"]
+    assert "| system |" in (tmp_path / "serve.md").read_text()
