@@ -65,6 +65,10 @@ Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""
     "ppl": """examples:
   msrnn ppl data/pg_news_from_nowhere.txt --policy full,window,tova --capacity 64,128 --tokens 1024
   msrnn ppl book.txt --policy tova,h2o --capacity 256 --json --csv out.csv --plot out.png""",
+    "serve": """examples:
+  msrnn serve --policy tova --capacity 512 --max-batch 8 --port 8000
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "SmolLM2-135M-Instruct", "prompt": "The sea", "max_tokens": 16}'""",
     "convert": """examples:
   msrnn convert default smollm2/                 # the embedded model as an orbax folder
   msrnn convert path/to/hf-folder out/ --dtype bfloat16 --overwrite""",
@@ -145,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")
     model_args(q)
 
+    w = command("serve", "an OpenAI-compatible HTTP server with continuous batching")
+    w.add_argument("--policy", default="tova", help=f"what to drop when a row's state is full: {POLICIES_HELP}")
+    w.add_argument("--capacity", type=_positive("--capacity"),
+                   help="state size C per row (default 512; full: the model's trained context "
+                        "unless given, and a request's prompt + max_tokens must fit in it)")
+    w.add_argument("--max-batch", type=_positive("--max-batch"), default=8, help="rows B of the state")
+    w.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row; beyond that: 503")
+    w.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
+                   help="token by token (exact) or --chunk tokens at a time (chunked)")
+    w.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
+    w.add_argument("--steps-per-call", type=_positive("--steps-per-call"), default=8,
+                   help="decode steps per chunk: how often tokens are streamed")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind")
+    w.add_argument("--port", type=int, default=8000, help="port to bind")
+    w.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
+    model_args(w)
+
     v = command("convert", "convert a checkpoint into an orbax folder that loads fast")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")
     v.add_argument("out", help="output folder (written atomically)")
@@ -161,11 +183,11 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("a command is required: generate, chat, ppl or convert (see msrnn --help)")
+            raise UsageError("a command is required: generate, chat, ppl, serve or convert (see msrnn --help)")
         from . import commands  # heavy imports (jax, transformers) only once the args are good
 
         run = getattr(commands, args.command)
-        if args.command in INTERACTIVE:  # handles Ctrl-C itself (a reply stops, the chat goes on)
+        if args.command in OWN_SIGNALS:  # a chat reply stops, a server drains its streams
             return run(args) or 0
         return _interruptible(run, args)
     except UsageError as e:
@@ -189,7 +211,7 @@ def main(argv=None) -> int:
         return 1
 
 
-INTERACTIVE = {"chat"}
+OWN_SIGNALS = {"chat", "serve"}  # run in the main thread: they handle Ctrl-C (and SIGTERM) themselves
 
 
 def _interruptible(run, args) -> int:

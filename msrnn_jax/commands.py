@@ -345,3 +345,27 @@ def convert(args):
     convert_cli(args.src, args.out, args.dtype, overwrite=args.overwrite)
     print(f"converted {args.src} -> {args.out}", file=sys.stderr)
     return 0
+
+
+# -- serve ------------------------------------------------------------------------------
+def serve(args):
+    from . import server
+    from .engine import Engine
+
+    pol = _policy(args)
+    capacity = args.capacity
+    if pol.name != "full":
+        capacity = capacity_for(pol, 512 if capacity is None else capacity, 1)
+    _prefill_args(args)
+    check_int("max_queue", args.max_queue, minimum=0)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+
+    def factory():  # on the server's loading thread: /health answers 503 meanwhile
+        model = api.load_model(args.model, args.dtype)
+        eng = Engine(model, pol, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
+                     prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call)
+        return model, eng
+
+    name = args.served_model_name or server.served_name(args.model, args.model)
+    return server.run(factory, name, aliases=(args.model,), host=args.host, port=args.port)

@@ -1,0 +1,627 @@
+"""Continuous batching over one fixed-shape state: the engine behind `msrnn serve`.
+
+B batch rows of one `State` are B requests. A loop on its own thread alternates
+
+1. admission: the oldest waiting request takes a free row; its prompt is read into a
+   1-row state in fixed-size pieces (exact: `scan_last_logits` over P tokens; chunked:
+   `chunk_step` over S tokens), a bounded number of pieces per turn, so the other rows
+   keep decoding while a long prompt is read; once read, the row is written into the
+   B-row state (`insert_row`, jitted, the row index traced) and its first token sampled;
+2. one decode chunk: `decode_rows`, a `lax.scan` of n steps over all B rows, with
+   per-row sampling settings and PRNG keys as arrays (greedy and sampled rows share a
+   batch); the chunk's tokens go to their requests as soon as it returns;
+3. bookkeeping on the host: a row is freed on EOS, a stop string, max_tokens or a
+   cancel (a client that went away).
+
+Every compiled program has one shape: [B] rows, C slots, a prompt piece of P (or S)
+tokens, n steps per chunk. No shape depends on a request, so nothing recompiles while
+serving (`Engine.compiled()` counts the programs; the tests check it).
+
+    import msrnn_jax as m
+    from msrnn_jax.engine import Engine
+    eng = Engine(m.load_model(), policy="tova", capacity=256, max_batch=4).start()
+    req = eng.submit(m.load_model().encode("The capital of France is"), max_tokens=16, temperature=0)
+    print(req.result().text)
+    eng.stop()
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .api import Model
+from .attention import DEFAULT_IMPL, StepImpl
+from .config import ModelConfig
+from .decoding import check_prefill
+from .errors import InvalidArgument, MsrnnError, check_float, check_int
+from .model import chunk_step, scan_last_logits, step
+from .policies import Policy, capacity_for, make_policy, policy_name
+from .state import State
+
+log = logging.getLogger("msrnn.serve")
+
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
+
+
+class QueueFull(MsrnnError):
+    """Every row is busy and the waiting queue is full (HTTP 503)."""
+
+
+class EngineStopped(MsrnnError):
+    """The engine is not running (stopped, or not started)."""
+
+
+# -- the jitted programs ---------------------------------------------------------------
+def _split_rows(keys):
+    """Per-row PRNG keys (raw uint32 [B, 2]) -> (next keys, subkeys), each [B, 2]."""
+    both = jax.vmap(lambda k: jax.random.split(k))(keys)  # [B, 2, 2]
+    return both[:, 0], both[:, 1]
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One token per row, each row with its own settings: logits [B, V]; keys uint32
+    [B, 2]; temperature [B] f32 (0 = greedy); top_k [B] int32 (0 = off); top_p [B] f32
+    in (0, 1] (1 = off). The filters are those of `sampling.Sampling` (top-k, then the
+    smallest most-likely set whose mass reaches top_p), written with arrays so one
+    compiled program serves every mix of settings. Returns tokens [B] int32."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+    def sampled():
+        B, V = logits.shape
+        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        srt = -jnp.sort(-x, -1)  # descending
+        rank = jnp.arange(V)[None]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
+        probs = jax.nn.softmax(jnp.where(rank < k, srt, -jnp.inf), -1)
+        before = jnp.cumsum(probs, -1) - probs  # mass strictly above each token
+        keep = (rank < k) & (before < top_p[:, None])  # a prefix of the sorted tokens
+        n_keep = jnp.maximum(keep.sum(-1), 1)
+        threshold = jnp.take_along_axis(srt, (n_keep - 1)[:, None], -1)
+        x = jnp.where(x < threshold, -jnp.inf, x)
+        tok = jax.vmap(lambda key, row: jax.random.categorical(jax.random.wrap_key_data(key), row))(keys, x)
+        return jnp.where(temperature > 0, tok.astype(jnp.int32), greedy)
+
+    # an all-greedy batch skips the sort over the vocabulary
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
+def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: State, tok, keys,
+                pending, finished, budget, temperature, top_k, top_p, eos_ids, ignore_eos,
+                impl: StepImpl = DEFAULT_IMPL):
+    """n_steps of the RNN over B rows, `decoding.decode_chunk` with per-row sampling.
+
+    tok [B]: each row's last emitted token; pending [B]: not fed yet; finished [B]: it was
+    the row's last; budget [B]: tokens the row may still emit; keys uint32 [B, 2];
+    temperature/top_k/top_p [B] (see `sample_rows`); ignore_eos [B]: the row runs to its
+    budget whatever it emits (fixed lengths, for benchmarks). A free row has pending = False and
+    finished = True: the step leaves it untouched. Returns (tokens [B, n], emitted
+    [B, n], state, tok, keys, pending, finished, budget)."""
+
+    def body(carry, _):
+        st, tok, keys, pending, finished, budget = carry
+        logits, st = step(params, cfg, policy, st, tok, pending, impl=impl)
+        keys, sub = _split_rows(keys)
+        nxt = sample_rows(logits, sub, temperature, top_k, top_p)
+        emit = pending & ~finished
+        budget = budget - emit.astype(jnp.int32)
+        finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
+        tok = jnp.where(emit, nxt, tok)
+        return (st, tok, keys, emit, finished, budget), (nxt, emit)
+
+    carry = (state, tok, keys, pending, finished, budget)
+    carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
+    state, tok, keys, pending, finished, budget = carry
+    return toks.T, emitted.T, state, tok, keys, pending, finished, budget
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+def chunk_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits):
+    """One chunked-prefill piece: `chunk_step` over tokens [R, S], keeping each row's
+    logits after its last active token ([R, V]; rows with none keep `last_logits`)."""
+    logits, state = chunk_step(params, cfg, policy, state, tokens, active)
+    n = active.sum(1)
+    here = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
+    return jnp.where((n > 0)[:, None], here, last_logits), state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits):
+    """One exact-prefill piece: `scan_last_logits` over tokens [R, P] (the engine's own
+    compiled copy, so that its compile count is the engine's alone)."""
+    return scan_last_logits(params, cfg, policy, state, tokens, active, last_logits)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert_row(state: State, row: State, b) -> State:
+    """Write the 1-row state `row` into row b (a traced int) of `state`, in place."""
+    def put(s, r, axis):
+        return jax.lax.dynamic_update_index_in_dim(s, jnp.take(r, 0, axis), b, axis)
+
+    return State(put(state.keys, row.keys, 1), put(state.values, row.values, 1),
+                 put(state.pos, row.pos, 1), put(state.score, row.score, 1),
+                 put(state.length, row.length, 0))
+
+
+@jax.jit
+def first_rows(logits, keys, temperature, top_k, top_p):
+    """Each row's first token from its prompt's logits [R, V]: (tokens [R], next keys)."""
+    keys, sub = _split_rows(keys)
+    return sample_rows(logits, sub, temperature, top_k, top_p), keys
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """A request's PRNG key (raw uint32 [2]) from its seed."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+# -- requests --------------------------------------------------------------------------
+_ids = itertools.count(1)
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[int]         # generated tokens (the EOS or the stop string's last included)
+    text: str                 # their text, cut before a stop string ("" without a tokenizer)
+    finish_reason: str        # "stop" (EOS or a stop string), "length" or "abort"
+    prompt_tokens: int
+    time_to_first_token: float | None
+    seconds: float
+
+
+class Request:
+    """One request's life in the engine. Events (dicts) reach `listener(event)` (called
+    on the engine's thread) or, without one, `events()`:
+    {"type": "delta", "text": str, "tokens": [int]} as tokens arrive (text held back
+    while it could still turn into a stop string), then one {"type": "done",
+    "finish_reason": str, "result": Result}."""
+
+    def __init__(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
+                 top_p: float, seed: int, stop: Sequence[str], listener, rid: str,
+                 ignore_eos: bool = False):
+        self.id = rid
+        self.prompt = list(prompt)
+        self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
+        self.seed, self.stop, self.ignore_eos = seed, tuple(stop), bool(ignore_eos)
+        self.tokens: list[int] = []
+        self.text_sent = 0        # characters of the decoded text already streamed
+        self.final_text: str | None = None
+        self.finish_reason: str | None = None
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_done: float | None = None
+        self.row: int | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._listener = listener
+        self._queue: queue.Queue | None = None if listener else queue.Queue()
+        self._result: Result | None = None
+
+    def cancel(self):
+        """Give the row back (a client that disconnected); the engine ends it as "abort"."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Block until the request ends (TimeoutError after `timeout` seconds)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+        return self._result
+
+    def events(self, timeout: float | None = None):
+        """The request's events as they come (without a listener)."""
+        if self._queue is None:
+            raise MsrnnError("this request delivers its events to its listener")
+        while True:
+            ev = self._queue.get(timeout=timeout)
+            yield ev
+            if ev["type"] == "done":
+                return
+
+    def _emit(self, ev):
+        if self._listener is not None:
+            self._listener(ev)
+        else:
+            self._queue.put(ev)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A request whose prompt is being read into a 1-row state, piece by piece."""
+    req: Request
+    row: int
+    state: State
+    logits: jax.Array
+    next_piece: int = 0
+
+
+# -- the engine ------------------------------------------------------------------------
+class Engine:
+    """B rows of one fixed-shape state, served by a loop on its own thread.
+
+    model: a loaded `Model` (a tokenizer is needed for text and stop strings only).
+    policy, capacity, sinks: the state's policy and size C; for `full`, C defaults to
+    the model's trained context (`max_position_embeddings`) and a request must fit in it.
+    max_batch B: rows; max_queue: requests that may wait beyond B (then `QueueFull`).
+    prefill: "exact" (pieces of `piece` tokens through the step, the result equal to
+    reading the prompt at once) or "chunked" (pieces of `chunk` tokens, `chunk_step`).
+    prefill_pieces: pieces read per turn of the loop while other rows are decoding.
+    steps_per_call: decode steps per chunk (the streaming granularity).
+    """
+
+    def __init__(self, model: Model, policy: str | Policy = "tova", capacity: int | None = None,
+                 sinks: int = 4, max_batch: int = 8, max_queue: int = 64, prefill: str = "exact",
+                 chunk: int | None = None, steps_per_call: int = 8, piece: int = 32,
+                 prefill_pieces: int = 4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
+                 log_requests: bool = True):
+        self.model, self.cfg = model, model.cfg
+        self.policy = make_policy(policy, sinks)
+        if self.policy.name == "full":
+            # capacity_for would size `full` to one call; a server sizes it once for all
+            self.capacity = (check_int("capacity", capacity) if capacity is not None
+                             else int(self.cfg.max_position_embeddings))
+        else:
+            self.capacity = capacity_for(self.policy, capacity, 1)
+        self.B = check_int("max_batch", max_batch)
+        self.max_queue = check_int("max_queue", max_queue, minimum=0)
+        self.prefill_mode, chunk = check_prefill(prefill, chunk, ("exact", "chunked"))
+        self.piece = chunk if self.prefill_mode == "chunked" else check_int("piece", piece)
+        self.prefill_pieces = check_int("prefill_pieces", prefill_pieces)
+        self.steps = check_int("steps_per_call", steps_per_call)
+        self.impl = impl
+        self.log_requests = log_requests
+        self.dtype = dtype or jax.tree.leaves(model.params)[0].dtype
+        self.eos = jnp.asarray(list(model.eos_ids) or [-1], jnp.int32)
+        self._eos_set = set(model.eos_ids)
+        B = self.B
+        self.state = State.init(self.cfg, B, self.capacity, self.dtype)
+        # per-row bookkeeping, on the host (a few [B] arrays travel with each chunk)
+        self.tok = np.zeros(B, np.int32)
+        self.keys = np.zeros((B, 2), np.uint32)
+        self.pending = np.zeros(B, bool)
+        self.finished = np.ones(B, bool)
+        self.budget = np.zeros(B, np.int32)
+        self.temperature = np.zeros(B, np.float32)
+        self.top_k = np.zeros(B, np.int32)
+        self.top_p = np.ones(B, np.float32)
+        self.ignore_eos = np.zeros(B, bool)
+        self.rows: list[Request | None] = [None] * B
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: _Prefill | None = None
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.stats = collections.Counter()  # chunks, decode_tokens, decode_seconds, ...
+
+    @property
+    def name(self) -> str:
+        return policy_name(self.policy)
+
+    # -- the public side (any thread) --------------------------------------------------
+    def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
+        """InvalidArgument if the state cannot hold this request (empty prompt; `full`:
+        prompt + max_tokens beyond its C slots)."""
+        if not prompt:
+            raise InvalidArgument("empty prompt", "prompt")
+        check_int("max_tokens", max_tokens)
+        if max_tokens >= 2 ** 31:
+            raise InvalidArgument(f"max_tokens must be < 2**31, got {max_tokens}", "max_tokens")
+        if self.policy.name == "full" and len(prompt) + max_tokens > self.capacity:
+            raise InvalidArgument(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is beyond the "
+                f"{self.capacity} slots of the full policy's state", "max_tokens")
+
+    def submit(self, prompt: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] = (), listener: Callable[[dict], None] | None = None,
+               rid: str | None = None, ignore_eos: bool = False) -> Request:
+        """Queue a request (token ids). Raises InvalidArgument for a bad one, QueueFull
+        when B rows are busy and max_queue requests already wait. ignore_eos: run to
+        max_tokens (benchmarks' fixed lengths)."""
+        prompt = [int(t) for t in prompt]
+        self.check_request(prompt, max_tokens)
+        temperature = check_float("temperature", temperature, low=0.0)
+        top_k = check_int("top_k", top_k, minimum=0)
+        top_p = check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        seed = check_int("seed", seed, minimum=0)
+        if seed >= 2 ** 63:
+            raise InvalidArgument(f"seed must be < 2**63, got {seed}", "seed")
+        stop = tuple(stop)
+        if stop and self.model.tokenizer is None:
+            raise InvalidArgument("stop strings need a model with a tokenizer", "stop")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidArgument("stop must be non-empty strings", "stop")
+        req = Request(prompt, max_tokens, temperature, top_k, top_p, seed, stop, listener,
+                      rid or f"req-{next(_ids)}", ignore_eos)
+        with self._lock:
+            if not self._running:
+                raise EngineStopped("the engine is not running")
+            busy = sum(r is not None for r in self.rows)
+            if busy >= self.B and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"all {self.B} rows are busy and {len(self.waiting)} requests wait")
+            self.waiting.append(req)
+            self._lock.notify_all()
+        return req
+
+    def generate(self, prompt: Sequence[int], max_tokens: int = 16, **kw) -> Result:
+        """submit, then wait for the result."""
+        return self.submit(prompt, max_tokens, **kw).result()
+
+    def load(self) -> dict:
+        """{"rows_busy", "waiting"}: how full the engine is now."""
+        with self._lock:
+            return {"rows_busy": sum(r is not None for r in self.rows), "waiting": len(self.waiting)}
+
+    def start(self, warm: bool = True) -> "Engine":
+        """Start the loop thread; `warm` compiles every program first (then `ready`)."""
+        with self._lock:
+            self._running = True
+        self._thread = threading.Thread(target=self._main, args=(warm,), name="msrnn-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0):
+        """End every request still in flight (finish_reason "abort": each gets its final
+        event) and the loop thread."""
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def compiled(self) -> dict[str, int]:
+        """Compiled variants of each program the engine calls (constant while serving)."""
+        progs = {"decode_rows": decode_rows, "insert_row": insert_row, "first_rows": first_rows,
+                 "prefill_piece": chunk_piece if self.prefill_mode == "chunked" else exact_piece}
+        return {k: f._cache_size() for k, f in progs.items()}
+
+    # -- the loop (its own thread) -----------------------------------------------------
+    def _main(self, warm):
+        try:
+            if warm:
+                self._warm()
+            self.ready.set()
+            self._loop()
+        except BaseException as e:  # noqa: BLE001  reported to every waiting request
+            self.error = e
+            log.exception("engine failed")
+        finally:
+            with self._lock:
+                self._running = False
+                reqs = [r for r in self.rows if r is not None] + list(self.waiting)
+                if self.prefilling is not None and self.prefilling.req not in reqs:
+                    reqs.append(self.prefilling.req)
+                self.waiting.clear()
+                self.prefilling = None
+                self.rows = [None] * self.B
+            for r in reqs:
+                self._finish(r, FINISH_ABORT)
+
+    def _warm(self):
+        """Run every program once on row 0 (free: whatever it leaves there is overwritten
+        when a request takes the row), so the first request finds them compiled."""
+        t0 = time.perf_counter()
+        pf = self._new_prefill(None, 0, [0])
+        while not self._advance(pf):
+            pass
+        self.state = insert_row(self.state, pf.state, 0)
+        first_rows(pf.logits, self.keys[:1], self.temperature[:1], self.top_k[:1], self.top_p[:1])[0].block_until_ready()
+        self._decode_chunk()
+        self.stats.clear()
+        log.info("compiled in %.1f s: policy %s, C=%d, B=%d, %s prefill in pieces of %d, %d steps per chunk",
+                 time.perf_counter() - t0, self.name, self.capacity, self.B, self.prefill_mode,
+                 self.piece, self.steps)
+
+    def _new_prefill(self, req, row, prompt) -> _Prefill:
+        st = State.init(self.cfg, 1, self.capacity, self.dtype)
+        pf = _Prefill(req, row, st, jnp.zeros((1, self.cfg.vocab_size), jnp.float32))
+        pf.prompt = prompt
+        return pf
+
+    def _advance(self, pf: _Prefill) -> bool:
+        """Read the next piece of pf's prompt; True once the whole prompt is in."""
+        P, prompt = self.piece, pf.prompt
+        toks = np.zeros((1, P), np.int32)
+        act = np.zeros((1, P), bool)
+        part = prompt[pf.next_piece * P:(pf.next_piece + 1) * P]
+        toks[0, :len(part)] = part
+        act[0, :len(part)] = True
+        if self.prefill_mode == "chunked":
+            pf.logits, pf.state = chunk_piece(self.model.params, self.cfg, self.policy, pf.state,
+                                              jnp.asarray(toks), jnp.asarray(act), pf.logits)
+        else:
+            pf.logits, pf.state = exact_piece(self.model.params, self.cfg, self.policy, pf.state,
+                                                   jnp.asarray(toks), jnp.asarray(act), pf.logits)
+        pf.next_piece += 1
+        return pf.next_piece * P >= len(prompt)
+
+    def _decode_chunk(self):
+        t0 = time.perf_counter()
+        out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, self.state,
+                          self.tok, self.keys, self.pending, self.finished, self.budget,
+                          self.temperature, self.top_k, self.top_p, self.eos, self.ignore_eos, self.impl)
+        toks, emitted, self.state, tok, keys, pending, finished, budget = out
+        toks, emitted = np.asarray(toks), np.asarray(emitted)
+        # np.array: writable host copies (the host edits rows between chunks)
+        self.tok, self.keys, self.pending = np.array(tok), np.array(keys), np.array(pending)
+        self.finished, self.budget = np.array(finished), np.array(budget)
+        self.stats["chunks"] += 1
+        self.stats["decode_tokens"] += int(emitted.sum())
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        if emitted.all():  # every row emitted every step: the engine's full-batch rate
+            self.stats["full_tokens"] += int(emitted.size)
+            self.stats["full_seconds"] += time.perf_counter() - t0
+        return toks, emitted
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+                self._drop_cancelled_waiting()
+                decoding = any(r is not None and r is not (self.prefilling.req if self.prefilling else None)
+                               for r in self.rows)
+                if self.prefilling is None and self.waiting and None in self.rows:
+                    req = self.waiting.popleft()
+                    b = self.rows.index(None)
+                    self.rows[b] = req
+                    req.row = b
+                    self.prefilling = self._new_prefill(req, b, req.prompt)
+                if self.prefilling is None and not decoding:
+                    self._lock.wait(0.5)
+                    continue
+            if self.prefilling is not None:
+                self._prefill_turn(unlimited=not decoding)
+            if decoding:
+                toks, emitted = self._decode_chunk()
+                self._deliver(toks, emitted)
+            self._free_cancelled_rows()
+
+    def _drop_cancelled_waiting(self):
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            self._finish(r, FINISH_ABORT)
+
+    def _prefill_turn(self, unlimited: bool):
+        pf = self.prefilling
+        if pf.req.cancelled:
+            self._release(pf.row)
+            self.prefilling = None
+            self._finish(pf.req, FINISH_ABORT)
+            return
+        n = 0
+        while unlimited or n < self.prefill_pieces:
+            n += 1
+            if self._advance(pf):
+                break
+        else:
+            return  # more pieces next turn: the decoding rows go on meanwhile
+        req, b = pf.req, pf.row
+        self.state = insert_row(self.state, pf.state, b)
+        key = seed_key(req.seed)[None]
+        temp = np.asarray([req.temperature], np.float32)
+        tk, tp = np.asarray([req.top_k], np.int32), np.asarray([req.top_p], np.float32)
+        first, key = first_rows(pf.logits, key, temp, tk, tp)
+        first = int(np.asarray(first)[0])
+        with self._lock:
+            self.prefilling = None
+            self.tok[b], self.keys[b] = first, np.asarray(key)[0]
+            self.temperature[b], self.top_k[b], self.top_p[b] = temp[0], tk[0], tp[0]
+            self.budget[b] = req.max_tokens - 1
+            self.pending[b] = True
+            self.ignore_eos[b] = req.ignore_eos
+            self.finished[b] = (first in self._eos_set and not req.ignore_eos) or req.max_tokens <= 1
+        req.t_first = time.perf_counter()
+        self._add_tokens(req, [first])
+
+    def _deliver(self, toks, emitted):
+        for b, req in enumerate(self.rows):
+            if req is None or req.row is None or not emitted[b].any() or req.t_first is None:
+                continue
+            self._add_tokens(req, [int(t) for t in toks[b][emitted[b]]])
+
+    def _add_tokens(self, req: Request, new: list[int]):
+        """New tokens of a decoding request: stream their text, end it on EOS, a stop
+        string or max_tokens."""
+        b = req.row
+        req.tokens.extend(new)
+        reason = None
+        if req.tokens[-1] in self._eos_set and not req.ignore_eos:
+            reason = FINISH_STOP
+        elif len(req.tokens) >= req.max_tokens:
+            reason = FINISH_LENGTH
+        tokzr = self.model.tokenizer
+        text, cut = "", None
+        if tokzr is not None:
+            text = self.model.decode(req.tokens)
+            if req.stop:
+                start = max(0, req.text_sent - max(map(len, req.stop)))
+                hits = [i for i in (text.find(s, start) for s in req.stop) if i >= 0]
+                if hits:
+                    cut, reason = min(hits), FINISH_STOP
+                    # the tokens end with the one that completed the stop string
+                    n = len(req.tokens) - len(new) + 1
+                    while n < len(req.tokens) and not any(
+                            s in self.model.decode(req.tokens[:n])[start:] for s in req.stop):
+                        n += 1
+                    del req.tokens[n:]
+        if reason is None:
+            # hold back what could still become a stop string, and an unfinished character
+            safe = len(text) - (max(map(len, req.stop)) - 1 if req.stop else 0)
+            while safe > req.text_sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            self._send(req, text[req.text_sent:max(safe, req.text_sent)], new)
+            return
+        end = len(text) if cut is None else cut
+        self._send(req, text[req.text_sent:max(end, req.text_sent)], new)
+        req.final_text = text[:end]
+        if b is not None:
+            self._release(b)
+        self._finish(req, reason)
+
+    def _send(self, req, delta, new):
+        if delta or new:
+            req.text_sent += len(delta)
+            req._emit({"type": "delta", "text": delta, "tokens": list(new)})
+
+    def _release(self, b):
+        with self._lock:
+            req = self.rows[b]
+            self.rows[b] = None
+            self.pending[b], self.finished[b], self.budget[b] = False, True, 0
+            self.temperature[b] = 0.0
+            if req is not None:
+                req.row = None
+            self._lock.notify_all()
+
+    def _free_cancelled_rows(self):
+        for b, req in enumerate(self.rows):
+            if req is not None and req.cancelled and (self.prefilling is None or self.prefilling.req is not req):
+                self._release(b)
+                self._finish(req, FINISH_ABORT)
+
+    def _finish(self, req: Request, reason: str):
+        if req.done:
+            return
+        req.t_done = time.perf_counter()
+        req.finish_reason = reason
+        if req.final_text is None:
+            req.final_text = self.model.decode(req.tokens) if (self.model.tokenizer is not None and req.tokens) else ""
+            if reason == FINISH_ABORT and req.text_sent < len(req.final_text):
+                self._send(req, req.final_text[req.text_sent:], [])
+        ttft = None if req.t_first is None else req.t_first - req.t_submit
+        req._result = Result(list(req.tokens), req.final_text, reason, len(req.prompt), ttft,
+                             req.t_done - req.t_submit)
+        if self.log_requests:
+            gen = len(req.tokens)
+            dt = req.t_done - (req.t_first or req.t_done)
+            rate = (gen - 1) / dt if gen > 1 and dt > 0 else float("nan")
+            log.info("%s prompt_tokens=%d generated_tokens=%d ttft=%s tokens_per_s=%.1f finish=%s",
+                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s", rate, reason)
+        req._done.set()
+        req._emit({"type": "done", "finish_reason": reason, "result": req._result})
