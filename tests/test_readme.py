@@ -58,4 +58,5 @@ def test_python_api(tmp_path):
     p = subprocess.run([sys.executable, "-c", small(block("Python API", "python"))], cwd=REPO,
                        env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
-    assert len(p.stdout.strip().splitlines()) == 3, p.stdout
+    # the last line is the perplexity run's: a number and the kept positions' shape [L, B, Hkv, C]
+    assert re.fullmatch(r"\d+\.\d+ \(\d+, 1, \d+, 256\)", p.stdout.strip().splitlines()[-1]), p.stdout
