@@ -11,6 +11,7 @@ from . import api
 from .decoding import check_prefill
 from .errors import MsrnnError, UsageError, check_float, check_int
 from .evaluate import sweep
+from .model import check_positions
 from .policies import capacity_for, make_policy, policy_name
 from .sampling import Sampling
 
@@ -45,6 +46,7 @@ def _sampling(args) -> Sampling:
 
 def _prefill_args(args):
     check_prefill(args.prefill, args.chunk)
+    check_positions(args.positions, args.prefill)  # oneshot cannot reindex
 
 
 # -- ppl ------------------------------------------------------------------------------
@@ -66,9 +68,7 @@ def ppl(args):
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
     texts = [api.read_text(f) for f in args.files]
     model = api.load_model(args.model, args.dtype)
-    limit = model.cfg.max_position_embeddings
-    if args.tokens is not None and args.tokens > limit:
-        raise UsageError(f"--tokens {args.tokens} is beyond the model's trained context of {limit} tokens")
+    limit = model.cfg.max_position_embeddings  # past it: decoding.check_context, per run
     if args.tokens is None:
         shortest = min(len(model.encode(t)) for t in texts)
         n_tokens = min(shortest // (args.batch if len(texts) == 1 else 1), limit)
@@ -85,14 +85,17 @@ def ppl(args):
     results = []
     with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False, desc="perplexity") as bar:
         for res in sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
-                             fuse=not args.no_fuse, progress=bar.update):
+                         fuse=not args.no_fuse, progress=bar.update, positions=args.positions):
             run, pol = res.run, res.policy
             rec = {"policy": policy_name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
                    "batch": int(rows.shape[0]), "mean_nll": run.mean_nll, "ppl": run.ppl,
                    "tokens_per_s": run.tokens_per_s, "compile_s": run.compile_seconds,
-                   "prefill": args.prefill, "shared_with": res.shared_with, "model": model.source}
+                   "prefill": args.prefill, "positions": args.positions, "shared_with": res.shared_with,
+                   "model": model.source}
             if pol.name == "sink":
                 rec["sinks"] = pol.sinks
+            if args.curve_every:
+                rec["curve"] = run.curve(args.curve_every)
             results.append(rec)
             if args.json:
                 bar.clear()
@@ -102,7 +105,8 @@ def ppl(args):
     if args.csv:
         _write_atomic(args.csv, lambda f: _csv(results, f))
     if args.plot:
-        _plot(results, args.plot, title=f"{Path(args.files[0]).name}, {rows.shape[1]} tokens")
+        title = f"{Path(args.files[0]).name}, {rows.shape[1]} tokens"
+        _plot(results, args.plot, title=title, curve=bool(args.curve_every), context=limit)
     return 0
 
 
@@ -114,10 +118,16 @@ def _print_table(results):
 
 
 def _csv(results, f):
-    keys = ["policy", "capacity", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s"]
-    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    """One row per (policy, capacity); with a curve, one more per bucket, whose `start` and
+    `end` say which predictions it averages (the summary rows leave them empty)."""
+    keys = ["policy", "capacity", "positions", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s"]
+    curve = any("curve" in r for r in results)
+    w = csv.DictWriter(f, fieldnames=keys + (["start", "end"] if curve else []), extrasaction="ignore")
     w.writeheader()
     w.writerows(results)
+    for r in results:
+        for c in r.get("curve", []):
+            w.writerow({**{k: r[k] for k in ("policy", "capacity", "positions", "tokens", "batch")}, **c})
 
 
 def _write_atomic(path, write, mode="w"):
@@ -137,10 +147,13 @@ def _write_atomic(path, write, mode="w"):
         raise
 
 
-def _plot(results, path, title=""):
-    from .plots import plot_ppl_vs_capacity
+def _plot(results, path, title="", curve=False, context=None):
+    from .plots import plot_nll_curve, plot_ppl_vs_capacity
 
-    _write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), mode="wb")
+    if curve:  # NLL against position (--curve-every)
+        _write_atomic(path, lambda f: plot_nll_curve(results, f, title=title, context=context), mode="wb")
+    else:
+        _write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), mode="wb")
 
 
 # -- generate / chat -----------------------------------------------------------------
@@ -197,7 +210,7 @@ def generate(args):
     streamer = _Streamer(model) if len(ids) == 1 else None
     res = api.generate(model, ids, args.max_new_tokens, policy=pol, capacity=cap, sampling=sampling,
                        seed=args.seed, prefill=args.prefill, chunk=args.chunk, state=state,
-                       on_tokens=streamer)
+                       on_tokens=streamer, positions=args.positions)
     if streamer is not None:
         streamer.finish()
     else:
@@ -255,7 +268,7 @@ def chat(args):
         streamer = _Streamer(model)
         res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
                            sampling=sampling, seed=args.seed + len(messages), prefill=args.prefill,
-                           chunk=args.chunk, state=state, on_tokens=streamer)
+                           chunk=args.chunk, state=state, on_tokens=streamer, positions=args.positions)
         streamer.finish()
         state = res.state
         reply = model.decode(res.tokens[0])
@@ -264,20 +277,20 @@ def chat(args):
         # what the state has read: the prompt, the reply and (if emitted) the end-of-turn token
         consumed = full + model.tokenizer.decode(res.tokens[0], skip_special_tokens=False)
         if not ended:
-            state = _feed(model, pol, cap, state, eos_text)
+            state = _feed(model, pol, cap, state, eos_text, args.positions)
             consumed += eos_text
         if args.stats:
             _print_stats(res, [len(new_ids)])
     return 0
 
 
-def _feed(model, pol, cap, state, text):
+def _feed(model, pol, cap, state, text, positions="absolute"):
     from .decoding import prefill
 
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         return state
-    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")[1]
+    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact", positions=positions)[1]
 
 
 # -- convert ----------------------------------------------------------------------------
