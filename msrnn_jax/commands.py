@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import api
-from .decoding import check_prefill
+from .decoding import check_context, check_prefill
 from .errors import MsrnnError, UsageError, check_float, check_int
 from .evaluate import sweep
 from .model import check_positions
@@ -68,7 +68,11 @@ def ppl(args):
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
     texts = [api.read_text(f) for f in args.files]
     model = api.load_model(args.model, args.dtype)
-    limit = model.cfg.max_position_embeddings  # past it: decoding.check_context, per run
+    limit = model.cfg.max_position_embeddings
+    if args.tokens is not None:  # past the trained context `full` is refused before any work
+        for p in policies:
+            if p.name == "full":
+                check_context(model.cfg, p, args.tokens, args.positions)
     if args.tokens is None:
         shortest = min(len(model.encode(t)) for t in texts)
         n_tokens = min(shortest // (args.batch if len(texts) == 1 else 1), limit)
