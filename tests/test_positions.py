@@ -88,7 +88,7 @@ def test_reindex_equals_absolute_without_eviction(family, name):
 def test_exact_reindex_matches_reference(kind, name, sinks):
     cfg = tiny_config(kind)
     params = tiny_params(cfg)
-    T, C = 24, 6
+    T, C = 24, 6 if kind == "gqa" else 4  # mistral: C=4 < its window 6, so that kept runs can have gaps
     tokens = random_tokens(cfg, (1, T), seed=3)
     logits, pos, _ = _exact(params, cfg, policy_obj(name, sinks), C, tokens, "reindex")
     ref_logits, ref_kept = reference_run(params, cfg, name, C, tokens[0], sinks, positions="reindex")
@@ -96,6 +96,8 @@ def test_exact_reindex_matches_reference(kind, name, sinks):
     for t in range(T):
         np.testing.assert_array_equal(pos[t, :, 0], ref_kept[t], err_msg=f"step {t}")
     np.testing.assert_allclose(logits[0], ref_logits, atol=ATOL, rtol=RTOL)
+    if kind == "mistral":  # its window masks most kept tokens: the visible ones are mostly a
+        return             # contiguous recent run, where the modes agree; the reference is the check
     abs_logits, _, _ = _exact(params, cfg, policy_obj(name, sinks), C, tokens, "absolute")
     gap = np.abs(abs_logits[0, C + 2:] - logits[0, C + 2:]).max()
     if name == "window":  # a contiguous kept run: RoPE is relative, so the offsets are the same
