@@ -218,3 +218,34 @@ def test_nll_curve_buckets():
         np.testing.assert_allclose(c["mean_nll"], nll[:, c["start"]:c["end"]].mean(), rtol=1e-6)
     with pytest.raises(InvalidArgument):
         nll_curve(nll, 0)
+
+
+def test_ppl_curve_json_csv_plot(capsys, tmp_path):
+    """`msrnn ppl --curve-every N --positions reindex`: the JSON curve averages back to the
+    mean NLL, the CSV has one row per bucket after the summary, the plot is a PNG."""
+    import csv
+    import json
+
+    from hf_models import save_tiny_model
+    from msrnn_jax.cli import main
+
+    folder = save_tiny_model(tmp_path / "model")
+    text = tmp_path / "book.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20, encoding="utf-8")
+    csv_path, png = tmp_path / "out.csv", tmp_path / "out.png"
+    code = main(["ppl", str(text), "--policy", "tova,sink", "--capacity", "8", "--tokens", "100",
+                 "--curve-every", "16", "--positions", "reindex", "--json", "--csv", str(csv_path),
+                 "--plot", str(png), "--model", folder])
+    out = capsys.readouterr().out
+    assert code == 0
+    recs = [json.loads(l) for l in out.splitlines()]
+    assert [r["policy"] for r in recs] == ["sink", "tova"] or [r["policy"] for r in recs] == ["tova", "sink"]
+    for r in recs:
+        assert r["positions"] == "reindex"
+        sizes = [c["end"] - c["start"] for c in r["curve"]]
+        assert sum(sizes) == 99 and sizes[:-1] == [16] * (len(sizes) - 1)
+        mean = sum(c["mean_nll"] * n for c, n in zip(r["curve"], sizes)) / 99
+        np.testing.assert_allclose(mean, r["mean_nll"], rtol=1e-5)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == len(recs) * (1 + len(recs[0]["curve"]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
