@@ -23,6 +23,7 @@ _WHERE = {
     "GenerateResult": "decoding", "prefill": "decoding", "decode_chunk": "decoding",
     "generate_tokens": "decoding",
     "run_policy": "evaluate", "sweep": "evaluate", "PolicyRun": "evaluate", "SweepResult": "evaluate",
+    "nll_curve": "evaluate", "POSITIONS": "model",
     "record_run": "analysis", "record_policies": "analysis", "Recording": "analysis",
     "State": "state",
     "Policy": "policies", "Full": "policies", "Window": "policies", "Sink": "policies",
@@ -39,7 +40,7 @@ _WHERE = {
 __all__ = [
     # loading, and the high-level calls that take a loaded model
     "load_model", "Model", "generate", "prompt_ids", "GenerateResult",
-    "run_policy", "sweep", "PolicyRun", "SweepResult",
+    "run_policy", "sweep", "PolicyRun", "SweepResult", "nll_curve", "POSITIONS",
     "record_run", "record_policies", "Recording",
     # the state and the policies
     "State", "Policy", "Full", "Window", "Sink", "Tova", "H2O", "PerRow", "make_policy",

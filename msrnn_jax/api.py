@@ -126,12 +126,15 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, policy: str | 
              seed: int = 0, chat: bool = False, prefill: str = "exact", chunk: int | None = None,
              state: State | None = None,
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL) -> GenerateResult:
+             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL,
+             positions: str = "absolute") -> GenerateResult:
     """Continue each prompt (a string, a list of strings, or token lists: one batch row
     each, ragged is fine) by up to `max_new_tokens`, streaming chunks of tokens to
     `on_tokens(tokens [B, n], emitted [B, n])` as they arrive. Greedy unless `sampling`
     says otherwise. `state` continues a kept state (it is not consumed). The result has
-    the tokens, their `texts`, the state after them, and timings."""
+    the tokens, their `texts`, the state after them, and timings. `positions`:
+    "absolute" (the paper's) or "reindex" (positions within the state, for streams past
+    the trained context; docs/design.md §8)."""
     pol = make_policy(policy, sinks)
     rows = prompt_ids(model, prompts, chat)
     if state is None:
@@ -139,7 +142,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, policy: str | 
     res = generate_tokens(model.params, model.cfg, pol, capacity, rows, max_new_tokens,
                           GREEDY if sampling is None else sampling, seed=seed, prefill_mode=prefill,
                           chunk=chunk, state=state, eos_ids=model.eos_ids, on_tokens=on_tokens,
-                          steps_per_call=steps_per_call, impl=impl)
+                          steps_per_call=steps_per_call, impl=impl, positions=positions)
     if model.tokenizer is not None:
         res.texts = [model.decode(t) for t in res.tokens]
     return res

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how the prompt is read: token by token (exact), one parallel pass "
                             "then a top-C cut (oneshot), or --chunk tokens at a time (chunked)")
         q.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
+        positions_arg(q)
+
+    def positions_arg(q):
+        q.add_argument("--positions", default="absolute", choices=["absolute", "reindex"],
+                       help="RoPE positions: absolute (the paper's, each key at its original "
+                            "position) or reindex (positions within the state, for streams past "
+                            "the trained context; docs/design.md §8)")
 
     def sample_args(q):
         q.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens")
@@ -135,12 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--capacity", type=_int_list("--capacity"),
                    help="comma list of state sizes, required by every policy but full")
     q.add_argument("--tokens", type=int, help="first N tokens of the text (default: all, up to the "
-                                               "model's trained context)")
+                                               "model's trained context; beyond it only bounded "
+                                               "policies run)")
     q.add_argument("--batch", type=_positive("--batch"), default=1,
                    help="rows: B files, or B consecutive windows of one file")
     q.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
                    help="token by token (exact) or --chunk tokens at a time (chunked)")
     q.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
+    positions_arg(q)
+    q.add_argument("--curve-every", type=_positive("--curve-every"),
+                   help="also report the mean NLL per bucket of N tokens (JSON `curve`, CSV rows, "
+                        "and --plot draws NLL against position)")
     q.add_argument("--no-fuse", action="store_true",
                    help="run each policy on its own (by default the policies of one capacity run "
                         "side by side as batch rows, sharing each step's weight reads)")

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from . import api
-from .decoding import check_prefill
+from .decoding import check_context, check_prefill
 from .errors import MsrnnError, UsageError, check_float, check_int
 from .evaluate import sweep
 from .files import check_output_file, write_atomic
+from .model import check_positions
 from .policies import capacity_for, make_policy, policy_name
 from .sampling import Sampling
 
@@ -50,6 +51,7 @@ def _sampling(args) -> Sampling:
 
 def _prefill_args(args):
     check_prefill(args.prefill, args.chunk)
+    check_positions(getattr(args, "positions", "absolute"), args.prefill)  # oneshot cannot reindex
 
 
 def _load(args):
@@ -89,8 +91,10 @@ def ppl(args):
     texts = [api.read_text(f) for f in args.files]
     model = _load(args)
     limit = model.cfg.max_position_embeddings
-    if args.tokens is not None and args.tokens > limit:
-        raise UsageError(f"--tokens {args.tokens} is beyond the model's trained context of {limit} tokens")
+    if args.tokens is not None:  # past the trained context `full` is refused before any work
+        for p in policies:
+            if p.name == "full":
+                check_context(model.cfg, p, args.tokens, args.positions)
     if args.tokens is None:
         shortest = min(len(model.encode(t)) for t in texts)
         n_tokens = min(shortest // (args.batch if len(texts) == 1 else 1), limit)
@@ -109,14 +113,17 @@ def ppl(args):
     with tqdm(total=runs * per_run, unit="tok", disable=None, file=sys.stderr, leave=False,
               desc=f"perplexity, {runs} runs x {per_run} tokens") as bar:
         for res in sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
-                             fuse=not args.no_fuse, progress=bar.update):
+                         fuse=not args.no_fuse, progress=bar.update, positions=args.positions):
             run, pol = res.run, res.policy
             rec = {"policy": policy_name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
                    "batch": int(rows.shape[0]), "mean_nll": run.mean_nll, "ppl": run.ppl,
                    "tokens_per_s": run.tokens_per_s, "compile_s": run.compile_seconds,
-                   "prefill": args.prefill, "shared_with": res.shared_with, "model": model.source}
+                   "prefill": args.prefill, "positions": args.positions, "shared_with": res.shared_with,
+                   "model": model.source}
             if pol.name == "sink":
                 rec["sinks"] = pol.sinks
+            if args.curve_every:
+                rec["curve"] = run.curve(args.curve_every)
             results.append(rec)
             if args.json:
                 bar.clear()
@@ -126,7 +133,8 @@ def ppl(args):
     if args.csv:
         write_atomic(args.csv, lambda f: _csv(results, f))
     if args.plot:
-        _plot(results, args.plot, title=f"{Path(args.files[0]).name}, {rows.shape[1]} tokens")
+        title = f"{Path(args.files[0]).name}, {rows.shape[1]} tokens"
+        _plot(results, args.plot, title=title, curve=bool(args.curve_every), context=limit)
     return 0
 
 
@@ -138,16 +146,25 @@ def _print_table(results):
 
 
 def _csv(results, f):
-    keys = ["policy", "capacity", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s"]
-    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    """One row per (policy, capacity); with a curve, one more per bucket, whose `start` and
+    `end` say which predictions it averages (the summary rows leave them empty)."""
+    keys = ["policy", "capacity", "positions", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s"]
+    curve = any("curve" in r for r in results)
+    w = csv.DictWriter(f, fieldnames=keys + (["start", "end"] if curve else []), extrasaction="ignore")
     w.writeheader()
     w.writerows(results)
+    for r in results:
+        for c in r.get("curve", []):
+            w.writerow({**{k: r[k] for k in ("policy", "capacity", "positions", "tokens", "batch")}, **c})
 
 
-def _plot(results, path, title=""):
-    from .plots import plot_ppl_vs_capacity
+def _plot(results, path, title="", curve=False, context=None):
+    from .plots import plot_nll_curve, plot_ppl_vs_capacity
 
-    write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), binary=True)
+    if curve:  # NLL against position (--curve-every)
+        write_atomic(path, lambda f: plot_nll_curve(results, f, title=title, context=context), binary=True)
+    else:
+        write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), binary=True)
 
 
 # -- generate / chat -----------------------------------------------------------------
@@ -208,7 +225,7 @@ def generate(args):
     streamer = _Streamer(model) if len(ids) == 1 else None
     res = api.generate(model, ids, args.max_new_tokens, policy=pol, capacity=cap, sampling=sampling,
                        seed=args.seed, prefill=args.prefill, chunk=args.chunk, state=state,
-                       on_tokens=streamer)
+                       on_tokens=streamer, positions=args.positions)
     if streamer is not None:
         streamer.finish()
     else:
@@ -273,7 +290,7 @@ def chat(args):
                 res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
                                    sampling=sampling, seed=args.seed + len(messages),
                                    prefill=args.prefill, chunk=args.chunk, state=state,
-                                   on_tokens=streamer)
+                                   on_tokens=streamer, positions=args.positions)
         except _ReplyStopped:  # drop this turn: the state is the one before it (generate copies)
             streamer.finish()
             print("[reply interrupted]", file=sys.stderr)
@@ -287,7 +304,7 @@ def chat(args):
         # what the state has read: the prompt, the reply and (if emitted) the end-of-turn token
         consumed = full + model.tokenizer.decode(res.tokens[0], skip_special_tokens=False)
         if not ended:
-            state = _feed(model, pol, cap, state, eos_text)
+            state = _feed(model, pol, cap, state, eos_text, args.positions)
             consumed += eos_text
         if args.stats:
             _print_stats(res, [len(new_ids)])
@@ -335,7 +352,7 @@ def _feed(model, pol, cap, state, text):
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         return state
-    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")[1]
+    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact", positions=positions)[1]
 
 
 # -- convert ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice, check_int
-from .model import DEFAULT_IMPL, StepImpl, chunk_step, prefill_oneshot, scan_last_logits, step
+from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, prefill_oneshot,
+                    scan_last_logits, step)
 from .policies import Policy, capacity_for
 from .sampling import GREEDY, Sampling
 from .state import State
@@ -40,6 +42,34 @@ def check_prefill(mode: str, chunk: int | None, modes=PREFILL_MODES) -> tuple[st
     if chunk is not None:
         raise InvalidArgument(f"chunk applies to chunked prefill only, not {mode}", "chunk")
     return mode, None
+
+
+def check_context(cfg: ModelConfig, policy: Policy, n_tokens: int, positions: str = "absolute",
+                  capacity: int | None = None) -> None:
+    """docs/design.md §8 past the model's trained context (`max_position_embeddings`):
+    `full` there is bad input; a bounded policy runs, with one warning line on stderr
+    when its queries will sit at positions the model never saw (always under absolute;
+    under reindex only when the capacity itself exceeds the trained context)."""
+    limit = cfg.max_position_embeddings
+    if n_tokens <= limit:
+        return
+    warn = None
+    if policy.name == "full":
+        raise InvalidArgument(f"the full policy over {n_tokens} tokens goes beyond the model's trained "
+                              f"context of {limit} tokens; use a bounded policy (with positions reindex "
+                              f"to stay within it)", "policy")
+    if positions == "absolute":
+        warn = (f"{n_tokens} tokens go beyond the model's trained context of {limit}; positions "
+                f"absolute puts queries at positions it never saw (positions reindex keeps them "
+                f"within the capacity)")
+    elif capacity is not None and capacity > limit:
+        warn = f"capacity {capacity} is beyond the model's trained context of {limit}"
+    if warn is not None and warn not in _WARNED:  # once per process: a sweep runs many
+        _WARNED.add(warn)
+        print(f"msrnn: warning: {warn}", file=sys.stderr, flush=True)
+
+
+_WARNED: set[str] = set()
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], multiple: int = PAD):
@@ -63,13 +93,17 @@ def _row_last(logits, n):
 
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
-            dtype=None):
+            dtype=None, positions: str = "absolute"):
     """Read prompts into a state. Returns (logits after each row's last token [B, V], state).
 
     `state` None starts from an empty state of `capacity` slots; otherwise the prompts
     continue that state (exact and chunked only: oneshot reads a prompt from scratch).
+    positions: "absolute" or "reindex" (docs/design.md §8; not with oneshot). A state
+    must be continued under the positions it was read with (its keys are stored rotated
+    or not accordingly).
     """
     mode, chunk = check_prefill(mode, chunk)
+    positions = check_positions(positions, mode)
     dtype = dtype or params["embed"].dtype
     tokens, active = pad_batch(seqs)
     B = tokens.shape[0]
@@ -82,7 +116,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     if state is None:
         state = State.init(cfg, B, capacity, dtype)
     if mode == "exact":
-        return scan_last_logits(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active))
+        return scan_last_logits(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active),
+                                positions=positions)
     last = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     n_chunks = -(-tokens.shape[1] // chunk)
     tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])))
@@ -91,7 +126,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
         sl = slice(c * chunk, (c + 1) * chunk)
         if not active[:, sl].any():
             break
-        logits, state = chunk_step(params, cfg, policy, state, jnp.asarray(tokens[:, sl]), jnp.asarray(active[:, sl]))
+        logits, state = chunk_step(params, cfg, policy, state, jnp.asarray(tokens[:, sl]), jnp.asarray(active[:, sl]),
+                                   positions=positions)
         n_act = active[:, sl].sum(1)
         last = jnp.where(jnp.asarray(n_act > 0)[:, None], _row_last(logits, n_act), last)
     return last, state
@@ -108,11 +144,11 @@ def first_token(sampling: Sampling, logits, key, budget, eos_ids):
     return tok, key, finished, budget
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps", "impl"),
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps", "impl", "positions"),
                    donate_argnames=("state",))
 def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n_steps: int,
                  state: State, tok, key, pending, finished, budget, eos_ids,
-                 impl: StepImpl = DEFAULT_IMPL):
+                 impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
     """n_steps of the RNN: feed each row's pending token, sample the next one.
 
     tok [B]: the last emitted token; pending [B]: it has not been fed yet; finished [B]:
@@ -124,7 +160,7 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
 
     def body(carry, _):
         st, logits, tok, key, pending, finished, budget = carry
-        new_logits, st = step(params, cfg, policy, st, tok, pending, impl=impl)
+        new_logits, st = step(params, cfg, policy, st, tok, pending, impl=impl, positions=positions)
         logits = jnp.where(pending[:, None], new_logits, logits)
         key, sub = jax.random.split(key)
         nxt = sampling(logits, sub)
@@ -157,13 +193,16 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
              seed: int = 0, prefill_mode: str = "exact", chunk: int | None = None,
              state: State | None = None, eos_ids: Sequence[int] = (),
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL) -> GenerateResult:
+             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL,
+             positions: str = "absolute") -> GenerateResult:
     """Read `prompts` (token lists, one per row; ragged is fine) into a fresh state or
     continue `state`, then decode up to `max_new_tokens` per row. `on_tokens(tokens,
     emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
     impl: how the decode step computes (`model.StepImpl`); e.g. attention="pallas" for
-    the largest batches on a GPU (benchmarks/results/)."""
+    the largest batches on a GPU (benchmarks/results/). positions: "absolute" or
+    "reindex" (docs/design.md §8; a continued `state` must have been read with the same)."""
     check_int("max_new_tokens", max_new_tokens)
+    positions = check_positions(positions, prefill_mode)
     B = len(prompts)
     if state is not None and state.batch != B:
         raise InvalidArgument(f"the state has {state.batch} rows but {B} prompts were given")
@@ -171,8 +210,11 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
         capacity = capacity_for(policy, capacity, max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
     else:
         state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
+    start = 0 if state is None else int(np.asarray(state.length).max())
+    check_context(cfg, policy, start + max(len(p) for p in prompts) + max_new_tokens, positions, capacity)
     t0 = time.perf_counter()
-    logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk)
+    logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk,
+                            positions=positions)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
@@ -192,7 +234,7 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     while True:
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
-            budget, eos, impl)
+            budget, eos, impl, positions)
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         if t_rate is None:  # the first chunk has returned
             if before is not None and cache_size() == before:  # warm: it counts

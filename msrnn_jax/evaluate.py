@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .decoding import check_prefill
-from .errors import InvalidArgument
-from .model import chunk_step, scan_nll, token_nll
+from .decoding import check_context, check_prefill
+from .errors import InvalidArgument, check_int
+from .model import check_positions, chunk_step, scan_nll, token_nll
 from .policies import PerRow, Policy, capacity_for, make_policy
 from .state import State
 
@@ -52,6 +52,21 @@ class NLLSummary:
     def ppl(self) -> float:
         return math.exp(self.mean_nll)
 
+    def curve(self, every: int) -> list[dict]:
+        """Mean NLL per bucket of `every` predictions, over all rows: [{"start", "end",
+        "mean_nll"}], where prediction t (of token t+1, made at position t) falls in
+        bucket t // every; the last bucket may be shorter."""
+        return nll_curve(self.nll, every)
+
+
+def nll_curve(nll, every: int) -> list[dict]:
+    """nll [B, T-1] -> mean NLL per bucket of `every` positions (see `NLLSummary.curve`)."""
+    every = check_int("curve_every", every)
+    nll = np.atleast_2d(np.asarray(nll))
+    n = nll.shape[1]
+    return [{"start": s, "end": min(s + every, n), "mean_nll": float(nll[:, s:s + every].mean())}
+            for s in range(0, n, every)]
+
 
 @dataclasses.dataclass
 class PolicyRun(NLLSummary):
@@ -68,16 +83,22 @@ class PolicyRun(NLLSummary):
 def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
                sinks: int = 4, prefill: str = "exact", chunk: int | None = None,
                steps_per_call: int = STEPS_PER_CALL,
-               progress: Callable[[int], None] | None = None) -> PolicyRun:
+               progress: Callable[[int], None] | None = None,
+               positions: str = "absolute") -> PolicyRun:
     """Run one policy over token rows [B, T] (or one list) and return every next-token NLL.
 
     The text is fed in calls of `steps_per_call` tokens (`exact`) or `chunk` tokens
     (`chunked`), each compiled once; the last call is padded with inactive steps, which
     never touch the state. `progress(n)` is told how many tokens each call consumed.
+    Only the [B, T-1] losses grow with T: a stream of any length runs in the memory of
+    one call. positions: "absolute" or "reindex" (docs/design.md §8); past the model's
+    trained context `full` is refused and absolute warns (`decoding.check_context`).
     """
     tokens, pol, cap = run_inputs(policy, capacity, tokens, sinks)
     B, T = tokens.shape
     prefill, chunk = check_prefill(prefill, chunk, PPL_PREFILL_MODES)
+    positions = check_positions(positions, prefill)
+    check_context(model.cfg, pol, T, positions, cap)
     width = chunk if prefill == "chunked" else min(steps_per_call, T)
     n_calls = -(-(T - 1) // width)
     inputs = np.zeros((B, n_calls * width), np.int32)
@@ -89,8 +110,8 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
         sl = slice(c * width, (c + 1) * width)
         x, y, a = (jnp.asarray(v[:, sl]) for v in (inputs, targets, active))
         if prefill == "exact":
-            return scan_nll(model.params, model.cfg, pol, state, x, y, a)
-        logits, state = chunk_step(model.params, model.cfg, pol, state, x, a)
+            return scan_nll(model.params, model.cfg, pol, state, x, y, a, positions=positions)
+        logits, state = chunk_step(model.params, model.cfg, pol, state, x, a, positions=positions)
         return jnp.where(a, token_nll(logits, y), 0.0), state
 
     dtype = model.params["embed"].dtype
@@ -121,7 +142,8 @@ class SweepResult:
 
 def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[int], tokens,
           sinks: int = 4, prefill: str = "exact", chunk: int | None = None, fuse: bool = True,
-          progress: Callable[[int], None] | None = None) -> Iterator[SweepResult]:
+          progress: Callable[[int], None] | None = None,
+          positions: str = "absolute") -> Iterator[SweepResult]:
     """Every policy at every capacity (`full` once, at the text's length) over rows [B, T].
 
     With `fuse` (exact prefill), the bounded policies of one capacity run side by side as
@@ -129,18 +151,21 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
     exactly the positions it keeps alone, and its NLLs differ only by the float rounding
     of batched matmuls (~1e-5); the weights are read once per step for all of them.
     Their `tokens_per_s` is then each policy's own rate while sharing the run. Results are
-    yielded as soon as each run ends."""
+    yielded as soon as each run ends. `positions` applies to every run (`run_policy`)."""
     tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    positions = check_positions(positions, prefill)
     pols = [make_policy(p, sinks) for p in policies]
     for pol in pols:
         if pol.name == "full":
             yield SweepResult(pol, tokens.shape[1], run_policy(model, pol, None, tokens, progress=progress,
-                                                               prefill=prefill, chunk=chunk))
+                                                               prefill=prefill, chunk=chunk,
+                                                               positions=positions))
     bounded = [p for p in pols if p.name != "full"]
     for cap in capacities:
         if fuse and prefill == "exact" and len(bounded) > 1:
             fused = PerRow(policies=tuple(bounded))
-            run = run_policy(model, fused, cap, fused.spread(tokens), progress=progress)
+            run = run_policy(model, fused, cap, fused.spread(tokens), progress=progress,
+                             positions=positions)
             for i, pol in enumerate(bounded):
                 rows = fused.rows_of(i, run.nll.shape[0])
                 part = PolicyRun(run.nll[rows], run.state.take_rows(rows), run.seconds, run.compile_seconds)
@@ -148,4 +173,5 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
         else:
             for pol in bounded:
                 yield SweepResult(pol, cap, run_policy(model, pol, cap, tokens, progress=progress,
-                                                       prefill=prefill, chunk=chunk))
+                                                       prefill=prefill, chunk=chunk,
+                                                       positions=positions))

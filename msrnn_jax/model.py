@@ -23,10 +23,25 @@ import jax.numpy as jnp
 from . import attention
 from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
 from .config import ModelConfig
+from .errors import InvalidArgument, check_choice
 from .policies import Policy, select_keep, step_choice
 from .state import State
 
 F32 = jnp.float32
+
+# docs/design.md §8: what position a key and a query are rotated by. A static argument of
+# the step, the scans and `chunk_step` (it changes *what* is computed, unlike StepImpl).
+POSITIONS = ("absolute", "reindex")
+
+
+def check_positions(positions: str, prefill: str | None = None) -> str:
+    """`positions` checked once for every caller; `oneshot` prefill cannot reindex (its
+    parallel forward rotates every key at its original position)."""
+    positions = check_choice("positions", positions, POSITIONS, "positions")
+    if positions == "reindex" and prefill == "oneshot":
+        raise InvalidArgument("oneshot prefill supports positions absolute only; "
+                              "use exact or chunked prefill with reindex", "positions")
+    return positions
 
 
 # -- building blocks -------------------------------------------------------------------
@@ -40,9 +55,61 @@ def rope(x, positions, inv_freq):
     """Rotate-half RoPE. x: [..., H, D]; positions: int [...] broadcast over H."""
     freqs = positions.astype(F32)[..., None] * inv_freq  # [..., D/2]
     emb = jnp.concatenate([freqs, freqs], -1)[..., None, :]  # [..., 1, D]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return _rotate(x, jnp.cos(emb), jnp.sin(emb))
+
+
+def _rotate(x, cos, sin):
+    """x [..., D] rotated by the angles whose cos, sin [..., D] (f32) broadcast to x."""
     x1, x2 = jnp.split(x, 2, -1)
-    return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+    return x * cos.astype(x.dtype) + jnp.concatenate([-x2, x1], -1) * sin.astype(x.dtype)
+
+
+def rope_table(n: int, inv_freq):
+    """cos, sin [n, D] of positions 0..n-1: reindexed positions never reach past n, so a
+    gather from this small table replaces C x D/2 sines per layer and step."""
+    freqs = jnp.arange(n, dtype=F32)[:, None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], -1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def slot_ranks(P):
+    """The rank of each kept slot in order of original position, and how many are kept.
+
+    P: int [..., C] (-1 = empty). Returns (rank int32 [..., C]: 0..n-1 on kept slots, n..C-1
+    on the empty ones, n int32 [...]). Positions are distinct within a head (a token is
+    written once), so the rank is well defined; two sorts of C per layer and head."""
+    key = jnp.where(P >= 0, P, jnp.iinfo(jnp.int32).max)  # empty slots rank last
+    rank = jnp.argsort(jnp.argsort(key, axis=-1), axis=-1).astype(jnp.int32)
+    return rank, (P >= 0).sum(-1).astype(jnp.int32)
+
+
+def reindex_slots(K, P, table):
+    """`reindex` positions (docs/design.md §8) of one layer's slots: every kept key, stored
+    before RoPE, is rotated by its rank among the kept slots of its KV head.
+
+    K: [B,Hkv,C,D] unrotated keys; P: [B,Hkv,C]; table: `rope_table` of >= C positions.
+    Returns (rotated keys [B,Hkv,C,D], n [B,Hkv]: the position the next token gets)."""
+    rank, n = slot_ranks(P)
+    cos, sin = table
+    return _rotate(K, cos[rank], sin[rank]), n
+
+
+def rotate_at(x, positions, table):
+    """x [..., D] rotated by positions int [...] (x's leading axes) from `table`, broadcast
+    over the axes of x between them and D (e.g. the G query heads of each KV head)."""
+    cos, sin = table
+    idx = positions.reshape(positions.shape + (1,) * (x.ndim - 1 - positions.ndim))
+    return _rotate(x, cos[idx], sin[idx])
+
+
+def project(cfg: ModelConfig, lp, h):
+    """Project without rotating. h: [..., E] -> q [..., Hq, D], k, v [..., Hkv, D]."""
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    D = cfg.head_dim
+    return (q.reshape(*q.shape[:-1], cfg.num_heads, D), k.reshape(*k.shape[:-1], cfg.num_kv_heads, D),
+            v.reshape(*v.shape[:-1], cfg.num_kv_heads, D))
 
 
 def qkv(cfg: ModelConfig, lp, h, positions):
@@ -82,6 +149,13 @@ def _visible(cfg: ModelConfig, key_pos, query_pos):
 
 
 # -- the recurrent step ----------------------------------------------------------------
+def _layer_slots(K, V, l, impl: StepImpl):
+    """This layer's keys and values [B,Hkv,C,D] and the index the kernels then read them
+    at: Pallas hands the layer the whole [L,...] buffers (reindex then reads a rotated
+    copy of the layer's keys, passed as a one-layer buffer)."""
+    return (K[l], V[l], 0) if impl.attention == "pallas" else (K, V, l)
+
+
 def split_layers(params):
     """The same parameters with `layers` as a list of per-layer dicts. `step` then unrolls
     the layers and reads each weight where it lies (the fast layout on GPU, see
@@ -103,24 +177,37 @@ def stacked_layers(params):
 
 
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
-         impl: StepImpl = DEFAULT_IMPL):
+         impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
     """One token per row through every layer (docs/design.md, "One step").
 
     tokens: int [B]; active: bool [B] (inactive rows leave their state untouched);
-    impl: how the products and the layer loop are computed (`attention.StepImpl`).
+    impl: how the products and the layer loop are computed (`attention.StepImpl`);
+    positions: "absolute" (keys stored rotated at their original position) or "reindex"
+    (keys stored unrotated and rotated by their rank among the kept slots, §8).
     Returns (logits [B, V] f32, the new state)."""
     B, C = state.batch, state.capacity
     Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     active = jnp.ones((B,), bool) if active is None else active
-    p = state.length  # [B] the new token's position
+    p = state.length  # [B] the new token's original position (masks and `pos` use it)
     new_pos = jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))
+    reindex = check_positions(positions) == "reindex"
+    inv_freq = jnp.asarray(cfg.inv_freq())
+    table = rope_table(C + 1, inv_freq) if reindex else None
 
     def layer(x, lp, K, V, P, S, l):
         """x [B,E]; this layer's slots K, V [B,Hkv,C,D], P, S [B,Hkv,C]. Returns x and what
         to write: (k, v [B,Hkv,D], slot [B,Hkv] in [0, C], scores [B,Hkv,C])."""
-        # 1. q, k, v of the new token, RoPE at its position
-        q, k, v = qkv(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), p)
+        # 1. q, k, v of the new token, RoPE at its position: the original one (absolute),
+        #    or the number n of kept slots, whose keys are rotated by their ranks (reindex)
+        q, k_raw, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))
         q = q.reshape(B, Hkv, G, D)
+        if reindex:
+            K, V, l = _layer_slots(K, V, l, impl)
+            K, n = reindex_slots(K, P, table)
+            K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
+            q, k = rotate_at(q, n, table), rotate_at(k_raw, n, table)
+        else:
+            q, k = rope(q, p[:, None], inv_freq), rope(k_raw, p, inv_freq)
         # 2-3. attend over the kept slots plus the new token (softmax in float32)
         out, w_old, w_new = attention.attend(q, k, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
@@ -133,7 +220,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
         if policy.uses_score:  # H2O: the dropped slot's score becomes the new token's
             kept = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
             S = jnp.where(active[:, None, None], kept, S)
-        return x, (k, v, slot, S)
+        return x, (k_raw if reindex else k, v, slot, S)
 
     # every layer reads the old state; all layers' new entries are written afterwards in
     # one in-place scatter (a write inside the loop would copy the state once per layer)
@@ -150,17 +237,19 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     return logits_from_hidden(cfg, params, x), state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos", "positions"),
+                   donate_argnames=("state",))
 def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
-                record_pos: bool = False):
+                record_pos: bool = False, positions: str = "absolute"):
     """Feed tokens [B, T] step by step. Returns (logits [B, T, V], state) — and, with
-    record_pos, the kept positions after every step [T, L, B, Hkv, C]."""
+    record_pos, the kept positions after every step [T, L, B, Hkv, C]. `positions`: see
+    `step`."""
     if active is None:
         active = jnp.ones(tokens.shape, bool)
 
     def body(st, xs):
         tok, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act)
+        logits, st = step(params, cfg, policy, st, tok, act, positions=positions)
         return st, ((logits, st.pos) if record_pos else logits)
 
     state, out = jax.lax.scan(body, state, (tokens.T, active.T))
@@ -170,8 +259,9 @@ def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
     return jnp.swapaxes(out, 0, 1), state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
-def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, targets, active=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, targets, active=None,
+             positions: str = "absolute"):
     """Feed tokens [B, T]; return the NLL of `targets` [B, T] at every step (f32) and the
     state. Only the per-token loss leaves the loop, so long texts need no [T, V] buffer."""
     if active is None:
@@ -179,7 +269,7 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
 
     def body(st, xs):
         tok, tgt, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act)
+        logits, st = step(params, cfg, policy, st, tok, act, positions=positions)
         nll = token_nll(logits, tgt)
         return st, jnp.where(act, nll, 0.0)
 
@@ -187,9 +277,9 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
     return nll.T, state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
 def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
-                     last_logits=None):
+                     last_logits=None, positions: str = "absolute"):
     """Feed tokens [B, T] step by step and return only each row's logits after its last
     active token ([B, V] f32; rows with no active token keep `last_logits`) and the state.
     This is the `exact` prompt prefill; right-padding (active=False) never enters a row."""
@@ -202,7 +292,7 @@ def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tok
     def body(carry, xs):
         st, last = carry
         tok, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act)
+        logits, st = step(params, cfg, policy, st, tok, act, positions=positions)
         return (st, jnp.where(act[:, None], logits, last)), None
 
     (state, last), _ = jax.lax.scan(body, (state, last_logits), (tokens.T, active.T))
@@ -286,14 +376,19 @@ def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tok
     return logits, state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
-def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
+               positions: str = "absolute"):
     """S tokens per row at once: the chunk attends to the state plus itself (causally),
     then every layer reduces its C + S candidates back to C with the attention of the
     chunk's last token (H2O: accumulated column sums). No chunk sees a token that an
-    earlier chunk evicted. tokens, active: [B, S]. Returns (logits [B,S,V], state)."""
+    earlier chunk evicted. tokens, active: [B, S]. Under `reindex` positions the n kept
+    slots of a head are rotated by their ranks and the chunk's tokens by n..n+S-1.
+    Returns (logits [B,S,V], state)."""
     B, S = tokens.shape
     C = state.capacity
+    reindex = check_positions(positions) == "reindex"
+    table = rope_table(C + S, jnp.asarray(cfg.inv_freq())) if reindex else None
     if active is None:
         active = jnp.ones(tokens.shape, bool)
     n_act = active.sum(1).astype(jnp.int32)  # active tokens form a prefix of the chunk
@@ -304,8 +399,15 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
     def layer(x, xs):
         lp, K, V, P, Sc = xs  # K: [B,Hkv,C,D], P: [B,Hkv,C]
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = qkv(cfg, lp, h, jnp.maximum(qpos, 0))
-        keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)  # [B,C+S,Hkv,D]
+        if reindex:  # keys are kept unrotated; attention sees them rotated by rank
+            q, k, v = project(cfg, lp, h)
+            K_rot, n = reindex_slots(K, P, table)
+            at = n[:, None, :] + jnp.arange(S, dtype=jnp.int32)[None, :, None]  # [B,S,Hkv]
+            q = rotate_at(q.reshape(B, S, cfg.num_kv_heads, cfg.group_size, -1), at, table).reshape(q.shape)
+            keys = jnp.concatenate([jnp.swapaxes(K_rot, 1, 2), rotate_at(k, at, table).astype(K.dtype)], 1)
+        else:
+            q, k, v = qkv(cfg, lp, h, jnp.maximum(qpos, 0))
+            keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)  # [B,C+S,Hkv,D]
         vals = jnp.concatenate([jnp.swapaxes(V, 1, 2), v.astype(V.dtype)], 1)
         # a slot's position is the same across heads for layer-wise policies, but not for
         # head-wise ones: mask per head
@@ -317,6 +419,8 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
         colsum = w.sum(3).mean(2)  # [B,Hkv,C+S]
         score = jnp.concatenate([Sc, jnp.zeros((B, cfg.num_kv_heads, S), F32)], -1)
         score = score + _head_average(policy, colsum)
+        if reindex:  # what is kept is the unrotated keys
+            keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)
         return x, (jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), kpos,
                    _head_average(policy, a_last), score)
 

@@ -121,15 +121,17 @@ def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat1
 
 
 # -- the decode loop -------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
-def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=_model.DEFAULT_IMPL):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl", "positions"),
+                   donate_argnames=("state",))
+def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=_model.DEFAULT_IMPL,
+                  positions="absolute"):
     """n greedy decode steps of `model.step` in one lax.scan, the state donated (the
     per-step work of `decoding.decode_chunk` without its [B]-sized bookkeeping).
     tok [B]: the token fed first. Returns (tokens [B, n], state)."""
 
     def body(carry, _):
         st, tok = carry
-        logits, st = _model.step(params, cfg, policy, st, tok, impl=impl)
+        logits, st = _model.step(params, cfg, policy, st, tok, impl=impl, positions=positions)
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
         return (st, nxt), nxt
 

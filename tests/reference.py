@@ -65,9 +65,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 class ReferenceMSRNN:
     """One batch row of the bounded MSRNN. `policy` is a name from `POLICIES`."""
 
-    def __init__(self, params, cfg, policy: str, capacity: int, sinks: int = 4):
+    def __init__(self, params, cfg, policy: str, capacity: int, sinks: int = 4,
+                 positions: str = "absolute"):
         if policy not in POLICIES:
             raise ValueError(policy)
+        if positions not in ("absolute", "reindex"):
+            raise ValueError(positions)
+        self.positions = positions
         if policy == "sink" and not capacity > sinks:
             raise ValueError("sink needs capacity > sinks")
         self.p = numpy_params(params)
@@ -112,6 +116,8 @@ class ReferenceMSRNN:
         q = q.astype(F32).reshape(cfg.num_heads, D)
         k = k.astype(F32).reshape(cfg.num_kv_heads, D)
         v = v.astype(F32).reshape(cfg.num_kv_heads, D)
+        if self.positions == "reindex":  # rotated at read time, by rank (`_attend`)
+            return q, k, v
         return self._rope(q, pos), self._rope(k, pos), v
 
     def _mlp(self, layer, h):
@@ -133,7 +139,17 @@ class ReferenceMSRNN:
         """Attention of the query heads of one KV head over `entries`.
 
         Returns (weights [G, n] float32, outputs [G, D])."""
-        K = np.stack([e.k for e in entries])                 # [n, D]
+        if self.positions == "reindex":
+            # docs/design.md §8: each key, stored unrotated, is rotated by its rank among
+            # the candidates in order of original position (the kept ones get 0..n-1, the
+            # new tokens n, n+1, ...), and the query by the rank of its own token
+            order = sorted(range(len(entries)), key=lambda i: entries[i].pos)
+            rank = {entries[i].pos: r for r, i in enumerate(order)}
+            self.max_rotation = max(getattr(self, "max_rotation", 0), len(entries) - 1)
+            K = np.stack([self._rope(e.k, rank[e.pos]) for e in entries])
+            q_heads = np.stack([self._rope(q, rank[query_pos]) for q in q_heads])
+        else:
+            K = np.stack([e.k for e in entries])             # [n, D]
         V = np.stack([e.v for e in entries])
         visible = np.array([self._visible(e.pos, query_pos) for e in entries])
         scale = F32(1.0 / math.sqrt(self.cfg.head_dim))
@@ -298,6 +314,7 @@ class ReferenceMSRNN:
         (tova), the last C (window), the first i + last C-i (sink), or the recent
         floor(C/2) + top by column-summed attention (h2o). Returns logits [T, V]."""
         assert self.length == 0 and not any(self.kept[0])
+        assert self.positions == "absolute", "oneshot has no reindex mode (docs/design.md §8)"
         cfg = self.cfg
         tokens = [int(t) for t in tokens]
         T = len(tokens)
@@ -363,9 +380,10 @@ class ReferenceMSRNN:
 
 
 # -- convenience drivers -------------------------------------------------------------------
-def reference_run(params, cfg, policy: str, capacity: int, tokens, sinks: int = 4):
+def reference_run(params, cfg, policy: str, capacity: int, tokens, sinks: int = 4,
+                  positions: str = "absolute"):
     """Exact mode over one row. Returns (logits [T, V], kept positions [T, L, Hkv, C])."""
-    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks)
+    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, positions)
     logits, kept = [], []
     for t in tokens:
         logits.append(ref.step(t))
@@ -379,11 +397,12 @@ def reference_nll(logits: np.ndarray, targets) -> np.ndarray:
     return -lp[np.arange(len(targets)), np.asarray(targets)]
 
 
-def reference_chunked(params, cfg, policy: str, capacity: int, tokens, chunk: int, sinks: int = 4):
+def reference_chunked(params, cfg, policy: str, capacity: int, tokens, chunk: int, sinks: int = 4,
+                      positions: str = "absolute"):
     """Chunked mode over one row (the last chunk may be shorter).
 
     Returns (logits [T, V], kept positions after every chunk [n_chunks, L, Hkv, C], ref)."""
-    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks)
+    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, positions)
     logits, kept = [], []
     tokens = list(tokens)
     for start in range(0, len(tokens), chunk):
