@@ -24,6 +24,7 @@ from . import attention
 from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
 from .config import ModelConfig
 from .policies import Policy, select_keep, step_choice
+from .precision import exact_for_f32
 from .state import State
 
 F32 = jnp.float32
@@ -102,6 +103,7 @@ def stacked_layers(params):
     return layers
 
 
+@exact_for_f32  # fp32 params: exact matmuls, also when called eagerly (precision.py)
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
          impl: StepImpl = DEFAULT_IMPL):
     """One token per row through every layer (docs/design.md, "One step").
@@ -151,6 +153,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos"), donate_argnames=("state",))
+@exact_for_f32
 def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
                 record_pos: bool = False):
     """Feed tokens [B, T] step by step. Returns (logits [B, T, V], state) — and, with
@@ -171,6 +174,7 @@ def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+@exact_for_f32
 def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, targets, active=None):
     """Feed tokens [B, T]; return the NLL of `targets` [B, T] at every step (f32) and the
     state. Only the per-token loss leaves the loop, so long texts need no [T, V] buffer."""
@@ -188,6 +192,7 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+@exact_for_f32
 def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
                      last_logits=None):
     """Feed tokens [B, T] step by step and return only each row's logits after its last
@@ -211,6 +216,7 @@ def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tok
 
 # -- the parallel (transformer) view ---------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("cfg",))
+@exact_for_f32
 def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
     """The ordinary causal forward over tokens [B, T] (rows valid up to `lengths`).
 
@@ -267,6 +273,7 @@ def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, sc
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity"))
+@exact_for_f32
 def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tokens, lengths=None):
     """The official TOVA code's prompt handling: one parallel causal forward over the
     prompt, then each layer keeps a top-C mask ranked by the last prompt token's
@@ -287,6 +294,7 @@ def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tok
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
+@exact_for_f32
 def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None):
     """S tokens per row at once: the chunk attends to the state plus itself (causally),
     then every layer reduces its C + S candidates back to C with the attention of the
