@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "file, a folder from `msrnn convert`, or a hub id in the local cache")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         q.add_argument("--sinks", type=int, default=4, help="sink tokens for --policy sink (default 4)")
+        q.add_argument("--precision", help="matmul precision: default, high or highest (default: "
+                                           "highest for float32, the backend's default for bfloat16)")
         q.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def mesh_arg(q):
+        q.add_argument("--mesh", help="split the model over a data=D,model=M mesh of all devices "
+                                      "(rows over data, heads and MLP columns over model)")
 
     def state_args(q):
         q.add_argument("--policy", default="full", help=POLICIES_HELP)
@@ -77,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--load-state", help="continue a state saved with --save-state")
     g.add_argument("--save-state", help="save the final state (orbax) to this folder")
-    model_args(g), state_args(g), sample_args(g)
+    model_args(g), state_args(g), sample_args(g), mesh_arg(g)
 
     c = sub.add_parser("chat", help="an interactive chat whose bounded state carries across turns")
     c.add_argument("--system", help="system prompt")
@@ -99,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="one JSON object per (policy, capacity)")
     q.add_argument("--csv", help="also write the results as CSV to this path")
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")
-    model_args(q)
+    model_args(q), mesh_arg(q)
 
     v = sub.add_parser("convert", help="convert a checkpoint into an orbax folder")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")

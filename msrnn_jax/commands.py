@@ -43,6 +43,11 @@ def _sampling(args) -> Sampling:
     return Sampling.of(args.temperature, args.top_k, args.top_p)
 
 
+def _load(args):
+    return api.load_model(args.model, args.dtype, precision=args.precision,
+                          mesh=getattr(args, "mesh", None))
+
+
 def _prefill_args(args):
     check_prefill(args.prefill, args.chunk)
 
@@ -65,7 +70,7 @@ def ppl(args):
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
     texts = [api.read_text(f) for f in args.files]
-    model = api.load_model(args.model, args.dtype)
+    model = _load(args)
     limit = model.cfg.max_position_embeddings
     if args.tokens is not None and args.tokens > limit:
         raise UsageError(f"--tokens {args.tokens} is beyond the model's trained context of {limit} tokens")
@@ -186,7 +191,7 @@ def generate(args):
         if not text.strip():
             raise UsageError("empty prompt")
         prompts = [text]
-    model = api.load_model(args.model, args.dtype)
+    model = _load(args)
     ids = api.prompt_ids(model, prompts, chat=args.chat)
     state = None
     if args.load_state:
@@ -230,7 +235,7 @@ def chat(args):
     _prefill_args(args)
     if args.prefill == "oneshot":
         raise UsageError("chat continues its state across turns: use --prefill exact or chunked")
-    model = api.load_model(args.model, args.dtype)
+    model = _load(args)
     cap = capacity_for(pol, cap, model.cfg.max_position_embeddings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     state, consumed = None, ""
@@ -277,7 +282,8 @@ def _feed(model, pol, cap, state, text):
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         return state
-    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")[1]
+    with model.scope():
+        return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact")[1]
 
 
 # -- convert ----------------------------------------------------------------------------

@@ -187,6 +187,8 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
         capacity = capacity_for(policy, capacity, max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
     else:
         state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
+        if mesh is not None:
+            state = sharding.place_state(state, mesh)
     t0 = time.perf_counter()
     logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk, mesh=mesh)
     logits.block_until_ready()
@@ -206,6 +208,10 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     # the decode rate counts from the end of the first chunk, whose call may compile
     t_first, n_decoded, t_steady, n_steady = time.perf_counter(), 0, None, 0
     while True:
+        if mesh is not None:  # the same input shardings at every call: one compile
+            state = sharding.place_state(state, mesh)
+            tok, key, pending, finished, budget = sharding.place_rows(mesh, tok, key, pending, finished, budget)
+            eos = sharding.replicate(mesh, eos)
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
             budget, eos, impl)

@@ -99,7 +99,11 @@ def parse_mesh(spec: str | dict | None) -> dict | None:
     for name, value in items:
         if name not in sizes:
             raise InvalidArgument(f"unknown mesh axis {name!r} (the axes are data and model)", "mesh")
-        sizes[name] = check_int(f"mesh {name}", value)
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"mesh {name} must be an integer, got {value!r}", "mesh") from None
+        sizes[name] = check_int("mesh", value)
     return sizes
 
 
@@ -216,6 +220,22 @@ def place_state(state: State, mesh: Mesh) -> State:
     """A State moved into the mesh's state shardings."""
     check_rows(state.batch, mesh)
     return jax.tree.map(lambda a, s: jax.device_put(a, s), state, state_shardings(state, mesh))
+
+
+def place_rows(mesh: Mesh | None, *arrays):
+    """Arrays [B, ...] committed to rows over data; 0-d and key arrays replicated. The
+    decode loop's carry goes through this before each call, so every call sees the same
+    input shardings and the loop compiles once."""
+    if mesh is None:
+        return arrays
+    rep = NamedSharding(mesh, PartitionSpec())
+    return tuple(jax.device_put(a, rep if a.ndim == 0 or jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                                else batch_sharding(mesh, a.ndim)) for a in arrays)
+
+
+def replicate(mesh: Mesh, x) -> jax.Array:
+    """x on every device of the mesh."""
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
 
 def check_rows(batch: int, mesh: Mesh) -> None:
