@@ -59,9 +59,9 @@ def chosen() -> str | None:
 
 def precision_for(params):
     """A context: the caller's explicit precision if any, else the one for `params`' dtype."""
-    if chosen() is not None:
-        return contextlib.nullcontext()
-    return jax.default_matmul_precision(for_params(params))
+    if chosen() is not None or for_params(params) == "default":
+        return contextlib.nullcontext()  # the caller's choice, or the backend's default (bf16)
+    return jax.default_matmul_precision("highest")
 
 
 def scope(precision: str | None):
