@@ -23,6 +23,7 @@ if sys.argv[1:2] == ["--worker"]:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 else:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"  # CPU devices also on a GPU machine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -125,7 +125,8 @@ def test_two_processes_one_mesh_equal_one_process(tmp_path):
     folder = save_tiny_model(tmp_path / "model", "llama-gqa")
     ids = np.random.default_rng(7).integers(0, 300, (3, 41)).astype(np.int32)
     np.save(Path(folder) / "ids.npy", ids)
-    ref = run_policy(load_model(folder, layers="stacked"), "tova", 12, ids, steps_per_call=16)
+    with jax.default_device(jax.devices("cpu")[0]):  # the workers run on CPU devices too
+        ref = run_policy(load_model(folder, layers="stacked"), "tova", 12, ids, steps_per_call=16)
     port, out = _free_port(), tmp_path / "dist.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(CHECKS), "--worker", str(i), str(port), folder, str(out)],
