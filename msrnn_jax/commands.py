@@ -55,8 +55,10 @@ def _prefill_args(args):
 
 
 def _load(args):
-    """The model of --model/--dtype; a first conversion says so in one line on stderr."""
-    return api.load_model(args.model, args.dtype,
+    """The model of --model/--dtype/--precision/--mesh; a first conversion says so in one
+    line on stderr."""
+    return api.load_model(args.model, args.dtype, precision=getattr(args, "precision", None),
+                          mesh=getattr(args, "mesh", None),
                           notify=lambda msg: print(f"msrnn: {msg}", file=sys.stderr, flush=True))
 
 
@@ -352,7 +354,8 @@ def _feed(model, pol, cap, state, text):
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         return state
-    return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact", positions=positions)[1]
+    with model.scope():
+        return prefill(model.params, model.cfg, pol, state, cap, [ids], "exact", positions=positions)[1]
 
 
 # -- convert ----------------------------------------------------------------------------
@@ -379,7 +382,7 @@ def serve(args):
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
 
     def factory():  # on the server's loading thread: /health answers 503 meanwhile
-        model = api.load_model(args.model, args.dtype)
+        model = _load(args)
         eng = Engine(model, pol, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call)
         return model, eng

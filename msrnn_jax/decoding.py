@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice, check_int
 from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, prefill_oneshot,
                     scan_last_logits, step)
 from .policies import Policy, capacity_for
+from .precision import exact_for_f32
 from .sampling import GREEDY, Sampling
 from .state import State
 
@@ -93,7 +95,7 @@ def _row_last(logits, n):
 
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
-            dtype=None, positions: str = "absolute"):
+            dtype=None, positions: str = "absolute", mesh=None):
     """Read prompts into a state. Returns (logits after each row's last token [B, V], state).
 
     `state` None starts from an empty state of `capacity` slots; otherwise the prompts
@@ -101,6 +103,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     positions: "absolute" or "reindex" (docs/design.md §8; not with oneshot). A state
     must be continued under the positions it was read with (its keys are stored rotated
     or not accordingly).
+    mesh: a `sharding` mesh the params are placed on; the new state is made in its
+    shardings (B must then be a multiple of the mesh's data size).
     """
     mode, chunk = check_prefill(mode, chunk)
     positions = check_positions(positions, mode)
@@ -112,9 +116,12 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
             raise InvalidArgument("oneshot prefill reads a prompt into an empty state; use exact or chunked")
         lengths = active.sum(1).astype(np.int32)
         logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
-        return _row_last(logits, lengths), state.replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
+        state = state.replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
+        if mesh is not None:
+            state = sharding.place_state(state, mesh)
+        return _row_last(logits, lengths), state
     if state is None:
-        state = State.init(cfg, B, capacity, dtype)
+        state = State.init(cfg, B, capacity, dtype) if mesh is None else sharding.init_state(cfg, B, capacity, dtype, mesh)
     if mode == "exact":
         return scan_last_logits(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active),
                                 positions=positions)
@@ -146,6 +153,7 @@ def first_token(sampling: Sampling, logits, key, budget, eos_ids):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps", "impl", "positions"),
                    donate_argnames=("state",))
+@exact_for_f32
 def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n_steps: int,
                  state: State, tok, key, pending, finished, budget, eos_ids,
                  impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
@@ -194,48 +202,66 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
              state: State | None = None, eos_ids: Sequence[int] = (),
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
              steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL,
-             positions: str = "absolute") -> GenerateResult:
+             positions: str = "absolute", mesh=None) -> GenerateResult:
     """Read `prompts` (token lists, one per row; ragged is fine) into a fresh state or
     continue `state`, then decode up to `max_new_tokens` per row. `on_tokens(tokens,
     emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
     impl: how the decode step computes (`model.StepImpl`); e.g. attention="pallas" for
     the largest batches on a GPU (benchmarks/results/). positions: "absolute" or
-    "reindex" (docs/design.md §8; a continued `state` must have been read with the same)."""
+    "reindex" (docs/design.md §8; a continued `state` must have been read with the same).
+    mesh: the `sharding` mesh the params are placed on; rows are padded to a multiple of its data size with one-token
+    rows that never decode, and dropped from the result."""
     check_int("max_new_tokens", max_new_tokens)
     positions = check_positions(positions, prefill_mode)
+    sharding.check_impl(impl, mesh)
+    n_real = len(prompts)
+    if state is not None and state.batch != n_real:
+        raise InvalidArgument(f"the state has {state.batch} rows but {n_real} prompts were given")
+    prompts = [list(p) for p in prompts]
+    if mesh is not None:
+        if state is not None:
+            sharding.check_rows(state.batch, mesh)
+        prompts += [prompts[0][:1]] * (sharding.padded_rows(n_real, mesh) - n_real)
     B = len(prompts)
-    if state is not None and state.batch != B:
-        raise InvalidArgument(f"the state has {state.batch} rows but {B} prompts were given")
     if state is None:
         capacity = capacity_for(policy, capacity, max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
     else:
         state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
+        if mesh is not None:
+            state = sharding.place_state(state, mesh)
     start = 0 if state is None else int(np.asarray(state.length).max())
     check_context(cfg, policy, start + max(len(p) for p in prompts) + max_new_tokens, positions, capacity)
     t0 = time.perf_counter()
     logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk,
-                            positions=positions)
+                            positions=positions, mesh=mesh)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     budget = jnp.full((B,), max_new_tokens, jnp.int32)
     tok, key, finished, budget = first_token(sampling, logits, jax.random.key(seed), budget, eos)
-    first = np.asarray(tok)
+    if B > n_real:  # the padding rows stop here: never pending, so they never step
+        real = jnp.arange(B) < n_real
+        finished = finished | ~real
+    first = sharding.to_host(tok)[:n_real]
     ttft = time.perf_counter() - t0
     out: list[list[int]] = [[int(t)] for t in first]
     if on_tokens is not None:
-        on_tokens(first[:, None], np.ones((B, 1), bool))
-    pending = jnp.ones((B,), bool)
+        on_tokens(first[:, None], np.ones((n_real, 1), bool))
+    pending = jnp.ones((B,), bool) if B == n_real else real
     # The decode rate never counts compilation: a first chunk whose call compiled (or may
     # have: a wrapped function cannot tell) is timed as compile_s and left out of the rate.
     cache_size = getattr(decode_chunk, "_cache_size", None)
     before = cache_size() if cache_size else None
     t_start, t_rate, n_rate, compile_s = time.perf_counter(), None, 0, 0.0
     while True:
+        if mesh is not None:  # the same input shardings at every call: one compile
+            state = sharding.place_state(state, mesh)
+            tok, key, pending, finished, budget = sharding.place_rows(mesh, tok, key, pending, finished, budget)
+            eos = sharding.replicate(mesh, eos)
         toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
             params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
             budget, eos, impl, positions)
-        toks, emitted = np.asarray(toks), np.asarray(emitted)
+        toks, emitted = sharding.to_host(toks)[:n_real], sharding.to_host(emitted)[:n_real]
         if t_rate is None:  # the first chunk has returned
             if before is not None and cache_size() == before:  # warm: it counts
                 t_rate, n_rate = t_start, int(emitted.sum())
@@ -244,12 +270,14 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
                 compile_s = t_rate - t_start
         else:
             n_rate += int(emitted.sum())
-        for b in range(B):
+        for b in range(n_real):
             out[b].extend(int(t) for t in toks[b][emitted[b]])
         if on_tokens is not None and emitted.any():
             on_tokens(toks, emitted)
-        if not bool(np.asarray(pending).any()):
+        if not bool(sharding.to_host(pending).any()):
             break
     end = time.perf_counter()
     rate = n_rate / (end - t_rate) if n_rate and end > t_rate else float("nan")
+    if B > n_real:
+        state, logits = state.take_rows(np.arange(n_real)), logits[:n_real]
     return GenerateResult(out, state, logits, ttft, rate, prefill_s, compile_s=compile_s)

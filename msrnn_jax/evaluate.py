@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .decoding import check_context, check_prefill
 from .errors import InvalidArgument, check_int
 from .model import check_positions, chunk_step, scan_nll, token_nll
+from .precision import scope as precision_scope
 from .policies import PerRow, Policy, capacity_for, make_policy
 from .state import State
 
@@ -99,36 +101,48 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
     prefill, chunk = check_prefill(prefill, chunk, PPL_PREFILL_MODES)
     positions = check_positions(positions, prefill)
     check_context(model.cfg, pol, T, positions, cap)
+    mesh = getattr(model, "mesh", None)
+    Bp = sharding.padded_rows(B, mesh)  # rows beyond B are inactive: they never touch the state
     width = chunk if prefill == "chunked" else min(steps_per_call, T)
     n_calls = -(-(T - 1) // width)
-    inputs = np.zeros((B, n_calls * width), np.int32)
+    inputs = np.zeros((Bp, n_calls * width), np.int32)
     targets = np.zeros_like(inputs)
     active = np.zeros(inputs.shape, bool)
-    inputs[:, : T - 1], targets[:, : T - 1], active[:, : T - 1] = tokens[:, :-1], tokens[:, 1:], True
+    inputs[:B, : T - 1], targets[:B, : T - 1], active[:B, : T - 1] = tokens[:, :-1], tokens[:, 1:], True
+    put = jnp.asarray if mesh is None else (lambda v: sharding.put_rows(v, mesh))
 
     def call(state, c):
         sl = slice(c * width, (c + 1) * width)
-        x, y, a = (jnp.asarray(v[:, sl]) for v in (inputs, targets, active))
+        x, y, a = (put(v[:, sl]) for v in (inputs, targets, active))
         if prefill == "exact":
             return scan_nll(model.params, model.cfg, pol, state, x, y, a, positions=positions)
         logits, state = chunk_step(model.params, model.cfg, pol, state, x, a, positions=positions)
         return jnp.where(a, token_nll(logits, y), 0.0), state
 
     dtype = model.params["embed"].dtype
-    # compile (and warm up) on a throwaway state so the timing below is steady state
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(State.init(model.cfg, B, cap, dtype), 0))
-    compile_s = time.perf_counter() - t0
-    state = State.init(model.cfg, B, cap, dtype)
-    nlls = []
-    t0 = time.perf_counter()
-    for c in range(n_calls):
-        nll, state = call(state, c)
-        nlls.append(np.asarray(nll))
-        if progress is not None:
-            progress(int(active[:, c * width:(c + 1) * width].sum()))
-    seconds = time.perf_counter() - t0
+
+    def new_state():
+        if mesh is None:
+            return State.init(model.cfg, Bp, cap, dtype)
+        return sharding.init_state(model.cfg, Bp, cap, dtype, mesh)
+
+    with precision_scope(getattr(model, "precision", None)):
+        # compile (and warm up) on a throwaway state so the timing below is steady state
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(new_state(), 0))
+        compile_s = time.perf_counter() - t0
+        state = new_state()
+        nlls = []
+        t0 = time.perf_counter()
+        for c in range(n_calls):
+            nll, state = call(state, c)
+            nlls.append(sharding.to_host(nll)[:B])
+            if progress is not None:
+                progress(int(active[:, c * width:(c + 1) * width].sum()))
+        seconds = time.perf_counter() - t0
     nll = np.concatenate(nlls, 1)[:, : T - 1]
+    if Bp > B:
+        state = state.take_rows(np.arange(B))
     return PolicyRun(nll, state, seconds, compile_s)
 
 

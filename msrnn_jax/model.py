@@ -25,6 +25,7 @@ from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice
 from .policies import Policy, select_keep, step_choice
+from .precision import exact_for_f32
 from .state import State
 
 F32 = jnp.float32
@@ -176,6 +177,7 @@ def stacked_layers(params):
     return layers
 
 
+@exact_for_f32  # fp32 params: exact matmuls, also when called eagerly (precision.py)
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
          impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
     """One token per row through every layer (docs/design.md, "One step").
@@ -239,6 +241,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos", "positions"),
                    donate_argnames=("state",))
+@exact_for_f32
 def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
                 record_pos: bool = False, positions: str = "absolute"):
     """Feed tokens [B, T] step by step. Returns (logits [B, T, V], state) — and, with
@@ -260,6 +263,7 @@ def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+@exact_for_f32
 def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, targets, active=None,
              positions: str = "absolute"):
     """Feed tokens [B, T]; return the NLL of `targets` [B, T] at every step (f32) and the
@@ -278,6 +282,7 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+@exact_for_f32
 def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
                      last_logits=None, positions: str = "absolute"):
     """Feed tokens [B, T] step by step and return only each row's logits after its last
@@ -301,6 +306,7 @@ def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tok
 
 # -- the parallel (transformer) view ---------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("cfg",))
+@exact_for_f32
 def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
     """The ordinary causal forward over tokens [B, T] (rows valid up to `lengths`).
 
@@ -357,6 +363,7 @@ def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, sc
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity"))
+@exact_for_f32
 def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tokens, lengths=None):
     """The official TOVA code's prompt handling: one parallel causal forward over the
     prompt, then each layer keeps a top-C mask ranked by the last prompt token's
@@ -377,6 +384,7 @@ def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tok
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+@exact_for_f32
 def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
                positions: str = "absolute"):
     """S tokens per row at once: the chunk attends to the state plus itself (causally),

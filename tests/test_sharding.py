@@ -1,0 +1,207 @@
+"""The data x model mesh (docs/design.md §9) and the precision policy.
+
+The mesh checks need several devices: they run in one subprocess with 8 CPU devices
+(tests/sharding_checks.py; the rest of the suite keeps one device), which compares each
+sharded run with the one-device run of the same inputs. A two-process check starts two
+`jax.distributed` processes on 127.0.0.1 (2 CPU devices each, CPU collectives) whose
+sharded perplexity must equal this process's one-device result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CHECKS = HERE / "sharding_checks.py"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh") / "checks.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(CHECKS), str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert out.exists(), proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _get(results, name):
+    r = results.get(name)
+    assert r is not None, f"check {name} did not run"
+    assert "error" not in r, r["error"]
+    return r
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "llama-gqa", "mistral", "qwen2"])
+def test_exact_step_every_bounded_policy_matches_one_device(results, family):
+    """The six bounded policies side by side: kept positions after every step identical,
+    logits within 1e-5 (meshes 1x2, 2x1, 2x2, 2x4 for MHA; 2x2 for the others)."""
+    r = _get(results, f"exact/{family}")
+    meshes = [k for k in r if k != "seconds"]
+    assert meshes
+    for m in meshes:
+        assert r[m]["pos"] and r[m]["final_pos"], (family, m)
+        assert r[m]["logits"] < TOL, (family, m, r[m]["logits"])
+    if family == "llama-mha":
+        assert set(meshes) == {"1x2", "2x1", "2x2", "2x4"}
+
+
+def test_prefill_modes_every_policy_match_one_device(results):
+    """oneshot (with a ragged row) and chunked prefill, all seven policies, mesh 2x2: the
+    same kept positions, logits within 1e-5, and the state stays split (rows over data,
+    KV heads over model)."""
+    r = _get(results, "prefill/llama-gqa")
+    for mode in ("oneshot", "chunked"):
+        for pol in ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head"):
+            got = r[f"{mode}/{pol}"]
+            assert got["pos"], (mode, pol)
+            assert got["logits"] < TOL, (mode, pol, got["logits"])
+    assert r["chunked/tova"]["state_spec"].startswith("P(None, 'data', 'model'")
+
+
+def test_model_api_with_a_mesh(results):
+    """ppl of 3 rows (padded to 4 over data=2) and greedy generate of ragged prompts equal
+    the one-device model; the decode loop compiles once and never again."""
+    r = _get(results, "api")
+    for pol in ("full", "tova"):
+        assert r[f"ppl/{pol}"]["nll"] < TOL and r[f"ppl/{pol}"]["pos"], pol
+        assert r[f"ppl/{pol}"]["rows"] == 3
+    g = r["generate"]
+    assert g["tokens"] and g["again"] and g["pos"] and g["rows"] == 3
+    assert g["calls"] > 1
+    assert g["compiles"] == 1 and g["recompiles"] == 0, g
+
+
+def test_loading_places_each_shard(results):
+    """From a HF folder (placed per leaf, shard by shard) and from an orbax folder
+    (restored into the shardings): each leaf has the rule's NamedSharding, each device
+    holds only its slice, and the values are the checkpoint's."""
+    r = _get(results, "loading")
+    for src in ("hf", "orbax"):
+        assert r[src]["sharding"] and r[src]["slices"], src
+        assert r[src]["values"] == 0.0, src
+        assert r[src]["wq_spec"] == "P(None, None, 'model')"
+
+
+def test_bad_meshes_are_one_line_errors(results):
+    r = _get(results, "errors")
+    want = {"too_large": "needs 16 devices, but only 8 exist",
+            "heads": "model=2 does not divide the 3 KV heads",
+            "not_all": "data x model must equal 8",
+            "bad_axis": "unknown --mesh axis 'rows'"}
+    for name, text in want.items():
+        assert r[name]["rc"] == 2, (name, r[name])
+        lines = r[name]["stderr"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("msrnn: error: --mesh") and text in lines[0], (name, lines)
+    # and model=3 divides 3 KV heads: a 2x3 mesh runs and matches one device
+    assert r["model3"]["pos"] and r["model3"]["nll"] < TOL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_one_mesh_equal_one_process(tmp_path):
+    """Two jax.distributed processes (2 CPU devices each) form one data=2 x model=2 mesh;
+    their sharded tova perplexity equals this process's one-device run."""
+    from hf_models import save_tiny_model
+
+    from msrnn_jax.api import load_model
+    from msrnn_jax.evaluate import run_policy
+
+    folder = save_tiny_model(tmp_path / "model", "llama-gqa")
+    ids = np.random.default_rng(7).integers(0, 300, (3, 41)).astype(np.int32)
+    np.save(Path(folder) / "ids.npy", ids)
+    with jax.default_device(jax.devices("cpu")[0]):  # the workers run on CPU devices too
+        ref = run_policy(load_model(folder, layers="stacked"), "tova", 12, ids, steps_per_call=16)
+    port, out = _free_port(), tmp_path / "dist.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(CHECKS), "--worker", str(i), str(port), folder, str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)
+    got = json.loads(out.read_text())
+    assert got["devices"] == 4 and got["processes"] == 2
+    np.testing.assert_allclose(np.asarray(got["nll"]), ref.nll, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got["pos"]), np.asarray(ref.state.pos))
+
+
+# -- precision (one device) --------------------------------------------------------------
+def _dot_precisions(fn, *args) -> set:
+    """The precision attribute of every dot_general in fn's jaxpr (nested ones included)."""
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.add(str(eqn.params["precision"]))
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_fp32_params_get_highest_matmuls_bf16_the_default():
+    """Every dot of the step and the scans is HIGHEST for fp32 params (also when the step
+    is called outside any jit), the backend default (None) for bf16, and an explicit
+    precision wins over the dtype's."""
+    from msrnn_jax.model import scan_nll, step
+    from msrnn_jax.params import init_params
+    from msrnn_jax.policies import make_policy
+    from msrnn_jax.state import State
+    from msrnn_jax.testing import model_config
+
+    cfg = model_config("tiny")
+    pol = make_policy("tova")
+    tok = jnp.zeros((2,), jnp.int32)
+    for dtype, want in ((jnp.float32, "HIGHEST"), (jnp.bfloat16, "None")):
+        params = init_params(cfg, jax.random.key(0), dtype)
+        st = State.init(cfg, 2, 4, dtype)
+        got = _dot_precisions(lambda p, s: step(p, cfg, pol, s, tok), params, st)
+        assert got and all(want in g for g in got), (dtype, got)
+        got = _dot_precisions(lambda p, s: scan_nll.__wrapped__(p, cfg, pol, s, tok[:, None], tok[:, None]),
+                              params, st)
+        assert got and all(want in g for g in got), (dtype, got)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    with jax.default_matmul_precision("default"):
+        got = _dot_precisions(lambda p, s: step(p, cfg, pol, s, tok), params, State.init(cfg, 2, 4))
+    assert got and not any("HIGHEST" in g for g in got), got
+
+
+def test_precision_argument_is_checked_and_kept():
+    from msrnn_jax.api import Model
+    from msrnn_jax.errors import InvalidArgument
+    from msrnn_jax.precision import check_precision
+
+    with pytest.raises(InvalidArgument) as e:
+        check_precision("tf32")
+    assert e.value.param == "precision"
+    m = Model(None, {}, precision=check_precision("HIGH"))
+    with m.scope():
+        assert jax.config.jax_default_matmul_precision == "high"
+    assert jax.config.jax_default_matmul_precision is None
