@@ -150,7 +150,7 @@ def _print_table(results):
 def _csv(results, f):
     """One row per (policy, capacity); with a curve, one more per bucket, whose `start` and
     `end` say which predictions it averages (the summary rows leave them empty)."""
-    keys = ["policy", "capacity", "positions", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s"]
+    keys = ["policy", "capacity", "tokens", "batch", "mean_nll", "ppl", "tokens_per_s", "positions"]
     curve = any("curve" in r for r in results)
     w = csv.DictWriter(f, fieldnames=keys + (["start", "end"] if curve else []), extrasaction="ignore")
     w.writeheader()
