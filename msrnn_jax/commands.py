@@ -348,7 +348,7 @@ def _read_turn(interactive: bool) -> str | None:
             print(flush=True)
 
 
-def _feed(model, pol, cap, state, text):
+def _feed(model, pol, cap, state, text, positions="absolute"):
     from .decoding import prefill
 
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
