@@ -85,7 +85,7 @@ def test_decode_chunk_traces_once(tiny, monkeypatch):
     _, cfg, params = tiny
     chex.clear_trace_counter()
     counted = jax.jit(chex.assert_max_traces(g.decode_chunk.__wrapped__, n=1),
-                      static_argnames=("cfg", "policy", "sampling", "n_steps", "impl"),
+                      static_argnames=("cfg", "policy", "sampling", "n_steps", "impl", "positions"),
                       donate_argnames=("state",))
     monkeypatch.setattr(g, "decode_chunk", counted)
     pol = make_policy("tova")
