@@ -362,7 +362,9 @@ class Engine:
             if not self._running:
                 raise EngineStopped("the engine is not running")
             busy = sum(r is not None for r in self.rows)
-            if busy >= self.B and len(self.waiting) >= self.max_queue:
+            # B rows plus max_queue waiting, counted together: requests the loop has not yet
+            # moved into a free row count as waiting, however far behind the loop is
+            if busy + len(self.waiting) >= self.B + self.max_queue:
                 raise QueueFull(f"all {self.B} rows are busy and {len(self.waiting)} requests wait")
             self.waiting.append(req)
             self._lock.notify_all()
