@@ -101,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", help="also draw perplexity against capacity to this PNG")
     model_args(q)
 
+    e = sub.add_parser("eval", help="long-context tasks: does the bounded state keep the needle?")
+    e.add_argument("task", help="passkey or niah")
+    e.add_argument("--policy", required=True, help=f"comma list of: {POLICIES_HELP}")
+    e.add_argument("--capacity", type=_int_list("--capacity"), help="comma list of capacities")
+    e.add_argument("--lengths", type=_int_list("--lengths"), default=[1024],
+                   help="comma list of prompt lengths in the model's tokens (default 1024)")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="comma list of needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    e.add_argument("--samples", type=int, default=4, help="samples per length and depth (default 4)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--haystack", help="niah: a UTF-8 text to hide the needle in (default: the filler)")
+    e.add_argument("--prefill", default="exact", choices=["exact", "chunked"])
+    e.add_argument("--chunk", type=_positive("--chunk"))
+    e.add_argument("--batch", type=_positive("--batch"),
+                   help="prompts per run (default: all prompts of a length)")
+    e.add_argument("--chat", action="store_true", help="prompts in the model's chat template")
+    e.add_argument("--no-fuse", action="store_true",
+                   help="run each policy on its own (by default the policies of one capacity run "
+                        "side by side as batch rows)")
+    e.add_argument("--json", action="store_true",
+                   help="one JSON object per (task, policy, capacity, length, depth)")
+    e.add_argument("--csv", help="also write the results as CSV to this path")
+    e.add_argument("--plot", help="also draw accuracy heat maps (length x depth) to this PNG")
+    model_args(e)
+
     v = sub.add_parser("convert", help="convert a checkpoint into an orbax folder")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")
     v.add_argument("out", help="output folder (written atomically)")
