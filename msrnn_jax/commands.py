@@ -144,7 +144,7 @@ def _plot(results, path, title=""):
 
 
 # -- eval -----------------------------------------------------------------------------
-def eval(args):  # noqa: A001  (the subcommand's name)
+def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     from .longcontext import check_eval, evaluate_task
 
     check_int("sinks", args.sinks, minimum=0)
@@ -152,8 +152,6 @@ def eval(args):  # noqa: A001  (the subcommand's name)
     depths = [d.strip() for d in args.depths.split(",") if d.strip()]
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
-    if any(make_policy(n, args.sinks).name == "full" for n in names) and args.capacity and len(names) == 1:
-        print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
     # every value but the lengths (counted in the model's tokens) is checked before the model loads
     kwargs = dict(capacities=args.capacity or [], lengths=args.lengths, depths=depths,
                   samples=args.samples, seed=args.seed, prefill=args.prefill, chunk=args.chunk,
@@ -162,12 +160,18 @@ def eval(args):  # noqa: A001  (the subcommand's name)
                args.chunk, args.batch, args.sinks)
     if args.haystack is not None:
         api.read_text(args.haystack)  # a missing or empty file, before the model loads
+    if any(make_policy(n, args.sinks).name == "full" for n in names) and args.capacity and len(names) == 1:
+        print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
     model = api.load_model(args.model, args.dtype)
 
     from tqdm.auto import tqdm
 
+    n_full = sum(make_policy(n, args.sinks).name == "full" for n in names)
+    runs = n_full + (len(names) - n_full) * len(args.capacity or [])
+    total = runs * sum(set(args.lengths)) * len(set(map(float, depths))) * args.samples  # prompt tokens
     results = []
-    with tqdm(unit="tok", disable=None, file=sys.stderr, leave=False, desc=f"eval {args.task}") as bar:
+    with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False,
+              desc=f"eval {args.task}") as bar:
         for rec in evaluate_task(model, args.task, names, haystack=args.haystack, progress=bar.update,
                                  **kwargs):
             row = {**rec.as_dict(), "model": model.source}

@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import attention
+from . import model as _m
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice, check_int
 from .model import DEFAULT_IMPL, StepImpl, chunk_step, prefill_oneshot, scan_last_logits, step
-from .policies import Policy, capacity_for
+from .policies import Policy, capacity_for, step_choice
 from .sampling import GREEDY, Sampling
 from .state import State
 
@@ -63,11 +65,13 @@ def _row_last(logits, n):
 
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
-            dtype=None):
+            dtype=None, layer_major: bool = False):
     """Read prompts into a state. Returns (logits after each row's last token [B, V], state).
 
     `state` None starts from an empty state of `capacity` slots; otherwise the prompts
     continue that state (exact and chunked only: oneshot reads a prompt from scratch).
+    `layer_major` (exact): the same step computed layer by layer (`layer_major`), the
+    same kept positions and logits within float rounding, several times faster on a CPU.
     """
     mode, chunk = check_prefill(mode, chunk)
     dtype = dtype or params["embed"].dtype
@@ -82,7 +86,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     if state is None:
         state = State.init(cfg, B, capacity, dtype)
     if mode == "exact":
-        return scan_last_logits(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active))
+        run = layer_major_last_logits if layer_major else scan_last_logits
+        return run(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active))
     last = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     n_chunks = -(-tokens.shape[1] // chunk)
     tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])))
@@ -156,12 +161,13 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
              seed: int = 0, prefill_mode: str = "exact", chunk: int | None = None,
              state: State | None = None, eos_ids: Sequence[int] = (),
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL) -> GenerateResult:
+             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL,
+             layer_major: bool = False) -> GenerateResult:
     """Read `prompts` (token lists, one per row; ragged is fine) into a fresh state or
     continue `state`, then decode up to `max_new_tokens` per row. `on_tokens(tokens,
     emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
     impl: how the decode step computes (`model.StepImpl`); e.g. attention="pallas" for
-    the largest batches on a GPU (benchmarks/results/)."""
+    the largest batches on a GPU (benchmarks/results/); layer_major: see `prefill`."""
     check_int("max_new_tokens", max_new_tokens)
     B = len(prompts)
     if state is not None and state.batch != B:
@@ -171,7 +177,8 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     else:
         state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
     t0 = time.perf_counter()
-    logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk)
+    logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk,
+                            layer_major=layer_major)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
@@ -207,3 +214,68 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     else:  # one chunk only: its time includes any compilation
         rate = n_decoded / (end - t_first) if n_decoded and end > t_first else float("nan")
     return GenerateResult(out, state, logits, ttft, rate, prefill_s)
+
+
+# -- exact, layer by layer -------------------------------------------------------------
+def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active,
+                impl: StepImpl = DEFAULT_IMPL):
+    """What `model.step` computes token after token (the exact step of docs/design.md §3,
+    as `scan_logits` drives it), ordered layer by layer: tokens int [B, T], active bool
+    [B, T] -> (the last layer's output [B, T, E] before the final norm, the state).
+
+    A layer's state depends only on that layer's inputs, and a layer's input for every
+    token is known once the layer below has run, so each layer's projections and MLP run
+    over all T tokens at once (matrix products the CPU does near its peak) and only the
+    attention over the slots and the policy's choice run token by token. The weights are
+    read once per call instead of once per token; the results are the step's, up to the
+    float rounding of the larger products."""
+    B, T = tokens.shape
+    C, Hkv, G, D = state.capacity, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    act = active.astype(jnp.int32)
+    pos = state.length[:, None] + jnp.cumsum(act, 1) - act  # [B, T] each token's position
+    rows, heads = jnp.arange(B)[:, None], jnp.arange(Hkv)[None, :]
+
+    def layer(x, xs):
+        lp, K, V, P, S = xs
+        q, k, v = _m.qkv(cfg, lp, _m.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), pos)
+        q = q.reshape(B, T, Hkv, G, D)
+
+        def token(carry, t_in):
+            K, V, P, S = carry
+            q_t, k_t, v_t, p_t, a_t = t_in
+            out, w_old, w_new = attention.attend(q_t, k_t, v_t, K, V, _m._visible(cfg, P, p_t[:, None, None]), impl)
+            w = jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1)  # [B,Hkv,C+1]
+            new_pos = jnp.broadcast_to(p_t[:, None, None], (B, Hkv, 1))
+            slot, cand_score = step_choice(policy, w, jnp.concatenate([P, new_pos], -1), S)
+            slot = jnp.where(a_t[:, None], slot, C)  # C: drop the new token, no write
+            if policy.uses_score:
+                kept = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
+                S = jnp.where(a_t[:, None, None], kept, S)
+            at = (rows, heads, slot)
+            K = K.at[at].set(k_t.astype(K.dtype), mode="drop")
+            V = V.at[at].set(v_t.astype(V.dtype), mode="drop")
+            P = P.at[at].set(jnp.broadcast_to(p_t[:, None], slot.shape), mode="drop")
+            return (K, V, P, S), out
+
+        t_major = (jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), pos.T, active.T)
+        (K, V, P, S), out = jax.lax.scan(token, (K, V, P, S), t_major)
+        out = jnp.swapaxes(out, 0, 1).reshape(B, T, -1)  # [B, T, Hq * D]
+        x = x + out.astype(x.dtype) @ lp["wo"]
+        x = x + _m.mlp(lp, _m.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        return x, (K, V, P, S)
+
+    x = params["embed"][tokens]
+    x, (K, V, P, S) = jax.lax.scan(layer, x, (_m.stacked_layers(params), state.keys, state.values,
+                                              state.pos, state.score))
+    return x, State(K, V, P, S if policy.uses_score else state.score, state.length + act.sum(1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "impl"), donate_argnames=("state",))
+def layer_major_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active,
+                            impl: StepImpl = DEFAULT_IMPL):
+    """`model.scan_last_logits` (the exact prefill) computed layer by layer: each row's
+    logits after its last active token [B, V] f32 (rows must have one), and the state."""
+    x, state = layer_major(params, cfg, policy, state, tokens, active, impl)
+    last = jnp.maximum(active.sum(1) - 1, 0)
+    x_last = jnp.take_along_axis(x, last[:, None, None], 1)[:, 0]
+    return _m.logits_from_hidden(cfg, params, x_last), state

@@ -215,11 +215,8 @@ class EvalRecord:
     seconds: float = 0.0  # wall-clock of the runs this record's rows were part of
 
     def as_dict(self) -> dict:
-        """The JSON object of `msrnn eval --json` (answers left out)."""
-        d = dataclasses.asdict(self)
-        d.pop("answers"), d.pop("expected")
-        d["correct"] = int(round(self.accuracy * self.samples))
-        return d
+        """The JSON object of `msrnn eval --json` (with each sample's answer and expected string)."""
+        return {**dataclasses.asdict(self), "correct": round(self.accuracy * self.samples)}
 
 
 def _values(values, name):
@@ -298,7 +295,8 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
         for i in range(0, len(prompts), step):
             rows = [list(p.ids) for p in prompts[i:i + step] for _ in range(per)]
             res = generate_tokens(model.params, model.cfg, pol, cap, rows, max_new, prefill_mode=prefill,
-                                  chunk=chunk, eos_ids=model.eos_ids, steps_per_call=max_new)
+                                  chunk=chunk, eos_ids=model.eos_ids, steps_per_call=max_new,
+                                  layer_major=True)
             texts.extend(model.decode(t) for t in res.tokens)
             if progress is not None:
                 progress(sum(len(r) for r in rows))
