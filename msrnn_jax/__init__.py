@@ -25,6 +25,9 @@ _WHERE = {
     "run_policy": "evaluate", "sweep": "evaluate", "PolicyRun": "evaluate", "SweepResult": "evaluate",
     "nll_curve": "evaluate", "POSITIONS": "model",
     "record_run": "analysis", "record_policies": "analysis", "Recording": "analysis",
+    "evaluate_task": "longcontext", "make_prompt": "longcontext", "score_answer": "longcontext",
+    "EvalRecord": "longcontext", "TaskPrompt": "longcontext", "Haystack": "longcontext",
+    "TASKS": "longcontext",
     "State": "state",
     "Policy": "policies", "Full": "policies", "Window": "policies", "Sink": "policies",
     "Tova": "policies", "H2O": "policies", "PerRow": "policies", "make_policy": "policies",
@@ -44,6 +47,8 @@ __all__ = [
     "load_model", "Model", "generate", "prompt_ids", "GenerateResult",
     "run_policy", "sweep", "PolicyRun", "SweepResult", "nll_curve", "POSITIONS",
     "record_run", "record_policies", "Recording",
+    # long-context evaluation (passkey, niah)
+    "evaluate_task", "make_prompt", "score_answer", "EvalRecord", "TaskPrompt", "Haystack", "TASKS",
     # the state and the policies
     "State", "Policy", "Full", "Window", "Sink", "Tova", "H2O", "PerRow", "make_policy",
     "policy_name", "POLICY_NAMES",

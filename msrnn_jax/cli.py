@@ -69,6 +69,9 @@ Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""
   msrnn serve --policy tova --capacity 512 --max-batch 8 --port 8000
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "SmolLM2-135M-Instruct", "prompt": "The sea", "max_tokens": 16}'""",
+    "eval": """examples:
+  msrnn eval passkey --policy full,window,tova --capacity 64,128 --lengths 1024 --samples 2
+  msrnn eval niah --haystack data/pg_news_from_nowhere.txt --policy tova --capacity 256 --json --plot niah.png""",
     "convert": """examples:
   msrnn convert default smollm2/                 # the embedded model as an orbax folder
   msrnn convert path/to/hf-folder out/ --dtype bfloat16 --overwrite""",
@@ -185,6 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
     model_args(w)
 
+    e = command("eval", "long-context tasks: does the bounded state keep the needle?")
+    e.add_argument("task", help="passkey or niah")
+    e.add_argument("--policy", required=True, help=f"comma list of: {POLICIES_HELP} (any case)")
+    e.add_argument("--capacity", type=_int_list("--capacity"), help="comma list of capacities")
+    e.add_argument("--lengths", type=_int_list("--lengths"), default=[1024],
+                   help="comma list of prompt lengths in the model's tokens")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="comma list of needle depths in [0, 1]")
+    e.add_argument("--samples", type=int, default=4, help="samples per length and depth")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated keys, needles and haystack offsets")
+    e.add_argument("--haystack", help="niah: a UTF-8 text to hide the needle in (default: the filler)")
+    e.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
+                   help="token by token (exact) or --chunk tokens at a time (chunked)")
+    e.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
+    e.add_argument("--batch", type=_positive("--batch"),
+                   help="prompts per run (default: all prompts of a length)")
+    e.add_argument("--chat", action="store_true", help="prompts in the model's chat template")
+    e.add_argument("--no-fuse", action="store_true",
+                   help="run each policy on its own (by default the policies of one capacity run "
+                        "side by side as batch rows)")
+    e.add_argument("--json", action="store_true",
+                   help="one JSON object per (task, policy, capacity, length, depth)")
+    e.add_argument("--csv", help="also write the results as CSV to this path")
+    e.add_argument("--plot", help="also draw accuracy heat maps (length x depth) to this PNG")
+    model_args(e)
+
     v = command("convert", "convert a checkpoint into an orbax folder that loads fast")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")
     v.add_argument("out", help="output folder (written atomically)")
@@ -201,7 +230,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("a command is required: generate, chat, ppl, serve or convert (see msrnn --help)")
+            raise UsageError("a command is required: generate, chat, ppl, eval, serve or convert (see msrnn --help)")
         from . import commands  # heavy imports (jax, transformers) only once the args are good
 
         run = getattr(commands, args.command)

@@ -169,6 +169,63 @@ def _plot(results, path, title="", curve=False, context=None):
         write_atomic(path, lambda f: plot_ppl_vs_capacity(results, f, title=title), binary=True)
 
 
+# -- eval -----------------------------------------------------------------------------
+def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
+    from .longcontext import check_eval, evaluate_task
+
+    check_int("sinks", args.sinks, minimum=0)
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    depths = [d.strip() for d in args.depths.split(",") if d.strip()]
+    _check_outputs(args)
+    # every value but the lengths (counted in the model's tokens) is checked before the model loads
+    kwargs = dict(capacities=args.capacity or [], lengths=args.lengths, depths=depths,
+                  samples=args.samples, seed=args.seed, prefill=args.prefill, chunk=args.chunk,
+                  batch=args.batch, chat=args.chat, sinks=args.sinks, fuse=not args.no_fuse)
+    check_eval(args.task, names, kwargs["capacities"], depths, args.samples, args.seed, args.prefill,
+               args.chunk, args.batch, args.sinks)
+    if args.haystack is not None:
+        api.read_text(args.haystack)  # a missing or empty file, before the model loads
+    if any(make_policy(n, args.sinks).name == "full" for n in names) and args.capacity and len(names) == 1:
+        print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
+    model = _load(args)
+
+    from tqdm.auto import tqdm
+
+    n_full = sum(make_policy(n, args.sinks).name == "full" for n in names)
+    runs = n_full + (len(names) - n_full) * len(args.capacity or [])
+    total = runs * sum(set(args.lengths)) * len(set(map(float, depths))) * args.samples  # prompt tokens
+    results = []
+    with tqdm(total=total, unit="tok", disable=None, file=sys.stderr, leave=False,
+              desc=f"eval {args.task}") as bar:
+        for rec in evaluate_task(model, args.task, names, haystack=args.haystack, progress=bar.update,
+                                 **kwargs):
+            row = {**rec.as_dict(), "model": model.source}
+            results.append(row)
+            if args.json:
+                bar.clear()
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print(f"{'task':<8} {'policy':<10} {'capacity':>8} {'length':>7} {'depth':>6} {'accuracy':>9}")
+        for r in results:
+            print(f"{r['task']:<8} {r['policy']:<10} {r['capacity']:>8} {r['length']:>7} "
+                  f"{r['depth']:>6.2f} {r['accuracy']:>9.3f}")
+    if args.csv:
+        keys = ["task", "policy", "capacity", "length", "depth", "samples", "correct", "accuracy"]
+
+        def write(f):
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(results)
+
+        write_atomic(args.csv, write)
+    if args.plot:
+        from .plots import plot_eval
+
+        write_atomic(args.plot, lambda f: plot_eval(results, f, title=f"{args.task}, {model.source}"),
+                     binary=True)
+    return 0
+
+
 # -- generate / chat -----------------------------------------------------------------
 class _Streamer:
     """Prints one row's tokens as they arrive, decoding incrementally so multi-byte

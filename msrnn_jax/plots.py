@@ -174,3 +174,65 @@ def plot_nll_curve(results, out, title="", context=None):
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
+
+
+def plot_eval(results, out, title=""):
+    """results: dicts with task, policy, capacity, length, depth, accuracy (as `msrnn eval
+    --json` prints). One heat map of accuracy over length x depth per (policy, capacity),
+    `full` first, then a last panel with accuracy (the mean over lengths and depths)
+    against capacity for each policy, `full` as a horizontal reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = defaultdict(dict)  # (policy, capacity) -> {(length, depth): accuracy}
+    for r in results:
+        key = ("full", None) if r["policy"] == "full" else (r["policy"], r["capacity"])
+        cells[key][(r["length"], r["depth"])] = r["accuracy"]
+    lengths = sorted({r["length"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    panels = sorted(cells, key=lambda k: (k[0] != "full", k[0], k[1] or 0))
+    ncols = min(len(panels) + 1, 5)
+    nrows = -(-(len(panels) + 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.4 * nrows + 0.5), dpi=110,
+                             squeeze=False)
+    for ax in axes.flat[len(panels) + 1:]:
+        ax.set_axis_off()
+    image = None
+    for ax, key in zip(axes.flat, panels):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for (n, d), acc in cells[key].items():
+            grid[depths.index(d), lengths.index(n)] = acc
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_title(key[0] if key[1] is None else f"{key[0]} C={key[1]}", fontsize=9)
+        ax.set_xlabel("length (tokens)", fontsize=7)
+        ax.set_ylabel("depth", fontsize=7)
+    ax = axes.flat[len(panels)]
+    lines = defaultdict(list)
+    for (pol, cap), vals in cells.items():
+        if pol == "full":
+            ax.axhline(np.mean(list(vals.values())), color="black", linestyle="--", linewidth=1, label="full")
+        else:
+            lines[pol].append((cap, np.mean(list(vals.values()))))
+    for pol, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", markersize=3, label=pol)
+    caps = sorted({c for pts in lines.values() for c, _ in pts})
+    if caps:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(caps, [str(c) for c in caps], fontsize=7)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("capacity C", fontsize=7)
+    ax.set_ylabel("accuracy", fontsize=7)
+    ax.set_title("accuracy against capacity", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy")
+    fig.suptitle(title or "long-context accuracy")
+    fig.savefig(out, format="png")
+    plt.close(fig)
