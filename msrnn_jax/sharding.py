@@ -340,14 +340,7 @@ def largest_batch(cfg: ModelConfig, data: int, model: int, capacity: int, budget
     return (budget - p) // s_one * data
 
 
-PLAN_SHAPES = {
-    "llama2-70b": dict(family="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                       num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, max_position_embeddings=4096),
-    "llama3-70b": dict(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                       num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, max_position_embeddings=8192),
-}
+PLAN_SHAPES = ("llama2-70b", "llama3-70b")  # named shapes of `testing.MODELS`
 
 
 @dataclasses.dataclass
@@ -365,10 +358,12 @@ def memory_plan(devices: int = 8, budget_gib: float = 80.0, capacities=(512, 102
                 meshes=((1, 8), (2, 4)), dtype=jnp.bfloat16) -> list[PlanRow]:
     """Per-device bytes for the 70B shapes on `devices` devices: `full` (capacity = the
     trained context) and `tova` at each capacity, and the largest batch within budget."""
+    from .testing import model_config
+
     rows = []
     budget = int(budget_gib * 2**30)
-    for name, kw in PLAN_SHAPES.items():
-        cfg = ModelConfig(**kw)
+    for name in PLAN_SHAPES:
+        cfg = model_config(name)
         for data, model in meshes:
             if data * model != devices:
                 continue

@@ -17,23 +17,10 @@ import pytest
 
 from msrnn_jax import cli
 
-from hf_models import save_tiny_model
-from test_cli import TEXT, assert_one_line_error, run_cli
+from test_cli import assert_one_line_error, run_cli, text_file, tiny  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("text") / "book.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return str(p)
 
 
 def msrnn(*argv, **kw):
