@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
                    help="token by token (exact) or --chunk tokens at a time (chunked)")
     w.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
+    positions_arg(w)
     w.add_argument("--steps-per-call", type=_positive("--steps-per-call"), default=8,
                    help="decode steps per chunk: how often tokens are streamed")
     w.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
                    help="token by token (exact) or --chunk tokens at a time (chunked)")
     e.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
+    positions_arg(e)
     e.add_argument("--batch", type=_positive("--batch"),
                    help="prompts per run (default: all prompts of a length)")
     e.add_argument("--chat", action="store_true", help="prompts in the model's chat template")

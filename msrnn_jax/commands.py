@@ -180,9 +180,10 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     # every value but the lengths (counted in the model's tokens) is checked before the model loads
     kwargs = dict(capacities=args.capacity or [], lengths=args.lengths, depths=depths,
                   samples=args.samples, seed=args.seed, prefill=args.prefill, chunk=args.chunk,
-                  batch=args.batch, chat=args.chat, sinks=args.sinks, fuse=not args.no_fuse)
+                  batch=args.batch, chat=args.chat, sinks=args.sinks, fuse=not args.no_fuse,
+                  positions=args.positions)
     check_eval(args.task, names, kwargs["capacities"], depths, args.samples, args.seed, args.prefill,
-               args.chunk, args.batch, args.sinks)
+               args.chunk, args.batch, args.sinks, args.positions)
     if args.haystack is not None:
         api.read_text(args.haystack)  # a missing or empty file, before the model loads
     if any(make_policy(n, args.sinks).name == "full" for n in names) and args.capacity and len(names) == 1:
@@ -210,7 +211,7 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
             print(f"{r['task']:<8} {r['policy']:<10} {r['capacity']:>8} {r['length']:>7} "
                   f"{r['depth']:>6.2f} {r['accuracy']:>9.3f}")
     if args.csv:
-        keys = ["task", "policy", "capacity", "length", "depth", "samples", "correct", "accuracy"]
+        keys = ["task", "policy", "capacity", "positions", "length", "depth", "samples", "correct", "accuracy"]
 
         def write(f):
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -441,7 +442,8 @@ def serve(args):
     def factory():  # on the server's loading thread: /health answers 503 meanwhile
         model = _load(args)
         eng = Engine(model, pol, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
-                     prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call)
+                     prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call,
+                     positions=args.positions)
         return model, eng
 
     name = args.served_model_name or server.served_name(args.model, args.model)

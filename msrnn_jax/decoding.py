@@ -22,8 +22,8 @@ import numpy as np
 from . import sharding
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice, check_int
-from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, prefill_oneshot,
-                    scan_last_logits, step)
+from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, layer_last_logits,
+                    prefill_oneshot, scan_last_logits, step)
 from .policies import Policy, capacity_for
 from .precision import exact_for_f32
 from .sampling import GREEDY, Sampling
@@ -95,7 +95,7 @@ def _row_last(logits, n):
 
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
-            dtype=None, positions: str = "absolute", mesh=None):
+            dtype=None, positions: str = "absolute", mesh=None, layer_major: bool = True):
     """Read prompts into a state. Returns (logits after each row's last token [B, V], state).
 
     `state` None starts from an empty state of `capacity` slots; otherwise the prompts
@@ -105,6 +105,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     or not accordingly).
     mesh: a `sharding` mesh the params are placed on; the new state is made in its
     shardings (B must then be a multiple of the mesh's data size).
+    layer_major (exact): compute the exact step layer by layer (`model.layer_major`: the
+    same state, several times faster on a CPU); False runs the token-by-token scan.
     """
     mode, chunk = check_prefill(mode, chunk)
     positions = check_positions(positions, mode)
@@ -123,8 +125,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     if state is None:
         state = State.init(cfg, B, capacity, dtype) if mesh is None else sharding.init_state(cfg, B, capacity, dtype, mesh)
     if mode == "exact":
-        return scan_last_logits(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active),
-                                positions=positions)
+        run = layer_last_logits if layer_major else scan_last_logits
+        return run(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active), positions=positions)
     last = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     n_chunks = -(-tokens.shape[1] // chunk)
     tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])))

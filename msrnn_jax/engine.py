@@ -3,7 +3,7 @@
 B batch rows of one `State` are B requests. A loop on its own thread alternates
 
 1. admission: the oldest waiting request takes a free row; its prompt is read into a
-   1-row state in fixed-size pieces (exact: `scan_last_logits` over P tokens; chunked:
+   1-row state in fixed-size pieces (exact: `layer_last_logits` over P tokens; chunked:
    `chunk_step` over S tokens), a bounded number of pieces per turn, so the other rows
    keep decoding while a long prompt is read; once read, the row is written into the
    B-row state (`insert_row`, jitted, the row index traced) and its first token sampled;
@@ -47,7 +47,7 @@ from .attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
 from .decoding import check_prefill
 from .errors import InvalidArgument, MsrnnError, check_float, check_int
-from .model import chunk_step, scan_last_logits, step
+from .model import check_positions, chunk_step, layer_last_logits, step
 from .policies import Policy, capacity_for, make_policy, policy_name
 from .state import State
 
@@ -99,10 +99,11 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl", "positions"),
+                   donate_argnames=("state",))
 def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: State, tok, keys,
                 pending, finished, budget, temperature, top_k, top_p, eos_ids, ignore_eos,
-                impl: StepImpl = DEFAULT_IMPL):
+                impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
     """n_steps of the RNN over B rows, `decoding.decode_chunk` with per-row sampling.
 
     tok [B]: each row's last emitted token; pending [B]: not fed yet; finished [B]: it was
@@ -114,7 +115,7 @@ def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: S
 
     def body(carry, _):
         st, tok, keys, pending, finished, budget = carry
-        logits, st = step(params, cfg, policy, st, tok, pending, impl=impl)
+        logits, st = step(params, cfg, policy, st, tok, pending, impl=impl, positions=positions)
         keys, sub = _split_rows(keys)
         nxt = sample_rows(logits, sub, temperature, top_k, top_p)
         emit = pending & ~finished
@@ -129,21 +130,24 @@ def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: S
     return toks.T, emitted.T, state, tok, keys, pending, finished, budget
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
-def chunk_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+def chunk_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
+                positions: str = "absolute"):
     """One chunked-prefill piece: `chunk_step` over tokens [R, S], keeping each row's
     logits after its last active token ([R, V]; rows with none keep `last_logits`)."""
-    logits, state = chunk_step(params, cfg, policy, state, tokens, active)
+    logits, state = chunk_step(params, cfg, policy, state, tokens, active, positions=positions)
     n = active.sum(1)
     here = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
     return jnp.where((n > 0)[:, None], here, last_logits), state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"), donate_argnames=("state",))
-def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits):
-    """One exact-prefill piece: `scan_last_logits` over tokens [R, P] (the engine's own
-    compiled copy, so that its compile count is the engine's alone)."""
-    return scan_last_logits(params, cfg, policy, state, tokens, active, last_logits)
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
+def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
+                positions: str = "absolute"):
+    """One exact-prefill piece: `layer_last_logits` over tokens [R, P] (the exact step,
+    computed layer by layer; the engine's own compiled copy, so that its compile count is
+    the engine's alone)."""
+    return layer_last_logits(params, cfg, policy, state, tokens, active, last_logits, positions=positions)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -268,13 +272,15 @@ class Engine:
     reading the prompt at once) or "chunked" (pieces of `chunk` tokens, `chunk_step`).
     prefill_pieces: pieces read per turn of the loop while other rows are decoding.
     steps_per_call: decode steps per chunk (the streaming granularity).
+    positions: "absolute" or "reindex" (docs/design.md §8): with reindex a bounded row
+    may run past the model's trained context.
     """
 
     def __init__(self, model: Model, policy: str | Policy = "tova", capacity: int | None = None,
                  sinks: int = 4, max_batch: int = 8, max_queue: int = 64, prefill: str = "exact",
                  chunk: int | None = None, steps_per_call: int = 8, piece: int = 32,
                  prefill_pieces: int = 4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
-                 log_requests: bool = True):
+                 log_requests: bool = True, positions: str = "absolute"):
         self.model, self.cfg = model, model.cfg
         self.policy = make_policy(policy, sinks)
         if self.policy.name == "full":
@@ -286,6 +292,7 @@ class Engine:
         self.B = check_int("max_batch", max_batch)
         self.max_queue = check_int("max_queue", max_queue, minimum=0)
         self.prefill_mode, chunk = check_prefill(prefill, chunk, ("exact", "chunked"))
+        self.positions = check_positions(positions, self.prefill_mode)
         self.piece = chunk if self.prefill_mode == "chunked" else check_int("piece", piece)
         self.prefill_pieces = check_int("prefill_pieces", prefill_pieces)
         self.steps = check_int("steps_per_call", steps_per_call)
@@ -455,10 +462,10 @@ class Engine:
         act[0, :len(part)] = True
         if self.prefill_mode == "chunked":
             pf.logits, pf.state = chunk_piece(self.model.params, self.cfg, self.policy, pf.state,
-                                              jnp.asarray(toks), jnp.asarray(act), pf.logits)
+                                              jnp.asarray(toks), jnp.asarray(act), pf.logits, self.positions)
         else:
             pf.logits, pf.state = exact_piece(self.model.params, self.cfg, self.policy, pf.state,
-                                                   jnp.asarray(toks), jnp.asarray(act), pf.logits)
+                                              jnp.asarray(toks), jnp.asarray(act), pf.logits, self.positions)
         pf.next_piece += 1
         return pf.next_piece * P >= len(prompt)
 
@@ -466,7 +473,8 @@ class Engine:
         t0 = time.perf_counter()
         out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, self.state,
                           self.tok, self.keys, self.pending, self.finished, self.budget,
-                          self.temperature, self.top_k, self.top_p, self.eos, self.ignore_eos, self.impl)
+                          self.temperature, self.top_k, self.top_p, self.eos, self.ignore_eos, self.impl,
+                          self.positions)
         toks, emitted, self.state, tok, keys, pending, finished, budget = out
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         # np.array: writable host copies (the host edits rows between chunks)

@@ -211,6 +211,7 @@ class EvalRecord:
     answers: list = dataclasses.field(default_factory=list)   # decoded answer of each sample
     expected: list = dataclasses.field(default_factory=list)  # the expected string of each
     prefill: str = "exact"
+    positions: str = "absolute"  # docs/design.md §8
     shared_with: int = 1  # policies that ran side by side as batch rows
     seconds: float = 0.0  # wall-clock of the runs this record's rows were part of
 
@@ -227,11 +228,12 @@ def _values(values, name):
 
 
 def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, prefill="exact",
-               chunk=None, batch=None, sinks=4):
+               chunk=None, batch=None, sinks=4, positions="absolute"):
     """Every argument of `evaluate_task` that does not need the model, checked once (the
     command line calls this before it loads the model). Returns them normalised:
-    (task, policies, capacities, depths, samples, seed, prefill, chunk, batch)."""
+    (task, policies, capacities, depths, samples, seed, prefill, chunk, batch, positions)."""
     from .decoding import check_prefill
+    from .model import check_positions
 
     task = check_choice("task", task, TASKS)
     if isinstance(policies, str):
@@ -250,7 +252,7 @@ def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, 
     prefill, chunk = check_prefill(prefill, chunk, EVAL_PREFILL_MODES)
     if batch is not None:
         batch = check_int("batch", batch)
-    return task, pols, caps, depths, samples, seed, prefill, chunk, batch
+    return task, pols, caps, depths, samples, seed, prefill, chunk, batch, check_positions(positions, prefill)
 
 
 def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], capacities: Sequence[int] = (),
@@ -258,18 +260,20 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
                   samples: int = 4, seed: int = 0, haystack: str | Path | None = None,
                   prefill: str = "exact", chunk: int | None = None, batch: int | None = None,
                   chat: bool = False, sinks: int = 4, fuse: bool = True,
-                  progress: Callable[[int], None] | None = None) -> Iterator[EvalRecord]:
+                  progress: Callable[[int], None] | None = None,
+                  positions: str = "absolute") -> Iterator[EvalRecord]:
     """Accuracy of every policy at every capacity (`full` once per length) on `task`, for
     every length x depth, over `samples` samples each. Every argument is checked before
     any work; records are yielded as each run ends.
 
     batch: prompts per run (default: every prompt of a length); with `fuse` (exact
     prefill) each run holds batch x (bounded policies) rows, one per prompt and policy.
-    `progress(n)` is told the prompt tokens each run read."""
+    `progress(n)` is told the prompt tokens each run read. positions: "absolute" or
+    "reindex" (docs/design.md §8), for prompt and answer alike."""
     from .decoding import generate_tokens
 
-    task, pols, caps, depths, samples, seed, prefill, chunk, batch = check_eval(
-        task, policies, capacities, depths, samples, seed, prefill, chunk, batch, sinks)
+    task, pols, caps, depths, samples, seed, prefill, chunk, batch, positions = check_eval(
+        task, policies, capacities, depths, samples, seed, prefill, chunk, batch, sinks, positions)
     bounded = [p for p in pols if p.name != "full"]
     lengths = list(dict.fromkeys(check_int("lengths", n) for n in _values(lengths, "lengths")))
     max_new = ANSWER_TOKENS[task] + (CHAT_EXTRA_TOKENS if chat else 0)
@@ -297,7 +301,7 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
             with model.scope():
                 res = generate_tokens(model.params, model.cfg, pol, cap, rows, max_new, prefill_mode=prefill,
                                       chunk=chunk, eos_ids=model.eos_ids, steps_per_call=max_new,
-                                      mesh=model.mesh)
+                                      mesh=model.mesh, positions=positions)
             texts.extend(model.decode(t) for t in res.tokens)
             if progress is not None:
                 progress(sum(len(r) for r in rows))
@@ -308,7 +312,7 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
             mine = [(p, a) for p, a in zip(prompts, answers) if p.depth == d]
             acc = float(np.mean([score_answer(a, p.expected) for p, a in mine]))
             yield EvalRecord(task, name, cap, prompts[0].length, d, len(mine), acc, [a for _, a in mine],
-                             [p.expected for p, _ in mine], prefill, shared, seconds)
+                             [p.expected for p, _ in mine], prefill, positions, shared, seconds)
 
     for n, prompts in grid.items():
         for pol in pols:

@@ -177,6 +177,55 @@ def stacked_layers(params):
     return layers
 
 
+def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, active,
+                      impl: StepImpl = DEFAULT_IMPL, l: int = 0, table=None):
+    """Steps 2-4 of one layer for one token per row: the recurrence of docs/design.md §3.
+
+    q [B,Hkv,G,D], k, v [B,Hkv,D]: the new token's projections, not yet rotated; K, V
+    [B,Hkv,C,D] (or, for Pallas, the whole [L,...] buffers with the layer index l), P, S
+    [B,Hkv,C]: the layer's slots; p int [B]: the token's original position; active bool
+    [B]; table: `rope_table` under reindex positions, None under absolute.
+    Returns (attention output [B,Hkv,G,D] f32, what to write: the key as the state keeps
+    it and v [B,Hkv,D], slot [B,Hkv] in [0, C] (C = drop the new token: no write), the
+    slots' scores [B,Hkv,C])."""
+    B, C = P.shape[0], P.shape[-1]
+    Hkv = cfg.num_kv_heads
+    # RoPE at the token's original position (absolute), or at the number n of kept slots,
+    # whose keys are stored unrotated and rotated by their ranks here (reindex)
+    if table is not None:
+        K, V, l = _layer_slots(K, V, l, impl)
+        K, n = reindex_slots(K, P, table)
+        K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
+        q, k_rot = rotate_at(q, n, table), rotate_at(k, n, table)
+    else:
+        inv_freq = jnp.asarray(cfg.inv_freq())
+        q, k = rope(q, p[:, None], inv_freq), rope(k, p, inv_freq)
+        k_rot = k
+    # attend over the kept slots plus the new token (softmax in float32)
+    out, w_old, w_new = attention.attend(q, k_rot, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l)
+    # the policy picks one of the C + 1 candidates to drop, from the attention averaged
+    # over the query heads of each KV head
+    w = jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1)  # [B,Hkv,C+1]
+    new_pos = jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))
+    slot, cand_score = step_choice(policy, w, jnp.concatenate([P, new_pos], -1), S)
+    slot = jnp.where(active[:, None], slot, C)
+    if policy.uses_score:  # H2O: the dropped slot's score becomes the new token's
+        kept = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
+        S = jnp.where(active[:, None, None], kept, S)
+    return out, (k, v, slot, S)
+
+
+def write_slots(keys, values, pos, slot, k, v, p):
+    """Write each new entry in place: keys, values [..., C, D], pos [..., C]; slot int
+    [...] (C, out of range, writes nothing); k, v [..., D]; p: positions broadcast to
+    slot's shape. The leading axes are e.g. [L, B, Hkv] (a step) or [B, Hkv] (one layer)."""
+    at = tuple(jnp.arange(n).reshape((-1,) + (1,) * (slot.ndim - 1 - i)) for i, n in enumerate(slot.shape))
+    at = at + (slot,)
+    return (keys.at[at].set(k.astype(keys.dtype), mode="drop"),
+            values.at[at].set(v.astype(values.dtype), mode="drop"),
+            pos.at[at].set(jnp.broadcast_to(p, slot.shape).astype(pos.dtype), mode="drop"))
+
+
 @exact_for_f32  # fp32 params: exact matmuls, also when called eagerly (precision.py)
 def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
          impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
@@ -191,51 +240,27 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     active = jnp.ones((B,), bool) if active is None else active
     p = state.length  # [B] the new token's original position (masks and `pos` use it)
-    new_pos = jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))
-    reindex = check_positions(positions) == "reindex"
-    inv_freq = jnp.asarray(cfg.inv_freq())
-    table = rope_table(C + 1, inv_freq) if reindex else None
+    table = rope_table(C + 1, jnp.asarray(cfg.inv_freq())) if check_positions(positions) == "reindex" else None
 
     def layer(x, lp, K, V, P, S, l):
         """x [B,E]; this layer's slots K, V [B,Hkv,C,D], P, S [B,Hkv,C]. Returns x and what
         to write: (k, v [B,Hkv,D], slot [B,Hkv] in [0, C], scores [B,Hkv,C])."""
-        # 1. q, k, v of the new token, RoPE at its position: the original one (absolute),
-        #    or the number n of kept slots, whose keys are rotated by their ranks (reindex)
-        q, k_raw, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))
-        q = q.reshape(B, Hkv, G, D)
-        if reindex:
-            K, V, l = _layer_slots(K, V, l, impl)
-            K, n = reindex_slots(K, P, table)
-            K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
-            q, k = rotate_at(q, n, table), rotate_at(k_raw, n, table)
-        else:
-            q, k = rope(q, p[:, None], inv_freq), rope(k_raw, p, inv_freq)
-        # 2-3. attend over the kept slots plus the new token (softmax in float32)
-        out, w_old, w_new = attention.attend(q, k, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l)
+        # 1. q, k, v of the new token (not yet rotated)
+        q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))
+        # 2-4. attend over the kept slots plus the new token; the policy picks the drop
+        out, writes = attend_and_choose(cfg, policy, q.reshape(B, Hkv, G, D), k, v, K, V, P, S, p,
+                                        active, impl, l, table)
         x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
-        # 4. the policy picks one of the C + 1 candidates to drop, from the attention
-        #    averaged over the query heads of each KV head
-        w = jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1)  # [B,Hkv,C+1]
-        slot, cand_score = step_choice(policy, w, jnp.concatenate([P, new_pos], -1), S)
-        slot = jnp.where(active[:, None], slot, C)  # C = drop the new token = no write
-        if policy.uses_score:  # H2O: the dropped slot's score becomes the new token's
-            kept = jnp.where(jnp.arange(C) == slot[..., None], cand_score[..., C:], cand_score[..., :C])
-            S = jnp.where(active[:, None, None], kept, S)
-        return x, (k_raw if reindex else k, v, slot, S)
+        return x, writes
 
     # every layer reads the old state; all layers' new entries are written afterwards in
     # one in-place scatter (a write inside the loop would copy the state once per layer)
     x, (k, v, slot, score) = attention.over_layers(layer, params["embed"][tokens], params["layers"],
                                                    state, impl)
-    at = (jnp.arange(cfg.num_layers)[:, None, None], jnp.arange(B)[None, :, None],
-          jnp.arange(Hkv)[None, None, :], slot)  # [L,B,Hkv]; slot C is out of range: no write
-    state = State(
-        keys=state.keys.at[at].set(k.astype(state.keys.dtype), mode="drop"),
-        values=state.values.at[at].set(v.astype(state.values.dtype), mode="drop"),
-        pos=state.pos.at[at].set(jnp.broadcast_to(p[None, :, None], slot.shape), mode="drop"),
-        score=score if policy.uses_score else state.score,
-        length=state.length + active.astype(jnp.int32))
+    keys, values, pos = write_slots(state.keys, state.values, state.pos, slot, k, v, p[None, :, None])
+    state = State(keys=keys, values=values, pos=pos, score=score if policy.uses_score else state.score,
+                  length=state.length + active.astype(jnp.int32))
     return logits_from_hidden(cfg, params, x), state
 
 
@@ -302,6 +327,80 @@ def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tok
 
     (state, last), _ = jax.lax.scan(body, (state, last_logits), (tokens.T, active.T))
     return last, state
+
+
+# -- the same step, ordered layer by layer ---------------------------------------------
+def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active,
+                impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
+    """What `step` computes token after token over tokens [B, T] (active bool [B, T]),
+    ordered layer by layer. Returns (the last layer's output [B, T, E] before the final
+    norm, the state): the state and every token's output are the scan's.
+
+    A layer's slots depend only on that layer's inputs, and those are known for every
+    token once the layer below has run. So each layer's projections and MLP run over all
+    T tokens at once (matrix products, which a CPU runs near its peak), and only
+    `attend_and_choose` and the write run token by token. The weights are read once per
+    call instead of once per token. Results equal the scan's up to the float rounding of
+    the larger products (tests/test_layer_major.py)."""
+    B, T = tokens.shape
+    C, Hkv, G, D = state.capacity, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    act = active.astype(jnp.int32)
+    pos = state.length[:, None] + jnp.cumsum(act, 1) - act  # [B, T] each token's position
+    table = rope_table(C + 1, jnp.asarray(cfg.inv_freq())) if check_positions(positions) == "reindex" else None
+    view = (lambda a: a[None]) if impl.attention == "pallas" else (lambda a: a)  # kernels read [L,...]
+
+    def layer(x, xs):
+        lp, K, V, P, S = xs  # this layer's slots
+        q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))  # [B, T, ...]
+
+        def token(slots, t_in):
+            K, V, P, S = slots
+            q_t, k_t, v_t, p_t, a_t = t_in
+            out, (k_w, v_w, slot, S) = attend_and_choose(cfg, policy, q_t.reshape(B, Hkv, G, D), k_t, v_t,
+                                                         view(K), view(V), P, S, p_t, a_t, impl, 0, table)
+            K, V, P = write_slots(K, V, P, slot, k_w, v_w, p_t[:, None])
+            return (K, V, P, S), out
+
+        t_major = tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v, pos, active))
+        (K, V, P, S), out = jax.lax.scan(token, (K, V, P, S), t_major)
+        x = x + jnp.swapaxes(out, 0, 1).reshape(B, T, -1).astype(x.dtype) @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        return x, (K, V, P, S)
+
+    x, (K, V, P, S) = jax.lax.scan(layer, params["embed"][tokens], (
+        stacked_layers(params), state.keys, state.values, state.pos, state.score))
+    return x, State(K, V, P, S if policy.uses_score else state.score, state.length + act.sum(1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions", "impl"), donate_argnames=("state",))
+@exact_for_f32
+def layer_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, targets, active=None,
+              positions: str = "absolute", impl: StepImpl = DEFAULT_IMPL):
+    """`scan_nll` computed by `layer_major`: the NLL of `targets` [B, T] (f32, 0 where
+    inactive) and the state. The logits are made 32 tokens at a time, never [T, V]."""
+    if active is None:
+        active = jnp.ones(tokens.shape, bool)
+    x, state = layer_major(params, cfg, policy, state, tokens, active, impl, positions)
+    nll = jax.lax.map(lambda xt: token_nll(logits_from_hidden(cfg, params, xt[0]), xt[1]),
+                      (jnp.swapaxes(x, 0, 1), targets.T), batch_size=min(tokens.shape[1], 32)).T
+    return jnp.where(active, nll, 0.0), state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions", "impl"), donate_argnames=("state",))
+@exact_for_f32
+def layer_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
+                      last_logits=None, positions: str = "absolute", impl: StepImpl = DEFAULT_IMPL):
+    """`scan_last_logits` (the exact prefill) computed by `layer_major`: each row's logits
+    after its last active token [B, V] f32 (rows with none keep `last_logits`), and the state."""
+    B = tokens.shape[0]
+    if active is None:
+        active = jnp.ones(tokens.shape, bool)
+    if last_logits is None:
+        last_logits = jnp.zeros((B, cfg.vocab_size), F32)
+    x, state = layer_major(params, cfg, policy, state, tokens, active, impl, positions)
+    n = active.sum(1)
+    x_last = jnp.take_along_axis(x, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
+    return jnp.where((n > 0)[:, None], logits_from_hidden(cfg, params, x_last), last_logits), state
 
 
 # -- the parallel (transformer) view ---------------------------------------------------

@@ -117,6 +117,21 @@ def test_every_policy_end_to_end_and_fused_equals_alone(tiny):
             assert r.answers == alone[(r.policy, r.depth)], r.policy
 
 
+def test_reindex_positions_reach_the_generation(tiny):
+    # reindex changes what a bounded policy computes once it evicts (C < the prompt), and
+    # the record says which positions ran; the answers are generate's under the same positions
+    kw = dict(capacities=[32], lengths=[N], depths=[0.5], samples=2, seed=3)
+    recs = {p: next(iter(lc.evaluate_task(tiny, "passkey", ["tova"], positions=p, **kw)))
+            for p in ("absolute", "reindex")}
+    assert [r.positions for r in recs.values()] == ["absolute", "reindex"]
+    assert recs["absolute"].answers != recs["reindex"].answers
+    prompts = [lc.make_prompt(tiny, "passkey", N, 0.5, s, 3) for s in range(2)]
+    for pos, rec in recs.items():
+        want = m.generate(tiny, [list(p.ids) for p in prompts], lc.ANSWER_TOKENS["passkey"], policy="tova",
+                          capacity=32, positions=pos)
+        assert rec.answers == [tiny.decode(t) for t in want.tokens], pos
+
+
 def test_niah_chunked_and_chat_run(tiny):
     recs = list(lc.evaluate_task(tiny, "niah", ["full", "tova"], [64], [N], [0.5], 2, haystack=BOOK,
                                  prefill="chunked", chunk=32, chat=True, batch=1))
@@ -155,6 +170,7 @@ def run_cli(capsys, *argv):
     (["eval", "passkey", "--policy", "full", "--samples", "0"], 2, "--samples must be >= 1"),
     (["eval", "passkey", "--policy", "tova"], 2, "--capacity"),
     (["eval", "passkey", "--policy", "full", "--prefill", "chunked"], 2, "--chunk"),
+    (["eval", "passkey", "--policy", "tova", "--capacity", "8", "--positions", "sideways"], 2, "--positions"),
     (["eval", "niah", "--policy", "full", "--haystack", "{missing}"], 1, "file not found"),
     (["eval", "niah", "--policy", "full", "--haystack", "{empty}"], 1, "empty"),
 ])

@@ -171,15 +171,18 @@ def test_engine_cancel_frees_the_row_and_queue_full(tiny):
     assert eng.load() == {"rows_busy": 0, "waiting": 0}
 
 
-@pytest.mark.parametrize("policy,capacity,prefill,chunk", [("full", 160, "exact", None), ("h2o", 24, "chunked", 16)])
-def test_engine_other_policies_and_chunked_prefill(tiny, policy, capacity, prefill, chunk):
+@pytest.mark.parametrize("policy,capacity,prefill,chunk,positions", [
+    ("full", 160, "exact", None, "absolute"), ("h2o", 24, "chunked", 16, "absolute"),
+    ("tova", 24, "exact", None, "reindex")])
+def test_engine_other_policies_and_chunked_prefill(tiny, policy, capacity, prefill, chunk, positions):
     eng = Engine(tiny, policy, capacity, max_batch=2, prefill=prefill, chunk=chunk, steps_per_call=4,
-                 log_requests=False).start()
+                 log_requests=False, positions=positions).start()
     try:
         prompts = [tiny.encode(t * 3) for t in TEXTS[:3]]
         reqs = [eng.submit(p, max_tokens=10, temperature=0) for p in prompts]
         for p, r in zip(prompts, reqs):
-            assert r.result(120).tokens == reference(tiny, p, 10, policy, capacity, prefill=prefill, chunk=chunk)
+            assert r.result(120).tokens == reference(tiny, p, 10, policy, capacity, prefill=prefill, chunk=chunk,
+                                                     positions=positions)
         if policy == "full":
             with pytest.raises(InvalidArgument, match="full"):
                 eng.submit(prompts[0], capacity)
