@@ -14,6 +14,7 @@ themselves.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
 from .decoding import GenerateResult, generate_tokens
@@ -46,12 +48,15 @@ class Model:
     precision: str | None = None  # None: by the params' dtype (precision.py); else default/high/highest
     mesh: Any = None              # a jax.sharding.Mesh (data x model) the params are placed on
 
+    @contextlib.contextmanager
     def scope(self):
         """The context every computation on this model runs in: its explicit matmul
-        precision, if any (`jax.default_matmul_precision`, which also keys jit's cache)."""
+        precision, if any (`jax.default_matmul_precision`, which also keys jit's cache),
+        and its mesh, if any (`sharding.use`)."""
         from .precision import scope
 
-        return scope(self.precision)
+        with scope(self.precision), sharding.use(self.mesh):
+            yield
 
     def _tok(self):
         if self.tokenizer is None:
@@ -105,7 +110,6 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     restores straight into its shardings), and every call on the model runs sharded."""
     from pathlib import Path
 
-    from . import sharding
     from .convert import load_model as load_converted
     from .convert.checkpoint import is_converted_folder
     from .model import split_layers

@@ -93,6 +93,7 @@ def _row_last(logits, n):
     return jnp.take_along_axis(logits, jnp.asarray(np.maximum(n - 1, 0))[:, None, None], 1)[:, 0]
 
 
+@sharding.within_mesh
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
             dtype=None, positions: str = "absolute", mesh=None, layer_major: bool = True):
@@ -198,6 +199,7 @@ class GenerateResult:
     texts: list[str] = dataclasses.field(default_factory=list)  # decoded rows (with a tokenizer)
 
 
+@sharding.within_mesh
 def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
              prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
              seed: int = 0, prefill_mode: str = "exact", chunk: int | None = None,

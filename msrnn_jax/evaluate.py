@@ -130,7 +130,7 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
             return State.init(model.cfg, Bp, cap, dtype)
         return sharding.init_state(model.cfg, Bp, cap, dtype, mesh)
 
-    with precision_scope(getattr(model, "precision", None)):
+    with precision_scope(getattr(model, "precision", None)), sharding.use(mesh):
         # compile (and warm up) on a throwaway state so the timing below is steady state
         t0 = time.perf_counter()
         jax.block_until_ready(call(new_state(), 0))

@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .errors import InvalidArgument, check_choice
 from .policies import Policy, select_keep, step_choice
 from .precision import exact_for_f32
+from .sharding import whole
 from .state import State
 
 F32 = jnp.float32
@@ -127,7 +128,15 @@ def qkv(cfg: ModelConfig, lp, h, positions):
 
 
 def mlp(lp, h):
-    return (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    return whole(jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+
+def finish_layer(cfg: ModelConfig, lp, x, out):
+    """The rest of a layer once attention has run: x + out @ wo, then x + MLP(norm(x)).
+    x [..., E]; out [..., Hq*D]. `whole` keeps every sum on one device under a mesh
+    (`sharding`): the same numbers as one device."""
+    x = whole(x + whole(out.astype(x.dtype)) @ lp["wo"])
+    return whole(x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)))
 
 
 def logits_from_hidden(cfg: ModelConfig, params, x):
@@ -205,7 +214,7 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
     out, w_old, w_new = attention.attend(q, k_rot, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l)
     # the policy picks one of the C + 1 candidates to drop, from the attention averaged
     # over the query heads of each KV head
-    w = jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1)  # [B,Hkv,C+1]
+    w = whole(jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1))  # [B,Hkv,C+1]
     new_pos = jnp.broadcast_to(p[:, None, None], (B, Hkv, 1))
     slot, cand_score = step_choice(policy, w, jnp.concatenate([P, new_pos], -1), S)
     slot = jnp.where(active[:, None], slot, C)
@@ -250,9 +259,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
         # 2-4. attend over the kept slots plus the new token; the policy picks the drop
         out, writes = attend_and_choose(cfg, policy, q.reshape(B, Hkv, G, D), k, v, K, V, P, S, p,
                                         active, impl, l, table)
-        x = x + out.reshape(B, -1).astype(x.dtype) @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
-        return x, writes
+        return finish_layer(cfg, lp, x, out.reshape(B, -1)), writes
 
     # every layer reads the old state; all layers' new entries are written afterwards in
     # one in-place scatter (a write inside the loop would copy the state once per layer)
@@ -363,9 +370,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
 
         t_major = tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v, pos, active))
         (K, V, P, S), out = jax.lax.scan(token, (K, V, P, S), t_major)
-        x = x + jnp.swapaxes(out, 0, 1).reshape(B, T, -1).astype(x.dtype) @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
-        return x, (K, V, P, S)
+        return finish_layer(cfg, lp, x, jnp.swapaxes(out, 0, 1).reshape(B, T, -1)), (K, V, P, S)
 
     x, (K, V, P, S) = jax.lax.scan(layer, params["embed"][tokens], (
         stacked_layers(params), state.keys, state.values, state.pos, state.score))
@@ -425,8 +430,7 @@ def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
         q, k, v = qkv(cfg, lp, h, jnp.maximum(pos, 0))
         kpos = jnp.broadcast_to(pos[:, None, :], (B, cfg.num_kv_heads, T))
         out, w = _attend_heads(cfg, q, k, v, pos, kpos)
-        x = x + out.reshape(B, T, -1).astype(x.dtype) @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        x = finish_layer(cfg, lp, x, out.reshape(B, T, -1))
         w_last = jnp.take_along_axis(w, last[:, None, None, None, None], 3)[:, :, :, 0]  # [B,Hkv,G,T]
         colsum = w.sum(3)  # [B,Hkv,G,N]
         return x, (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), w_last.mean(2), colsum.mean(2))
@@ -439,6 +443,7 @@ def _head_average(policy: Policy, a):
     """[..., Hkv, N] per-KV-head average -> what the policy ranks by (a or a_h)."""
     if policy.head_wise:
         return a
+    a = whole(a, a.ndim - 3)  # the heads of each row on one device (`sharding`)
     return jnp.broadcast_to(a.mean(-2, keepdims=True), a.shape)
 
 
@@ -520,8 +525,7 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
         # head-wise ones: mask per head
         kpos = jnp.concatenate([P, jnp.broadcast_to(qpos[:, None], (B, cfg.num_kv_heads, S))], -1)
         out, w = _attend_heads(cfg, q, keys, vals, qpos, kpos)  # w: [B,Hkv,G,S,C+S]
-        x = x + out.reshape(B, S, -1).astype(x.dtype) @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps))
+        x = finish_layer(cfg, lp, x, out.reshape(B, S, -1))
         a_last = jnp.take_along_axis(w, last[:, None, None, None, None], 3)[:, :, :, 0].mean(2)
         colsum = w.sum(3).mean(2)  # [B,Hkv,C+S]
         score = jnp.concatenate([Sc, jnp.zeros((B, cfg.num_kv_heads, S), F32)], -1)

@@ -5,9 +5,10 @@ mesh axis (or to none: replicated). Changing what is split is a change to that t
 
     logical     mesh axis   what it is
     batch       data        state rows, token rows (padded to a multiple of D)
-    heads       model       query heads: wq by output column, wo by input row, bq
+    heads       model       query heads: wq by output column, bq
     kv_heads    model       KV heads: wk, wv by output column, bk, bv; the state's Hkv axis
-    mlp         model       MLP columns: w_gate, w_up by column, w_down by row
+    mlp         model       MLP columns: w_gate, w_up by column
+    out         model       the output columns of wo and w_down (their inputs are whole)
     vocab       model       embed by row, lm_head by column (the largest matrix at decode)
     embed       -           the hidden size E: replicated (norms, the residual stream)
     layers, slots, head_dim -   replicated
@@ -17,8 +18,16 @@ Heads must divide by M (a head is never split; a message says so otherwise). A `
 
 The sharded step is the ordinary jitted step: params and state are committed to
 `NamedSharding`s and XLA's SPMD partitioner splits every dot_general by heads and rows.
-Layer-wise policies average the attention over all heads: that mean becomes one small
-all-reduce per layer ([B, C+1] floats); head-wise policies need none. The Pallas kernels
+
+No sum is ever split across devices, so that a mesh keeps the one-device kept positions
+(a TOVA choice between two nearly equal weights flips on a last-bit difference; a sum
+split over M devices is rounded differently). Under `use(mesh)` the model calls
+`whole(x)` at the three places where a sum would cross the `model` axis: the attention
+output before wo and the MLP's hidden activations before w_down (both are gathered, and
+wo and w_down are split by output column instead of by input row), the residual stream
+after each of them, and the attention weights before a layer-wise policy averages them
+over the heads. What travels is activations ([B, Hq*D], [B, F], [B, E], [B, Hkv, C+1]
+per layer and token), never weights. The Pallas kernels
 are custom calls, which the partitioner does not split (it would gather the whole state
 onto every device), so under a mesh the step uses einsum (`check_impl`).
 
@@ -29,7 +38,10 @@ on one device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import inspect
 import math
 from typing import Sequence
 
@@ -50,6 +62,7 @@ RULES = {
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
+    "out": "model",
     "vocab": "model",
     "embed": None,
     "layers": None,
@@ -67,8 +80,8 @@ LAYER_AXES = {
     "attn_norm": ("embed",), "mlp_norm": ("embed",),
     "wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
     "bq": ("heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
-    "wo": ("heads", "embed"),
-    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    "wo": ("embed", "out"),
+    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("embed", "out"),
 }
 STATE_AXES = {
     "keys": ("layers", "batch", "kv_heads", "slots", "head_dim"),
@@ -80,6 +93,38 @@ STATE_AXES = {
 
 
 # -- the mesh ----------------------------------------------------------------------------
+def use(mesh: Mesh | None):
+    """The context a computation on `mesh` runs (and is traced) in: `jax.set_mesh`, so
+    that `whole` knows the mesh; a no-op context for None."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def within_mesh(fn):
+    """Run `fn(..., mesh=...)` under `use(mesh)` (its `mesh` argument, None: no mesh)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with use(sig.bind_partial(*args, **kwargs).arguments.get("mesh")):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def whole(x, batch_axis: int | None = 0):
+    """x constrained to be whole on every device of the `model` axis (rows, at
+    `batch_axis`, stay split over `data`): where the model would otherwise sum across
+    devices (module docstring). Outside `use(mesh)`, x itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "model" not in mesh.axis_names:
+        return x
+    spec = [None] * x.ndim
+    if batch_axis is not None:
+        spec[batch_axis] = "data"
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+
 def parse_mesh(spec: str | dict | None) -> dict | None:
     """"data=D,model=M" (either may be left out: 1) -> {"data": D, "model": M}."""
     if spec is None or isinstance(spec, Mesh):

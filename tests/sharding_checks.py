@@ -81,8 +81,9 @@ def check_exact(cfg, host, tokens, meshes):
     for D, M in meshes:
         mesh = mesh_of(D, M)
         params = sharding.shard_params(host, mesh)
-        got = run_exact(cfg, params, sharding.init_state(cfg, B, C, jnp.float32, mesh),
-                        sharding.put_rows(tokens, mesh))
+        with sharding.use(mesh):
+            got = run_exact(cfg, params, sharding.init_state(cfg, B, C, jnp.float32, mesh),
+                            sharding.put_rows(tokens, mesh))
         out[f"{D}x{M}"] = {"logits": diff(got[0], ref[0]), "pos": same(got[2], ref[2]),
                            "final_pos": same(got[1], ref[1])}
     return out
@@ -91,6 +92,11 @@ def check_exact(cfg, host, tokens, meshes):
 def check_prefills(cfg, host, tokens, D, M):
     """oneshot and chunked prefill for every policy at one mesh, vs one device."""
     mesh = mesh_of(D, M)
+    with sharding.use(mesh):
+        return _check_prefills(cfg, host, tokens, mesh)
+
+
+def _check_prefills(cfg, host, tokens, mesh):
     sp, p1 = sharding.shard_params(host, mesh), jax.tree.map(jnp.asarray, host)
     lengths = np.full((B,), T, np.int32)
     lengths[1] = T - 7  # a ragged row
@@ -110,6 +116,35 @@ def check_prefills(cfg, host, tokens, D, M):
             worst, ok = max(worst, diff(l1, l2)), ok and same(st1.pos, st2.pos)
         out[f"chunked/{name}"] = {"logits": worst, "pos": ok,
                                   "state_spec": str(st2.keys.sharding.spec)}
+    return out
+
+
+def check_sums(cfg, host):
+    """What a model=2 mesh compiles: every float all-reduce (a sum across devices) in the
+    step, the layer-major prefill and a chunk step, by the op it comes from. Only the
+    embedding lookup may sum (one row and zeros: exact); with `sharding.use` left out,
+    the projections' sums are split too (the check can fail)."""
+    import re
+
+    from msrnn_jax import model
+
+    mesh = mesh_of(2, 2)
+    params = sharding.shard_params(host, mesh)
+    tok = sharding.put_rows(np.zeros((2, 4), np.int32), mesh)
+    out = {}
+
+    def sums(fn, *args):
+        txt = jax.jit(fn).lower(params, sharding.init_state(cfg, 2, C, jnp.float32, mesh), *args).compile().as_text()
+        return sorted({m.group(1).split("/")[-1] for m in re.finditer(
+            r"= f32\[[^\]]*\][^ ]* all-reduce(?:-start)?\(.*?op_name=\"([^\"]*)\"", txt)})
+
+    for name in ("tova", "h2o", "tova-head"):
+        pol = make_policy(name)
+        with sharding.use(mesh):
+            out[f"step/{name}"] = sums(lambda p, s, t: model.step(p, cfg, pol, s, t)[0], tok[:, 0])
+            out[f"layer_major/{name}"] = sums(lambda p, s, t: model.layer_major(p, cfg, pol, s, t, t >= 0)[0], tok)
+            out[f"chunk/{name}"] = sums(lambda p, s, t: model.chunk_step(p, cfg, pol, s, t)[1].pos, tok)
+        out[f"no_mesh_context/{name}"] = sums(lambda p, s, t: model.step(p, cfg, pol, s, t)[0], tok[:, 0])
     return out
 
 
@@ -240,6 +275,7 @@ def main_checks(path):
         run(f"exact/{fam}", check_exact, cfg, host, tokens, meshes)
         if fam == "llama-gqa":
             run(f"prefill/{fam}", check_prefills, cfg, host, tokens, 2, 2)
+            run("sums", check_sums, cfg, host)
             run("api", check_api, cfg, host)
     run("loading", check_loading)
     run("errors", check_errors)

@@ -70,6 +70,19 @@ def test_prefill_modes_every_policy_match_one_device(results):
     assert r["chunked/tova"]["state_spec"].startswith("P(None, 'data', 'model'")
 
 
+def test_no_sum_is_split_across_devices(results):
+    """Under a model=2 mesh the compiled step, layer-major prefill and chunk step sum across
+    devices only in the embedding lookup (exact): the o and down projections and the head
+    average of layer-wise policies are computed whole on one device, which is what keeps
+    near-tie evictions the one-device ones (docs/design.md §9). Without the mesh context
+    the same programs do split sums (so this check can tell)."""
+    r = _get(results, "sums")
+    for name in ("tova", "h2o", "tova-head"):
+        for where in ("step", "layer_major", "chunk"):
+            assert set(r[f"{where}/{name}"]) <= {"gather"}, (where, name, r[f"{where}/{name}"])
+        assert set(r[f"no_mesh_context/{name}"]) - {"gather"}, name
+
+
 def test_model_api_with_a_mesh(results):
     """ppl of 3 rows (padded to 4 over data=2) and greedy generate of ragged prompts equal
     the one-device model; the decode loop compiles once and never again."""
