@@ -224,20 +224,23 @@ def time_prefill(params, cfg, pname, capacity, n_tokens, mode, chunk=None, batch
     return rec
 
 
-def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1):
-    """Exact prefill (token by token in lax.scan): AOT-compile, then one timed run."""
-    from msrnn_jax.model import scan_last_logits
+def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1, layer_major=False):
+    """Exact prefill, AOT-compiled, then one timed run: the token-by-token scan of the step
+    (mode "exact-scan") or the same step ordered layer by layer ("exact", the default path)."""
+    from msrnn_jax.model import layer_last_logits, scan_last_logits
+    fn = layer_last_logits if layer_major else scan_last_logits
     policy = make_policy(pname)
     st = State.init(cfg, batch, capacity, DTYPE)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, n_tokens)), jnp.int32)
     active = jnp.ones(tokens.shape, bool)
     t0 = time.perf_counter()
-    compiled = scan_last_logits.lower(params, cfg, policy, st, tokens, active).compile()
+    compiled = fn.lower(params, cfg, policy, st, tokens, active).compile()
     t1 = time.perf_counter()
     last, st = compiled(params, st, tokens, active)
     jax.block_until_ready((last, st))
     t2 = time.perf_counter()
-    return {"policy": pname, "capacity": capacity, "mode": "exact", "chunk": None, "batch": batch,
+    return {"policy": pname, "capacity": capacity, "mode": "exact" if layer_major else "exact-scan",
+            "chunk": None, "batch": batch,
             "prompt_tokens": n_tokens, "compile_s": t1 - t0, "run_s": t2 - t1,
             "tokens_per_s": batch * n_tokens / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / (batch * n_tokens),
             **memory_analysis(compiled)}
@@ -464,9 +467,10 @@ def section_prefill(args, results, save):
             results["skipped"].append({"prefill": mode, "reason": "deadline"})
             continue
         try:
-            if mode == "exact":
+            if mode in ("exact", "exact-scan"):
                 prm = msrnn_model.split_layers(params) if args.split else params
-                rec = time_exact_prefill(prm, cfg, pname, C, args.exact_tokens or T)
+                rec = time_exact_prefill(prm, cfg, pname, C, args.exact_tokens or T,
+                                         layer_major=mode == "exact")
                 del prm
             else:
                 rec = time_prefill(params, cfg, pname, C, T, mode, chunk)
@@ -555,7 +559,7 @@ def main(argv=None):
     ap.add_argument("--prefill-capacity", type=int, default=512)
     ap.add_argument("--prefill-policy", default="tova")
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--prefill-modes", default="exact,oneshot,chunked")
+    ap.add_argument("--prefill-modes", default="exact,exact-scan,oneshot,chunked")
     ap.add_argument("--variants", default="scan:einsum,scan:reduce,unroll:einsum,split:einsum,unroll:reduce")
     ap.add_argument("--probe-batch", type=int, default=256)
     ap.add_argument("--probe-cases", default="tova/512/1,tova/512/0", help="policy/C/B (B=0: --probe-batch)")

@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the test dependencies "
+                                                  "nbformat, nbclient and jupytext (pip install -e '.[test]')")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_transformer_is_an_rnn.ipynb", "02_bounding_the_state.ipynb", "03_train_a_tiny_msrnn.ipynb"]
