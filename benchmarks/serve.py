@@ -104,12 +104,7 @@ def hf_offline(name, prompts, gen, device, batch_tokens):
 
     from .hf_peer import build_model
 
-    model = build_model(name, device)
-    model.config._attn_implementation = "sdpa_paged"
-    try:
-        model.set_attn_implementation("sdpa_paged")
-    except Exception:  # noqa: BLE001  older/newer spellings: the config attribute above
-        pass
+    model = build_model(name, device)  # sdpa: generate_batch switches it to "paged|sdpa" itself
     gc_ = GenerationConfig(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, eos_token_id=-1,
                            pad_token_id=0)
     kw = {}
@@ -118,7 +113,11 @@ def hf_offline(name, prompts, gen, device, batch_tokens):
         kw["continuous_batching_config"] = ContinuousBatchingConfig(max_batch_tokens=batch_tokens)
     except Exception:  # noqa: BLE001
         gc_.max_batch_tokens = batch_tokens
-    model.generate_batch(prompts[:2], generation_config=gc_, progress_bar=False, **kw)  # warm-up
+    try:
+        model.generate_batch(prompts[:2], generation_config=gc_, progress_bar=False, **kw)  # warm-up
+    except ValueError:  # older transformers name the paged attention "sdpa_paged"
+        model.config._attn_implementation = "sdpa_paged"
+        model.generate_batch(prompts[:2], generation_config=gc_, progress_bar=False, **kw)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

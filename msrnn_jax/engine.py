@@ -494,43 +494,67 @@ class Engine:
                 if not self._running:
                     return
                 self._drop_cancelled_waiting()
-                decoding = any(r is not None and r is not (self.prefilling.req if self.prefilling else None)
-                               for r in self.rows)
-                if self.prefilling is None and self.waiting and None in self.rows:
-                    req = self.waiting.popleft()
-                    b = self.rows.index(None)
-                    self.rows[b] = req
-                    req.row = b
-                    self.prefilling = self._new_prefill(req, b, req.prompt)
+                decoding = self._decoding()
+                self._admit()
                 if self.prefilling is None and not decoding:
                     self._lock.wait(0.5)
                     continue
-            if self.prefilling is not None:
-                self._prefill_turn(unlimited=not decoding)
+            # prompts are read up to `prefill_pieces` pieces per turn (all of them while no
+            # row decodes), as many requests as that covers: one row's prompt ending early
+            # lets the next waiting request start in the same turn
+            budget = None if not decoding else self.prefill_pieces
+            while self.prefilling is not None and (budget is None or budget > 0):
+                used, done = self._prefill_turn(budget)
+                budget = None if budget is None else budget - used
+                if not done:
+                    break
+                with self._lock:
+                    self._admit()
+            with self._lock:
+                decoding = self._decoding()
             if decoding:
                 toks, emitted = self._decode_chunk()
                 self._deliver(toks, emitted)
             self._free_cancelled_rows()
+
+    def _decoding(self) -> bool:
+        """Whether a row holds a request that is past its prefill (caller holds the lock)."""
+        reading = self.prefilling.req if self.prefilling else None
+        return any(r is not None and r is not reading for r in self.rows)
+
+    def _admit(self) -> bool:
+        """The oldest waiting request takes a free row, if both exist and no prompt is
+        being read (caller holds the lock). True if a prefill is now under way."""
+        if self.prefilling is None and self.waiting and None in self.rows:
+            req = self.waiting.popleft()
+            b = self.rows.index(None)
+            self.rows[b] = req
+            req.row = b
+            self.prefilling = self._new_prefill(req, b, req.prompt)
+        return self.prefilling is not None
 
     def _drop_cancelled_waiting(self):
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
             self._finish(r, FINISH_ABORT)
 
-    def _prefill_turn(self, unlimited: bool):
+    def _prefill_turn(self, budget: int | None) -> tuple[int, bool]:
+        """Read up to `budget` pieces (None: all) of the current prompt; once it is all in,
+        write its row into the state and emit its first token. Returns (pieces read,
+        whether the prefill ended: done or cancelled)."""
         pf = self.prefilling
         if pf.req.cancelled:
             self._release(pf.row)
             self.prefilling = None
             self._finish(pf.req, FINISH_ABORT)
-            return
+            return 0, True
         n = 0
-        while unlimited or n < self.prefill_pieces:
+        while budget is None or n < budget:
             n += 1
             if self._advance(pf):
                 break
         else:
-            return  # more pieces next turn: the decoding rows go on meanwhile
+            return n, False  # more pieces next turn: the decoding rows go on meanwhile
         req, b = pf.req, pf.row
         self.state = insert_row(self.state, pf.state, b)
         key = seed_key(req.seed)[None]
@@ -548,6 +572,7 @@ class Engine:
             self.finished[b] = (first in self._eos_set and not req.ignore_eos) or req.max_tokens <= 1
         req.t_first = time.perf_counter()
         self._add_tokens(req, [first])
+        return n, True
 
     def _deliver(self, toks, emitted):
         for b, req in enumerate(self.rows):
