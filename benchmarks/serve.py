@@ -9,7 +9,8 @@ is reported in the results, not fatal.
     python -m benchmarks.serve --out $OUT                 # one H200, Llama-2-7B shape (~8 min)
     python -m benchmarks.serve --quick --out /tmp/serve   # CPU, the tiny shape, seconds
 
-Writes serve.json and serve.md under --out.
+Writes serve.json, serve.md and serve.png (throughput against latency) under --out;
+--replot SERVE_JSON redraws the PNG of an earlier run.
 """
 
 from __future__ import annotations
@@ -151,7 +152,15 @@ def main(argv=None):
     ap.add_argument("--online-requests", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
     ap.add_argument("--hf-batch-tokens", type=int, default=8192)
+    ap.add_argument("--replot", metavar="SERVE_JSON", help="only redraw serve.png under --out "
+                                                        "from an earlier run's serve.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        import json
+        out = json.loads(open(args.replot).read())
+        os.makedirs(args.out, exist_ok=True)
+        plot(out, os.path.join(args.out, "serve.png"))
+        return
     if args.quick:
         args.model, args.requests, args.prompt, args.gen = "tiny", 12, "8,40", 8
         args.tova_batch, args.tova_capacity, args.full_batch, args.chunk = 4, 32, 2, 16
@@ -219,7 +228,42 @@ def main(argv=None):
     write_json(os.path.join(args.out, "serve.json"), out)
     with open(os.path.join(args.out, "serve.md"), "w") as f:
         f.write(markdown(out))
+    plot(out, os.path.join(args.out, "serve.png"))
     print(markdown(out))
+
+
+def plot(out, path):
+    """Throughput against latency: each online rate of each system as a point (tokens/s,
+    ITL p50 and p99), the offline runs as their tokens/s; one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rec in out["systems"].items():
+        on = rec.get("online") or []
+        if on:
+            tps = [r["tokens_per_s"] for r in on]
+            line, = ax1.plot(tps, [1e3 * r["itl_p50_s"] for r in on], "o-", label=f"{name} ITL p50")
+            ax1.plot(tps, [1e3 * r["itl_p99_s"] for r in on], "s--", color=line.get_color(), label=f"{name} ITL p99")
+            ax2.plot(tps, [r["ttft_p50_s"] for r in on], "o-", color=line.get_color(), label=f"{name} TTFT p50")
+            ax2.plot(tps, [r["ttft_p99_s"] for r in on], "s--", color=line.get_color(), label=f"{name} TTFT p99")
+            for r, x in zip(on, tps):
+                ax1.annotate(f"{r['rate']:g}/s", (x, 1e3 * r["itl_p50_s"]), textcoords="offset points", xytext=(4, -10))
+    for name, rec in out["systems"].items():
+        if "offline" in rec:
+            ax1.axvline(rec["offline"]["tokens_per_s"], ls=":", color="gray")
+            ax1.annotate(f"{name} offline", (rec["offline"]["tokens_per_s"], ax1.get_ylim()[1]), rotation=90,
+                         va="top", ha="right", fontsize=8, color="gray")
+    ax1.set(xlabel="generated tokens/s", ylabel="inter-token latency, ms", title="online: throughput vs ITL")
+    ax2.set(xlabel="generated tokens/s", ylabel="time to first token, s", title="online: throughput vs TTFT")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{out['model']} (random bf16 weights), {out['device'].get('device_kind', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(out) -> str:
