@@ -219,3 +219,27 @@ def test_precision_argument_is_checked_and_kept():
     with m.scope():
         assert jax.config.jax_default_matmul_precision == "high"
     assert jax.config.jax_default_matmul_precision is None
+
+
+@pytest.mark.parametrize("mesh", [(1, 8), (2, 4)])
+def test_memory_plan_bytes_by_hand(mesh):
+    """The plan's per-device bytes for Llama-2-70B equal the count from the shapes (bf16
+    matrices split M ways, norms whole; the state's rows over D and KV heads over M), and
+    its largest batch is the last multiple of D within the budget."""
+    from msrnn_jax import sharding
+
+    D, M = mesh
+    L, E, F, V, Hq, Hkv, Dh = 80, 8192, 28672, 32000, 64, 8, 128
+    matrices = 2 * V * E + L * (E * Hq * Dh + 2 * E * Hkv * Dh + Hq * Dh * E + 3 * E * F)
+    norms = E + L * 2 * E
+    params = 2 * (matrices // M + norms)
+    budget_gib = 80.0
+    rows = [r for r in sharding.memory_plan(8, budget_gib, capacities=(512,), meshes=(mesh,))
+            if r.model == "llama2-70b"]
+    assert [(r.policy, r.capacity) for r in rows] == [("full", 4096), ("tova", 512)]
+    for r in rows:
+        per_row = L * (Hkv // M) * r.capacity * (2 * 2 * Dh + 4 + 4) + 4  # keys, values bf16; pos, score; length
+        assert r.param_gib * 2**30 == pytest.approx(params, rel=1e-12)
+        # D rows (one per data shard) cost each device one row's bytes
+        assert r.state_gib_per_row * 2**30 == pytest.approx(per_row, rel=1e-12)
+        assert r.largest_batch == (int(budget_gib * 2**30) - params) // per_row * D
