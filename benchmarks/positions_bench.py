@@ -32,9 +32,10 @@ def main(argv=None):
     ap.add_argument("--capacity", type=int, default=512)
     ap.add_argument("--batches", default="1,128",
                     help="batch 1 and a large batch (128 rows of C=512 hold a 34 GiB state)")
-    ap.add_argument("--impls", default="einsum",
-                    help="StepImpl attention variants (einsum: rotate K then dot; reduce: the "
-                         "rotation fuses into the multiply-and-sum)")
+    ap.add_argument("--impls", default="einsum,einsum/copy",
+                    help="StepImpl attention variants, each optionally /copy or /fused: how reindex "
+                         "scores rotate the keys (the default off the CPU: fused, inside the product; "
+                         "copy: a rotated copy of each layer's keys, then the product)")
     ap.add_argument("--policy", default="tova")
     ap.add_argument("--position", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed call")
@@ -79,6 +80,8 @@ def main(argv=None):
         for r in (r for r in rows if "ms_per_step" in r):
             by.setdefault((r["batch"], r["attention"]), {})[r["positions"]] = r
         for (b, a), d in by.items():
+            if "absolute" not in d and "/" in a:  # reindex_scores variants share the plain absolute
+                d = {**by.get((b, a.split("/")[0]), {}), **d}
             if "absolute" in d and "reindex" in d:
                 ratio = d["reindex"]["ms_per_step"] / d["absolute"]["ms_per_step"]
                 lines.append(f"| {b} | {a} | {d['absolute']['ms_per_step']:.3f} | {d['reindex']['ms_per_step']:.3f} "
@@ -92,9 +95,12 @@ def main(argv=None):
 
     for batch in [int(b) for b in args.batches.split(",")]:
         for attention in args.impls.split(","):
+            att, _, scores = attention.partition("/")  # e.g. einsum/copy: reindex from a rotated copy
             impl = StepImpl(layer_loop="unroll" if jax.default_backend() != "cpu" else "scan",
-                            attention=attention)
+                            attention=att, reindex_scores=scores or "auto")
             for positions in ("absolute", "reindex"):
+                if scores and positions == "absolute":
+                    continue  # reindex_scores changes nothing under absolute
                 try:
                     state = fabricate_state(cfg, batch, C, args.position)
                     tok = jnp.zeros((batch,), jnp.int32)

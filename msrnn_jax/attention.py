@@ -52,6 +52,7 @@ F32 = jnp.float32
 
 LAYER_LOOPS = ("scan", "unroll")
 ATTENTIONS = ("einsum", "reduce", "pallas")
+REINDEX_SCORES = ("auto", "copy", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,11 @@ class StepImpl:
     attention: str = "einsum"
     unroll_barrier: bool = True
     score_barrier: bool = True
+    reindex_scores: str = "auto"
 
     def __post_init__(self):
-        for name, choices in (("layer_loop", LAYER_LOOPS), ("attention", ATTENTIONS)):
+        for name, choices in (("layer_loop", LAYER_LOOPS), ("attention", ATTENTIONS),
+                              ("reindex_scores", REINDEX_SCORES)):
             if getattr(self, name) not in choices:
                 raise InvalidArgument(f"unknown {name} {getattr(self, name)!r} "
                                       f"(choose from {', '.join(choices)})")
@@ -73,12 +76,37 @@ class StepImpl:
 DEFAULT_IMPL = StepImpl()
 
 
-def _slot_scores(q, K, impl: StepImpl, layer):
+def fused_reindex(impl: StepImpl) -> bool:
+    """Whether `reindex` slot scores rotate the keys inside the product ("fused") rather
+    than from a rotated copy ("copy"); "auto": fused off the CPU, never with Pallas."""
+    if impl.attention == "pallas":
+        return False
+    if impl.reindex_scores == "auto":
+        return jax.default_backend() != "cpu"
+    return impl.reindex_scores == "fused"
+
+
+def rotated_scores(q, K, cos, sin):
+    """q [B,Hkv,G,D] . (K [B,Hkv,C,D] rotated by the angles cos, sin [B,Hkv,C,D]) ->
+    [B,Hkv,G,C] f32, without the rotated keys ever being stored: with k' = k cos +
+    rotate_half(k) sin and both halves of cos, sin equal,
+    q . k' = sum_j (q1 k1 + q2 k2) c + (q2 k1 - q1 k2) s over the half j < D/2."""
+    h = q.shape[-1] // 2
+    q1, q2 = q[..., None, :h].astype(F32), q[..., None, h:].astype(F32)  # [B,Hkv,G,1,h]
+    k1, k2 = K[:, :, None, :, :h].astype(F32), K[:, :, None, :, h:].astype(F32)  # [B,Hkv,1,C,h]
+    c, s = cos[:, :, None, :, :h], sin[:, :, None, :, :h]
+    return jnp.sum((q1 * k1 + q2 * k2) * c + (q2 * k1 - q1 * k2) * s, -1)
+
+
+def _slot_scores(q, K, impl: StepImpl, layer, rot=None):
     """q [B,Hkv,G,D] . K -> [B,Hkv,G,C] float32 (f32 sums). K: [B,Hkv,C,D], or the
-    whole keys [L,B,Hkv,C,D] with the layer index for Pallas."""
+    whole keys [L,B,Hkv,C,D] with the layer index for Pallas. rot: (cos, sin) when K is
+    stored unrotated and is to be rotated inside the product (`rotated_scores`)."""
     if impl.attention == "pallas":
         return kernels.slot_scores(q, K, layer)
-    if impl.attention == "reduce":
+    if rot is not None:
+        s = rotated_scores(q, K, *rot)
+    elif impl.attention == "reduce":
         s = jnp.sum(q[:, :, :, None, :].astype(F32) * K[:, :, None, :, :].astype(F32), -1)
     else:
         s = jnp.einsum("bhgd,bhcd->bhgc", q, K, preferred_element_type=F32)
@@ -96,17 +124,19 @@ def _slot_mix(w, V, impl: StepImpl, layer):
     return jnp.einsum("bhgc,bhcd->bhgd", w, V, preferred_element_type=F32)
 
 
-def attend(q, k, v, keys, values, visible, impl: StepImpl = DEFAULT_IMPL, layer: int = 0):
+def attend(q, k, v, keys, values, visible, impl: StepImpl = DEFAULT_IMPL, layer: int = 0, rot=None):
     """One query per row over its layer's C kept slots plus the new token.
 
     q: [B,Hkv,G,D] (G query heads per KV head); k, v: [B,Hkv,D], the new token's;
     keys, values: the layer's slots [B,Hkv,C,D] ([L,B,Hkv,C,D] and `layer` for Pallas);
     visible: bool [B,Hkv,C], the slots the query may see (the new token always can).
+    rot: (cos, sin) [B,Hkv,C,D] f32 when the keys are stored unrotated and are rotated
+    inside the score product (reindex positions, `fused_reindex`).
     Returns (out [B,Hkv,G,D] f32, weights over the slots [B,Hkv,G,C] f32, weight of the
     new token [B,Hkv,G] f32): softmax over the C + 1 candidates, scores scaled 1/sqrt(D).
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s_old = _slot_scores(q, keys, impl, layer) * scale
+    s_old = _slot_scores(q, keys, impl, layer, rot) * scale
     s_old = jnp.where(visible[:, :, None, :], s_old, -jnp.inf)
     s_new = jnp.einsum("bhgd,bhd->bhg", q, k, preferred_element_type=F32) * scale
     m = jnp.maximum(s_old.max(-1), s_new)  # finite: the new token is always visible

@@ -201,17 +201,23 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
     Hkv = cfg.num_kv_heads
     # RoPE at the token's original position (absolute), or at the number n of kept slots,
     # whose keys are stored unrotated and rotated by their ranks here (reindex)
+    rot = None
     if table is not None:
-        K, V, l = _layer_slots(K, V, l, impl)
-        K, n = reindex_slots(K, P, table)
-        K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
+        rank, n = slot_ranks(P)
+        cos, sin = table
+        if attention.fused_reindex(impl):  # rotated inside the score product, never stored
+            rot = (cos[rank], sin[rank])
+        else:  # a rotated copy of the layer's keys
+            K, V, l = _layer_slots(K, V, l, impl)
+            K = _rotate(K, cos[rank], sin[rank])
+            K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
         q, k_rot = rotate_at(q, n, table), rotate_at(k, n, table)
     else:
         inv_freq = jnp.asarray(cfg.inv_freq())
         q, k = rope(q, p[:, None], inv_freq), rope(k, p, inv_freq)
         k_rot = k
     # attend over the kept slots plus the new token (softmax in float32)
-    out, w_old, w_new = attention.attend(q, k_rot, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l)
+    out, w_old, w_new = attention.attend(q, k_rot, v, K, V, _visible(cfg, P, p[:, None, None]), impl, l, rot)
     # the policy picks one of the C + 1 candidates to drop, from the attention averaged
     # over the query heads of each KV head
     w = whole(jnp.concatenate([w_old.mean(2), w_new.mean(2)[..., None]], -1))  # [B,Hkv,C+1]
@@ -271,20 +277,20 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     return logits_from_hidden(cfg, params, x), state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos", "positions"),
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos", "positions", "impl"),
                    donate_argnames=("state",))
 @exact_for_f32
 def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=None,
-                record_pos: bool = False, positions: str = "absolute"):
+                record_pos: bool = False, positions: str = "absolute", impl: StepImpl = DEFAULT_IMPL):
     """Feed tokens [B, T] step by step. Returns (logits [B, T, V], state) — and, with
-    record_pos, the kept positions after every step [T, L, B, Hkv, C]. `positions`: see
-    `step`."""
+    record_pos, the kept positions after every step [T, L, B, Hkv, C]. `positions`,
+    `impl`: see `step`."""
     if active is None:
         active = jnp.ones(tokens.shape, bool)
 
     def body(st, xs):
         tok, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act, positions=positions)
+        logits, st = step(params, cfg, policy, st, tok, act, impl=impl, positions=positions)
         return st, ((logits, st.pos) if record_pos else logits)
 
     state, out = jax.lax.scan(body, state, (tokens.T, active.T))

@@ -104,8 +104,29 @@ def test_generate_with_the_pallas_kernels(tiny):
     np.testing.assert_allclose(np.asarray(out.state.keys), np.asarray(ref.state.keys), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["einsum", "reduce"])
+@pytest.mark.parametrize("pname", ["tova", "tova-head", "sink"])
+def test_reindex_scores_fused_equal_the_rotated_copy(tiny, attention, pname):
+    """Under reindex positions, rotating each kept key inside the score product (the GPU
+    default: no rotated copy of the keys is stored) gives the rotated copy's logits,
+    tokens and kept positions."""
+    cfg, params = tiny
+    pol = make_policy(pname)
+    st = testing.fabricate_state(cfg, 2, 8, 20, jnp.float32)
+    logits, outs = {}, {}
+    for how in ("copy", "fused"):
+        impl = model.StepImpl(attention=attention, reindex_scores=how)
+        tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
+        logits[how], outs[how] = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens,
+                                                   positions="reindex", impl=impl)
+    np.testing.assert_allclose(np.asarray(logits["fused"]), np.asarray(logits["copy"]), rtol=1e-5, atol=1e-5)
+    assert (np.asarray(outs["fused"].pos) == np.asarray(outs["copy"].pos)).all()
+
+
 def test_step_impl_rejects_unknown_choices():
     with pytest.raises(ValueError, match="attention"):
         model.StepImpl(attention="palas")
     with pytest.raises(ValueError, match="layer_loop"):
         model.StepImpl(layer_loop="unrolled")
+    with pytest.raises(ValueError, match="reindex_scores"):
+        model.StepImpl(reindex_scores="rotated")
