@@ -51,6 +51,7 @@ def main(argv=None):
     from msrnn_jax.plots import plot_nll_curve
 
     model = m.load_model(args.model)
+    model_name = Path(str(model.source).split(" (")[0]).name.split(".")[0]  # e.g. SmolLM2-135M-Instruct
     ctx = model.cfg.max_position_embeddings
     ids = model.encode(Path(args.text).read_text(encoding="utf-8"))
     if len(ids) < args.tokens:
@@ -61,6 +62,11 @@ def main(argv=None):
     have = {(r["policy"], r["capacity"], r["positions"]) for r in done}
     full_n = min(args.full_tokens or ctx, args.tokens)
     policies = args.policies.split(",")
+
+    def draw():
+        plot_nll_curve(done, str(out.with_suffix(".png")), context=ctx, by_capacity=True,
+                       title=f"{Path(args.text).name}, {model_name}, NLL per {args.curve_every} tokens "
+                             f"(dashed: absolute, solid: reindex)")
 
     def save(rec):
         done.append(rec)
@@ -73,8 +79,7 @@ def main(argv=None):
                 for c in r["curve"]:
                     w.writerow([r["policy"], r["capacity"], r["positions"], r["tokens"], c["start"], c["end"],
                                 f"{c['mean_nll']:.5f}"])
-        plot_nll_curve(done, str(out.with_suffix(".png")), context=ctx,
-                       title=f"{Path(args.text).name}, {model.source}: NLL per {args.curve_every} tokens")
+        draw()
         print(f"{rec['policy']:>8} C={rec['capacity']:<5} {rec['positions']:<8} mean NLL {rec['mean_nll']:.4f} "
               f"({rec['tokens_per_s']:.1f} tok/s)", flush=True)
 
@@ -103,6 +108,8 @@ def main(argv=None):
     if not args.no_full and ("full", full_n, "absolute") not in have:
         for res in sweep(model, ["full"], [], [ids[:full_n]], progress=progress):
             save(record(res, "absolute", full_n))
+    if done:
+        draw()  # also when every run was already done: a rerun redraws the figure
     print(f"done in {time.time() - t0:.0f} s", flush=True)
 
 

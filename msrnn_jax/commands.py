@@ -27,11 +27,15 @@ def _policy(args, name=None):
     return make_policy(name or args.policy, args.sinks)  # raises on an unknown name
 
 
+def _note_full_capacity():
+    print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
+
+
 def _check_capacity(args, pol, capacity):
     """The capacity flag for one policy: `full` ignores it (with a note)."""
     if pol.name == "full":
         if capacity is not None:
-            print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
+            _note_full_capacity()
         return None
     return capacity_for(pol, capacity, 1)
 
@@ -187,7 +191,7 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     if args.haystack is not None:
         api.read_text(args.haystack)  # a missing or empty file, before the model loads
     if any(make_policy(n, args.sinks).name == "full" for n in names) and args.capacity and len(names) == 1:
-        print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
+        _note_full_capacity()
     model = _load(args)
 
     from tqdm.auto import tqdm

@@ -139,38 +139,46 @@ def plot_histograms(samples, xlabel, title="", bins=40):
     return fig
 
 
-def plot_nll_curve(results, out, title="", context=None):
+def plot_nll_curve(results, out, title="", context=None, by_capacity=False):
     """results: dicts with policy, capacity, curve ([{"start", "end", "mean_nll"}], as
     `msrnn ppl --curve-every N --json` prints) and optionally positions: mean NLL against
-    position, one line per (policy, capacity, positions); `context` (the trained context)
-    becomes a vertical line."""
+    position, one line per (policy, capacity, positions), dashed for absolute; `context`
+    (the trained context) becomes a vertical line. by_capacity: one panel per capacity
+    (`full` drawn in each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.0, 4.8), dpi=120)
+    results = [r for r in results if r.get("curve")]
+    caps = sorted({r["capacity"] for r in results if r["policy"] != "full"}) if by_capacity else [None]
+    caps = caps or [None]
+    fig, axes = plt.subplots(1, len(caps), figsize=(8.0 * len(caps) ** 0.75, 4.8), dpi=120, squeeze=False,
+                             sharey=True)
     colors = {}
-    for r in results:
-        curve = r.get("curve") or []
-        if not curve:
-            continue
-        x = [(c["start"] + c["end"]) / 2 for c in curve]
-        y = [c["mean_nll"] for c in curve]
-        pos = r.get("positions", "absolute")
-        label = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['capacity']} {pos}"
-        key = (r["policy"], r["capacity"] if r["policy"] != "full" else None)
-        color = colors.setdefault(key, f"C{len(colors) % 10}")
-        ax.plot(x, y, color="black" if r["policy"] == "full" else color,
-                linestyle="--" if pos == "absolute" and r["policy"] != "full" else "-",
-                linewidth=1.2, label=label)
-    if context:
-        ax.axvline(context, color="grey", linestyle=":", linewidth=1, label=f"trained context {context}")
-    ax.set_xlabel("position in the text (tokens)")
-    ax.set_ylabel("mean NLL per bucket (nats)")
-    ax.set_title(title or "NLL against position")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, cap in zip(axes[0], caps):
+        for r in results:
+            if cap is not None and r["policy"] != "full" and r["capacity"] != cap:
+                continue
+            curve = r["curve"]
+            x = [(c["start"] + c["end"]) / 2 for c in curve]
+            y = [c["mean_nll"] for c in curve]
+            pos = r.get("positions", "absolute")
+            label = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['capacity']} {pos}"
+            key = r["policy"] if by_capacity else (r["policy"], r["capacity"] if r["policy"] != "full" else None)
+            color = colors.setdefault(key, f"C{len(colors) % 10}")
+            ax.plot(x, y, color="black" if r["policy"] == "full" else color,
+                    linestyle="--" if pos == "absolute" and r["policy"] != "full" else "-",
+                    linewidth=1.2, label=label)
+        if context:
+            ax.axvline(context, color="grey", linestyle=":", linewidth=1, label=f"trained context {context}")
+        ax.set_xlabel("position in the text (tokens)")
+        ax.set_title(f"C = {cap}" if cap is not None else (title or "NLL against position"))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("mean NLL per bucket (nats)")
+    if caps != [None] and title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
