@@ -140,9 +140,10 @@ def test_prefill_timers(quick):
     prefill = result["sections"]["prefill"]
     assert not prefill["errors"]
     recs = {r["mode"]: r for r in prefill["prefill"]}
-    assert sorted(recs) == ["chunked", "exact", "oneshot"]
+    assert sorted(recs) == ["chunked", "exact", "exact-scan", "oneshot"]  # exact: layer by layer
     assert all(r["tokens_per_s"] > 0 for r in recs.values())
-    assert recs["exact"]["compile_s"] > 0 and recs["chunked"]["chunk"] == 16
+    assert recs["exact"]["compile_s"] > 0 and recs["exact-scan"]["compile_s"] > 0
+    assert recs["chunked"]["chunk"] == 16
 
 
 def test_hf_peer_integration_math(tmp_path):
