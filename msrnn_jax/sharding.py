@@ -8,7 +8,9 @@ mesh axis (or to none: replicated). Changing what is split is a change to that t
     heads       model       query heads: wq by output column, bq
     kv_heads    model       KV heads: wk, wv by output column, bk, bv; the state's Hkv axis
     mlp         model       MLP columns: w_gate, w_up by column
-    out         model       the output columns of wo and w_down (their inputs are whole)
+    out         model       the output columns of wo and w_down
+    heads_in    -           wo's input rows: the attention output, whole on every device
+    mlp_in      -           w_down's input rows: the MLP's hidden activations, whole
     vocab       model       embed by row, lm_head by column (the largest matrix at decode)
     embed       -           the hidden size E: replicated (norms, the residual stream)
     layers, slots, head_dim -   replicated
@@ -63,6 +65,8 @@ RULES = {
     "kv_heads": "model",
     "mlp": "model",
     "out": "model",
+    "heads_in": None,
+    "mlp_in": None,
     "vocab": "model",
     "embed": None,
     "layers": None,
@@ -80,8 +84,8 @@ LAYER_AXES = {
     "attn_norm": ("embed",), "mlp_norm": ("embed",),
     "wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
     "bq": ("heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
-    "wo": ("embed", "out"),
-    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("embed", "out"),
+    "wo": ("heads_in", "out"),
+    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp_in", "out"),
 }
 STATE_AXES = {
     "keys": ("layers", "batch", "kv_heads", "slots", "head_dim"),
