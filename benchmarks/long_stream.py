@@ -5,7 +5,8 @@ For `full` up to the trained context and the bounded policies at each capacity u
 `--curve-every` tokens of one long text. The bounded policies of one (capacity,
 positions) run fused as batch rows (`evaluate.sweep`). Each run's record is appended to
 the JSONL file as soon as it ends, so an interrupted run keeps what it finished and a
-rerun with the same --out skips it; the CSV and the PNG are redrawn after every run.
+rerun with the same --out skips it; the CSV and the PNG are redrawn after every run (and by
+a rerun with nothing left to do).
 
     python -m benchmarks.long_stream [TEXT] [--tokens 32768] [--capacities 256,1024]
         [--policies window,sink,tova,h2o] [--full-tokens 8192] [--curve-every 512]
@@ -63,7 +64,15 @@ def main(argv=None):
     full_n = min(args.full_tokens or ctx, args.tokens)
     policies = args.policies.split(",")
 
-    def draw():
+    def write_outputs():
+        """The CSV and the PNG of every run in the JSONL."""
+        with out.with_suffix(".csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["policy", "capacity", "positions", "tokens", "start", "end", "mean_nll"])
+            for r in done:
+                for c in r["curve"]:
+                    w.writerow([r["policy"], r["capacity"], r["positions"], r["tokens"], c["start"], c["end"],
+                                f"{c['mean_nll']:.5f}"])
         plot_nll_curve(done, str(out.with_suffix(".png")), context=ctx, by_capacity=True,
                        title=f"{Path(args.text).name}, {model_name}, NLL per {args.curve_every} tokens "
                              f"(dashed: absolute, solid: reindex)")
@@ -72,14 +81,7 @@ def main(argv=None):
         done.append(rec)
         with jsonl.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        with out.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["policy", "capacity", "positions", "tokens", "start", "end", "mean_nll"])
-            for r in done:
-                for c in r["curve"]:
-                    w.writerow([r["policy"], r["capacity"], r["positions"], r["tokens"], c["start"], c["end"],
-                                f"{c['mean_nll']:.5f}"])
-        draw()
+        write_outputs()
         print(f"{rec['policy']:>8} C={rec['capacity']:<5} {rec['positions']:<8} mean NLL {rec['mean_nll']:.4f} "
               f"({rec['tokens_per_s']:.1f} tok/s)", flush=True)
 
@@ -109,7 +111,7 @@ def main(argv=None):
         for res in sweep(model, ["full"], [], [ids[:full_n]], progress=progress):
             save(record(res, "absolute", full_n))
     if done:
-        draw()  # also when every run was already done: a rerun redraws the figure
+        write_outputs()  # also when every run was already done: a rerun redraws them
     print(f"done in {time.time() - t0:.0f} s", flush=True)
 
 
