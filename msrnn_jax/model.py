@@ -85,6 +85,26 @@ def slot_ranks(P):
     return rank, (P >= 0).sum(-1).astype(jnp.int32)
 
 
+def advance_ranks(rank, n, P, slot):
+    """`slot_ranks` after `write_slots` puts a new token into `slot`, without a sort.
+
+    rank, n: `slot_ranks(P)` of the slots P [..., C] before the write; slot int [...] in
+    [0, C] (C: the new token was dropped). The new token has the highest position, so it
+    ranks last among the kept. Overwriting a kept slot moves the kept ones ranked above it
+    down one; filling an empty slot moves the empty ones ranked below it up one (the empty
+    slots keep the sort's order by index). O(C) where the sort is O(C log C); the layer-major
+    exact step carries the ranks through its token loop this way."""
+    C = P.shape[-1]
+    hit = jnp.arange(C) == slot[..., None]
+    r_s = jnp.sum(jnp.where(hit, rank, 0), -1, keepdims=True)  # the overwritten slot's rank
+    filled = (slot < C)[..., None] & ~jnp.any(hit & (P >= 0), -1, keepdims=True)  # an empty slot
+    dropped = (slot < C)[..., None] & ~filled  # a kept slot
+    nn = n[..., None]
+    shift = jnp.where(dropped & (rank > r_s) & (rank < nn), -1, 0) + jnp.where(filled & (rank >= nn) & (rank < r_s), 1, 0)
+    new_rank = jnp.where(hit, jnp.where(filled, nn, nn - 1), rank + shift)
+    return new_rank.astype(jnp.int32), n + filled[..., 0].astype(jnp.int32)
+
+
 def reindex_slots(K, P, table):
     """`reindex` positions (docs/design.md §8) of one layer's slots: every kept key, stored
     before RoPE, is rotated by its rank among the kept slots of its KV head.
@@ -187,13 +207,14 @@ def stacked_layers(params):
 
 
 def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, active,
-                      impl: StepImpl = DEFAULT_IMPL, l: int = 0, table=None):
+                      impl: StepImpl = DEFAULT_IMPL, l: int = 0, table=None, ranks=None):
     """Steps 2-4 of one layer for one token per row: the recurrence of docs/design.md §3.
 
     q [B,Hkv,G,D], k, v [B,Hkv,D]: the new token's projections, not yet rotated; K, V
     [B,Hkv,C,D] (or, for Pallas, the whole [L,...] buffers with the layer index l), P, S
     [B,Hkv,C]: the layer's slots; p int [B]: the token's original position; active bool
-    [B]; table: `rope_table` under reindex positions, None under absolute.
+    [B]; table: `rope_table` under reindex positions, None under absolute; ranks: the
+    slots' `slot_ranks(P)` where the caller has them (else they are sorted here).
     Returns (attention output [B,Hkv,G,D] f32, what to write: the key as the state keeps
     it and v [B,Hkv,D], slot [B,Hkv] in [0, C] (C = drop the new token: no write), the
     slots' scores [B,Hkv,C])."""
@@ -203,7 +224,7 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
     # whose keys are stored unrotated and rotated by their ranks here (reindex)
     rot = None
     if table is not None:
-        rank, n = slot_ranks(P)
+        rank, n = slot_ranks(P) if ranks is None else ranks
         cos, sin = table
         if attention.fused_reindex(impl):  # rotated inside the score product, never stored
             rot = (cos[rank], sin[rank])
@@ -367,15 +388,18 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
         q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))  # [B, T, ...]
 
         def token(slots, t_in):
-            K, V, P, S = slots
+            K, V, P, S, ranks = slots
             q_t, k_t, v_t, p_t, a_t = t_in
             out, (k_w, v_w, slot, S) = attend_and_choose(cfg, policy, q_t.reshape(B, Hkv, G, D), k_t, v_t,
-                                                         view(K), view(V), P, S, p_t, a_t, impl, 0, table)
+                                                         view(K), view(V), P, S, p_t, a_t, impl, 0, table, ranks)
+            if ranks is not None:  # reindex: the ranks follow the write (no sort per token)
+                ranks = advance_ranks(*ranks, P, slot)
             K, V, P = write_slots(K, V, P, slot, k_w, v_w, p_t[:, None])
-            return (K, V, P, S), out
+            return (K, V, P, S, ranks), out
 
         t_major = tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v, pos, active))
-        (K, V, P, S), out = jax.lax.scan(token, (K, V, P, S), t_major)
+        ranks = slot_ranks(P) if table is not None else None  # one sort per layer and call
+        (K, V, P, S, _), out = jax.lax.scan(token, (K, V, P, S, ranks), t_major)
         return finish_layer(cfg, lp, x, jnp.swapaxes(out, 0, 1).reshape(B, T, -1)), (K, V, P, S)
 
     x, (K, V, P, S) = jax.lax.scan(layer, params["embed"][tokens], (

@@ -17,6 +17,8 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from msrnn_jax import decoding
 from msrnn_jax import model as model_mod
@@ -25,7 +27,7 @@ from msrnn_jax.attention import StepImpl
 from msrnn_jax.convert.hf import load_hf_folder
 from msrnn_jax.errors import InvalidArgument
 from msrnn_jax.evaluate import nll_curve, run_policy
-from msrnn_jax.model import chunk_step, scan_logits, slot_ranks, step
+from msrnn_jax.model import advance_ranks, chunk_step, scan_logits, slot_ranks, step, write_slots
 from msrnn_jax.state import State
 
 from hf_models import FAMILIES, make_hf_model, save_hf_model
@@ -132,6 +134,27 @@ def test_slot_ranks():
     order = np.argsort(np.where(kept, P[0], np.iinfo(np.int32).max), kind="stable")
     np.testing.assert_array_equal(rank[order], np.arange(P.shape[1]))
     assert sorted(rank[kept]) == list(range(kept.sum()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_advance_ranks_equals_a_fresh_sort(C, seed):
+    """The ranks the layer-major step carries through its token loop (`advance_ranks`, no
+    sort) equal `slot_ranks` of the slots after each write, empty slots included, over a
+    random run of writes: into empty slots, over kept ones, and drops (slot = C)."""
+    rng = np.random.default_rng(seed)
+    P = np.full((2, 3, C), -1, np.int32)  # [B, Hkv, C]
+    rank, n = slot_ranks(jnp.asarray(P))
+    for t in range(3 * C + 2):
+        slot = jnp.asarray(rng.integers(0, C + 1, size=(2, 3)), jnp.int32)  # C: dropped
+        rank, n = advance_ranks(rank, n, jnp.asarray(P), slot)
+        zeros = jnp.zeros(P.shape + (1,))
+        _, _, P = write_slots(zeros, zeros, jnp.asarray(P), slot, zeros[..., 0, :], zeros[..., 0, :],
+                              jnp.full(slot.shape, t, jnp.int32))
+        P = np.asarray(P)
+        want_rank, want_n = slot_ranks(jnp.asarray(P))
+        np.testing.assert_array_equal(np.asarray(n), np.asarray(want_n), err_msg=f"write {t}")
+        np.testing.assert_array_equal(np.asarray(rank), np.asarray(want_rank), err_msg=f"write {t}")
 
 
 # -- no rotation above C ------------------------------------------------------------------
