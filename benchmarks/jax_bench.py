@@ -307,6 +307,8 @@ def _use_variant(variant, params):
     for a in jax.tree.leaves(params):
         a.delete()
     params = msrnn_model.split_layers(host) if split else {**host, "layers": msrnn_model.stacked_layers(host)}
+    if split == "fused":
+        params = jax.tree.map(np.asarray, msrnn_model.fuse_projections(params))  # joined on the host
     params = jax.device_put(params)
     jax.block_until_ready(params)
     gc.collect()

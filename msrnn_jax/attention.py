@@ -147,29 +147,31 @@ def attend(q, k, v, keys, values, visible, impl: StepImpl = DEFAULT_IMPL, layer:
     return out + w_new[..., None] * v[:, :, None, :].astype(F32), w_old, w_new
 
 
-def over_layers(layer: Callable, x, layers, state, impl: StepImpl = DEFAULT_IMPL):
-    """Run `layer(x, lp, keys, values, pos, score, l) -> (x, writes)` over every layer.
+def over_layers(layer: Callable, x, layers, state, impl: StepImpl = DEFAULT_IMPL, extra=None):
+    """Run `layer(x, lp, keys, values, pos, score, l, extra_l) -> (x, writes)` over every layer.
 
     layers: the stacked layer params (a dict of [L, ...] arrays) or a list of per-layer
     dicts (`split_layers`). `keys`/`values` are the layer's slice [B,Hkv,C,D] or, for
-    Pallas, the whole buffers [L,B,Hkv,C,D] with the static index l. Returns (x, writes
-    stacked on a leading L axis)."""
+    Pallas, the whole buffers [L,B,Hkv,C,D] with the static index l. extra: a pytree of
+    [L, ...] arrays (or None) handed to each layer sliced. Returns (x, writes stacked on
+    a leading L axis)."""
     per_layer = isinstance(layers, (list, tuple))
     if not per_layer and impl.layer_loop == "scan":
         if impl.attention == "pallas":
-            return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1][None], xs[2][None], *xs[3:], 0), x,
-                                (layers, state.keys, state.values, state.pos, state.score))
-        return jax.lax.scan(lambda x, xs: layer(x, *xs, 0), x,
-                            (layers, state.keys, state.values, state.pos, state.score))
+            return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1][None], xs[2][None], *xs[3:5], 0, xs[5]), x,
+                                (layers, state.keys, state.values, state.pos, state.score, extra))
+        return jax.lax.scan(lambda x, xs: layer(x, *xs[:5], 0, xs[5]), x,
+                            (layers, state.keys, state.values, state.pos, state.score, extra))
     outs = []
     for l in range(state.keys.shape[0]):
         lp = layers[l] if per_layer else jax.tree.map(lambda a: a[l], layers)
+        ex = jax.tree.map(lambda a: a[l], extra)
         if l and impl.unroll_barrier:
             x = jax.lax.optimization_barrier(x)
         if impl.attention == "pallas":  # the kernels read layer l inside the whole buffers
-            x, o = layer(x, lp, state.keys, state.values, state.pos[l], state.score[l], l)
+            x, o = layer(x, lp, state.keys, state.values, state.pos[l], state.score[l], l, ex)
         else:
-            x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l], l)
+            x, o = layer(x, lp, state.keys[l], state.values[l], state.pos[l], state.score[l], l, ex)
         outs.append(o)
     writes = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     # order the last layer's state reads before the in-place write (module docstring)

@@ -23,7 +23,7 @@ from . import sharding
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice, check_int
 from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, layer_last_logits,
-                    prefill_oneshot, scan_last_logits, step)
+                    initial_ranks, prefill_oneshot, scan_last_logits, step_ranked)
 from .policies import Policy, capacity_for
 from .precision import exact_for_f32
 from .sampling import GREEDY, Sampling
@@ -170,8 +170,8 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
     logits = jnp.zeros((tok.shape[0], cfg.vocab_size), jnp.float32)
 
     def body(carry, _):
-        st, logits, tok, key, pending, finished, budget = carry
-        new_logits, st = step(params, cfg, policy, st, tok, pending, impl=impl, positions=positions)
+        (st, ranks), logits, tok, key, pending, finished, budget = carry
+        new_logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, pending, impl, positions)
         logits = jnp.where(pending[:, None], new_logits, logits)
         key, sub = jax.random.split(key)
         nxt = sampling(logits, sub)
@@ -179,11 +179,11 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
         budget = budget - emit.astype(jnp.int32)
         finished = finished | (emit & (jnp.isin(nxt, eos_ids) | (budget <= 0)))
         tok = jnp.where(emit, nxt, tok)
-        return (st, logits, tok, key, emit, finished, budget), (nxt, emit)
+        return ((st, ranks), logits, tok, key, emit, finished, budget), (nxt, emit)
 
-    carry = (state, logits, tok, key, pending, finished, budget)
+    carry = ((state, initial_ranks(state, positions)), logits, tok, key, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
-    state, logits, tok, key, pending, finished, budget = carry
+    (state, _), logits, tok, key, pending, finished, budget = carry
     return toks.T, emitted.T, state, logits, tok, key, pending, finished, budget
 
 

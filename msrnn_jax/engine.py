@@ -47,7 +47,7 @@ from .attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
 from .decoding import check_prefill
 from .errors import InvalidArgument, MsrnnError, check_float, check_int
-from .model import check_positions, chunk_step, layer_last_logits, step
+from .model import check_positions, chunk_step, initial_ranks, layer_last_logits, step_ranked
 from .policies import Policy, capacity_for, make_policy, policy_name
 from .state import State
 
@@ -114,19 +114,19 @@ def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: S
     [B, n], state, tok, keys, pending, finished, budget)."""
 
     def body(carry, _):
-        st, tok, keys, pending, finished, budget = carry
-        logits, st = step(params, cfg, policy, st, tok, pending, impl=impl, positions=positions)
+        (st, ranks), tok, keys, pending, finished, budget = carry
+        logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, pending, impl, positions)
         keys, sub = _split_rows(keys)
         nxt = sample_rows(logits, sub, temperature, top_k, top_p)
         emit = pending & ~finished
         budget = budget - emit.astype(jnp.int32)
         finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
         tok = jnp.where(emit, nxt, tok)
-        return (st, tok, keys, emit, finished, budget), (nxt, emit)
+        return ((st, ranks), tok, keys, emit, finished, budget), (nxt, emit)
 
-    carry = (state, tok, keys, pending, finished, budget)
+    carry = ((state, initial_ranks(state, positions)), tok, keys, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
-    state, tok, keys, pending, finished, budget = carry
+    (state, _), tok, keys, pending, finished, budget = carry
     return toks.T, emitted.T, state, tok, keys, pending, finished, budget
 
 

@@ -124,11 +124,36 @@ def rotate_at(x, positions, table):
     return _rotate(x, cos[idx], sin[idx])
 
 
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gateup": ("w_gate", "w_up")}
+
+
+def fuse_projections(params):
+    """The same parameters with each layer's q, k, v projections (and biases) joined into
+    one matrix `wqkv` and the MLP's gate and up into `w_gateup`: fewer, larger products
+    (one read of h per group). `project` and `mlp` read either layout; the mesh's
+    shardings name only the separate matrices, so a sharded model keeps them apart."""
+    def fuse(lp):
+        lp = dict(lp)
+        for name, parts in FUSED.items():
+            if all(p in lp for p in parts):
+                lp[name] = jnp.concatenate([lp.pop(p) for p in parts], -1)
+        return lp
+
+    layers = params["layers"]
+    fused = [fuse(lp) for lp in layers] if isinstance(layers, (list, tuple)) else fuse(layers)
+    return {**params, "layers": fused}
+
+
 def project(cfg: ModelConfig, lp, h):
     """Project without rotating. h: [..., E] -> q [..., Hq, D], k, v [..., Hkv, D]."""
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
-    if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if "wqkv" in lp:  # `fuse_projections`
+        qkv = h @ lp["wqkv"] + (lp["bqkv"] if cfg.qkv_bias else 0)
+        nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    else:
+        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     D = cfg.head_dim
     return (q.reshape(*q.shape[:-1], cfg.num_heads, D), k.reshape(*k.shape[:-1], cfg.num_kv_heads, D),
             v.reshape(*v.shape[:-1], cfg.num_kv_heads, D))
@@ -136,19 +161,17 @@ def project(cfg: ModelConfig, lp, h):
 
 def qkv(cfg: ModelConfig, lp, h, positions):
     """Project and rotate. h: [..., E] -> q [..., Hq, D], k, v [..., Hkv, D]."""
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
-    if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    D = cfg.head_dim
-    q = q.reshape(*q.shape[:-1], cfg.num_heads, D)
-    k = k.reshape(*k.shape[:-1], cfg.num_kv_heads, D)
-    v = v.reshape(*v.shape[:-1], cfg.num_kv_heads, D)
+    q, k, v = project(cfg, lp, h)
     inv_freq = jnp.asarray(cfg.inv_freq())
     return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
 
 
 def mlp(lp, h):
-    return whole(jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    if "w_gateup" in lp:  # `fuse_projections`
+        gate, up = jnp.split(h @ lp["w_gateup"], 2, -1)
+    else:
+        gate, up = h @ lp["w_gate"], h @ lp["w_up"]
+    return whole(jax.nn.silu(gate) * up) @ lp["w_down"]
 
 
 def finish_layer(cfg: ModelConfig, lp, x, out):
@@ -271,31 +294,54 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     impl: how the products and the layer loop are computed (`attention.StepImpl`);
     positions: "absolute" (keys stored rotated at their original position) or "reindex"
     (keys stored unrotated and rotated by their rank among the kept slots, §8).
-    Returns (logits [B, V] f32, the new state)."""
+    Returns (logits [B, V] f32, the new state). A loop of steps under reindex calls
+    `step_ranked` instead, which carries the slots' ranks from one step to the next."""
+    logits, state, _ = step_ranked(params, cfg, policy, state, None, tokens, active, impl, positions)
+    return logits, state
+
+
+def initial_ranks(state: State, positions: str):
+    """The ranks `step_ranked` carries: `slot_ranks` of every layer's slots (one sort of
+    [L, B, Hkv, C]) under reindex, None under absolute."""
+    return slot_ranks(state.pos) if check_positions(positions) == "reindex" else None
+
+
+@exact_for_f32
+def step_ranked(params, cfg: ModelConfig, policy: Policy, state: State, ranks, tokens, active=None,
+                impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
+    """`step`, carrying the slots' ranks (reindex): ranks is `initial_ranks(state,
+    positions)` or what the previous step returned (None: sorted here). Returns (logits,
+    state, the ranks of the new state: `advance_ranks` after each layer's write, O(C), so
+    a scan of steps sorts once per call instead of once per layer and step)."""
     B, C = state.batch, state.capacity
     Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     active = jnp.ones((B,), bool) if active is None else active
     p = state.length  # [B] the new token's original position (masks and `pos` use it)
-    table = rope_table(C + 1, jnp.asarray(cfg.inv_freq())) if check_positions(positions) == "reindex" else None
+    table = None
+    if check_positions(positions) == "reindex":
+        table = rope_table(C + 1, jnp.asarray(cfg.inv_freq()))
+        ranks = initial_ranks(state, positions) if ranks is None else ranks
 
-    def layer(x, lp, K, V, P, S, l):
-        """x [B,E]; this layer's slots K, V [B,Hkv,C,D], P, S [B,Hkv,C]. Returns x and what
-        to write: (k, v [B,Hkv,D], slot [B,Hkv] in [0, C], scores [B,Hkv,C])."""
+    def layer(x, lp, K, V, P, S, l, r):
+        """x [B,E]; this layer's slots K, V [B,Hkv,C,D], P, S [B,Hkv,C]; r: their ranks.
+        Returns x and what to write: (k, v [B,Hkv,D], slot [B,Hkv] in [0, C], scores
+        [B,Hkv,C], the ranks after the write)."""
         # 1. q, k, v of the new token (not yet rotated)
         q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))
         # 2-4. attend over the kept slots plus the new token; the policy picks the drop
         out, writes = attend_and_choose(cfg, policy, q.reshape(B, Hkv, G, D), k, v, K, V, P, S, p,
-                                        active, impl, l, table)
-        return finish_layer(cfg, lp, x, out.reshape(B, -1)), writes
+                                        active, impl, l, table, r)
+        r = None if r is None else advance_ranks(*r, P, writes[2])
+        return finish_layer(cfg, lp, x, out.reshape(B, -1)), writes + (r,)
 
     # every layer reads the old state; all layers' new entries are written afterwards in
     # one in-place scatter (a write inside the loop would copy the state once per layer)
-    x, (k, v, slot, score) = attention.over_layers(layer, params["embed"][tokens], params["layers"],
-                                                   state, impl)
+    x, (k, v, slot, score, ranks) = attention.over_layers(layer, params["embed"][tokens], params["layers"],
+                                                          state, impl, ranks if table is not None else None)
     keys, values, pos = write_slots(state.keys, state.values, state.pos, slot, k, v, p[None, :, None])
     state = State(keys=keys, values=values, pos=pos, score=score if policy.uses_score else state.score,
                   length=state.length + active.astype(jnp.int32))
-    return logits_from_hidden(cfg, params, x), state
+    return logits_from_hidden(cfg, params, x), state, ranks
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "record_pos", "positions", "impl"),
@@ -309,12 +355,13 @@ def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
     if active is None:
         active = jnp.ones(tokens.shape, bool)
 
-    def body(st, xs):
+    def body(carry, xs):
+        st, ranks = carry
         tok, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act, impl=impl, positions=positions)
-        return st, ((logits, st.pos) if record_pos else logits)
+        logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, act, impl, positions)
+        return (st, ranks), ((logits, st.pos) if record_pos else logits)
 
-    state, out = jax.lax.scan(body, state, (tokens.T, active.T))
+    (state, _), out = jax.lax.scan(body, (state, initial_ranks(state, positions)), (tokens.T, active.T))
     if record_pos:
         logits, pos = out
         return jnp.swapaxes(logits, 0, 1), state, pos
@@ -330,13 +377,14 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
     if active is None:
         active = jnp.ones(tokens.shape, bool)
 
-    def body(st, xs):
+    def body(carry, xs):
+        st, ranks = carry
         tok, tgt, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act, positions=positions)
+        logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, act, positions=positions)
         nll = token_nll(logits, tgt)
-        return st, jnp.where(act, nll, 0.0)
+        return (st, ranks), jnp.where(act, nll, 0.0)
 
-    state, nll = jax.lax.scan(body, state, (tokens.T, targets.T, active.T))
+    (state, _), nll = jax.lax.scan(body, (state, initial_ranks(state, positions)), (tokens.T, targets.T, active.T))
     return nll.T, state
 
 
@@ -354,12 +402,13 @@ def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tok
         last_logits = jnp.zeros((B, cfg.vocab_size), F32)
 
     def body(carry, xs):
-        st, last = carry
+        st, ranks, last = carry
         tok, act = xs
-        logits, st = step(params, cfg, policy, st, tok, act, positions=positions)
-        return (st, jnp.where(act[:, None], logits, last)), None
+        logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, act, positions=positions)
+        return (st, ranks, jnp.where(act[:, None], logits, last)), None
 
-    (state, last), _ = jax.lax.scan(body, (state, last_logits), (tokens.T, active.T))
+    (state, _, last), _ = jax.lax.scan(body, (state, initial_ranks(state, positions), last_logits),
+                                       (tokens.T, active.T))
     return last, state
 
 

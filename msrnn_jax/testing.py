@@ -137,25 +137,27 @@ def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=_model.DEFAULT_
     tok [B]: the token fed first. Returns (tokens [B, n], state)."""
 
     def body(carry, _):
-        st, tok = carry
-        logits, st = _model.step(params, cfg, policy, st, tok, impl=impl, positions=positions)
+        st, ranks, tok = carry
+        logits, st, ranks = _model.step_ranked(params, cfg, policy, st, ranks, tok, impl=impl, positions=positions)
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        return (st, nxt), nxt
+        return (st, ranks, nxt), nxt
 
-    (state, tok), toks = jax.lax.scan(body, (state, tok), None, length=n_steps)
+    (state, _, tok), toks = jax.lax.scan(body, (state, _model.initial_ranks(state, positions), tok), None,
+                                         length=n_steps)
     return toks.T, state
 
 
 def parse_variant(variant: str):
     """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:pallas'
     (split = the layers passed as a list of per-layer arrays, so no weight is ever
-    sliced; nobar = unrolled without the optimization barrier between layers).
-    Returns (split, StepImpl)."""
+    sliced; fused = split, with `model.fuse_projections`; nobar = unrolled without the
+    optimization barrier between layers). Returns (split, StepImpl): split is False,
+    True or "fused"."""
     parts = variant.split(":")
-    impl = _model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split") else "scan",
+    impl = _model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split", "fused") else "scan",
                            attention=parts[1] if len(parts) > 1 else "einsum",
                            unroll_barrier="nobar" not in parts[2:])
-    return parts[0] == "split", impl
+    return ("fused" if parts[0] == "fused" else parts[0] == "split"), impl
 
 
 # -- HLO inspection --------------------------------------------------------------------

@@ -4,6 +4,7 @@ and neither copies the state inside a compiled decode loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +32,31 @@ def test_split_layers_step_matches_scan(tiny, pname):
     assert (np.asarray(st_a.pos) == np.asarray(st_b.pos)).all()
     np.testing.assert_allclose(np.asarray(st_a.keys), np.asarray(st_b.keys), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(st_a.values), np.asarray(st_b.values), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen2"])
+def test_fused_projections_compute_the_same(kind):
+    """`fuse_projections` (q|k|v and gate|up joined, what the `fused:` benchmark variant
+    runs) gives the same logits and kept positions, stepped and layer by layer, with and
+    without the q/k/v biases; the fused layout holds no separate wq or w_gate."""
+    cfg = testing.model_config("tiny")
+    if kind == "qwen2":
+        cfg = dataclasses.replace(cfg, family="qwen2", qkv_bias=True)
+    params = testing.device_params(cfg, jnp.float32)
+    fused = model.fuse_projections(model.split_layers(params))
+    assert "wqkv" in fused["layers"][0] and "wq" not in fused["layers"][0] and "w_gate" not in fused["layers"][0]
+    assert ("bqkv" in fused["layers"][0]) == cfg.qkv_bias
+    pol = make_policy("tova")
+    st = testing.fabricate_state(cfg, 2, 8, 6, jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
+    logits_a, st_a = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens)
+    logits_b, st_b = model.scan_logits(fused, cfg, pol, jax.tree.map(jnp.copy, st), tokens)
+    np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), rtol=1e-5, atol=1e-5)
+    assert (np.asarray(st_a.pos) == np.asarray(st_b.pos)).all()
+    nll_a, lm_a = model.layer_nll(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens, tokens)
+    nll_b, lm_b = model.layer_nll(model.fuse_projections(params), cfg, pol, st, tokens, tokens)
+    np.testing.assert_allclose(np.asarray(nll_a), np.asarray(nll_b), rtol=1e-5, atol=1e-5)
+    assert (np.asarray(lm_a.pos) == np.asarray(lm_b.pos)).all()
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["scan", "split"])
