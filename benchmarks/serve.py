@@ -151,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--rates", default="2,4,8", help="online Poisson arrival rates, requests/s")
     ap.add_argument("--online-requests", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
+    ap.add_argument("--systems", default="tova,full,hf",
+                    help="which systems run (tova, full, hf); one per process fits a run in a device call")
     ap.add_argument("--hf-batch-tokens", type=int, default=8192)
     ap.add_argument("--replot", metavar="SERVE_JSON", help="only redraw serve.png under --out "
                                                         "from an earlier run's serve.json")
@@ -193,14 +195,17 @@ def main(argv=None):
         return eng, time.perf_counter() - t0
 
     full_c = -(-(hi + args.gen) // 64) * 64
+    systems = [s for s in args.systems.split(",") if s]
     for label, policy, cap, batch in [(f"tova C={args.tova_capacity}", "tova", args.tova_capacity, args.tova_batch),
                                       (f"full C={full_c}", "full", full_c, args.full_batch)]:
+        if policy not in systems:
+            continue
         rec = {"policy": policy, "capacity": cap, "batch": batch}
         try:
             eng, rec["compile_s"] = engine(policy, cap, batch)
             rec["offline"] = run_load(eng, prompts, args.gen)
             print(label, "offline", rec["offline"], flush=True)
-            if policy == "tova":
+            if rates:
                 rec["online"] = []
                 rng = np.random.default_rng(1)
                 for rate in rates:
@@ -208,6 +213,7 @@ def main(argv=None):
                     r = {"rate": rate, **run_load(eng, prompts[:args.online_requests], args.gen, arr)}
                     rec["online"].append(r)
                     print(label, "online", r, flush=True)
+            if policy == "tova":
                 rec["overhead"] = overhead(eng, prompts, max(args.gen, 8 * args.steps_per_call))
                 print(label, "overhead", rec["overhead"], flush=True)
             eng.stop()
@@ -218,7 +224,7 @@ def main(argv=None):
         gc.collect()
         out["systems"][label] = rec
         write_json(os.path.join(args.out, "serve.json"), out)
-    if not args.no_hf:
+    if not args.no_hf and "hf" in systems:
         try:
             out["systems"]["transformers generate_batch"] = {"offline": hf_offline(
                 args.model, prompts, args.gen, "cuda" if on_gpu else "cpu", args.hf_batch_tokens)}

@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import attention
 from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
@@ -136,7 +137,9 @@ def fuse_projections(params):
         lp = dict(lp)
         for name, parts in FUSED.items():
             if all(p in lp for p in parts):
-                lp[name] = jnp.concatenate([lp.pop(p) for p in parts], -1)
+                arrays = [lp.pop(p) for p in parts]
+                xp = np if all(isinstance(a, np.ndarray) for a in arrays) else jnp  # host stays host
+                lp[name] = xp.concatenate(arrays, -1)
         return lp
 
     layers = params["layers"]

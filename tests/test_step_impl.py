@@ -88,9 +88,10 @@ def test_step_implementations_agree(tiny, variant):
     np.testing.assert_allclose(np.asarray(out.values), np.asarray(ref.values), rtol=1e-5, atol=1e-6)
 
 
-def test_split_layout_model_gives_the_same_results(tmp_path):
-    """load_model(layers="split") (the layout used on accelerators) gives the same
-    perplexity run, oneshot and chunked prefill and generation as the stacked layout."""
+@pytest.mark.parametrize("layout", ["split", "fused"])
+def test_split_layout_model_gives_the_same_results(tmp_path, layout):
+    """load_model(layers="split" or "fused") (the layouts used on accelerators) gives the
+    same perplexity run, oneshot and chunked prefill and generation as the stacked layout."""
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from hf_models import save_tiny_model
@@ -99,8 +100,9 @@ def test_split_layout_model_gives_the_same_results(tmp_path):
 
     folder = save_tiny_model(tmp_path / "m")
     stacked = api.load_model(folder, layers="stacked")
-    split = api.load_model(folder, layers="split")
+    split = api.load_model(folder, layers=layout)
     assert isinstance(split.params["layers"], list) and not isinstance(stacked.params["layers"], list)
+    assert ("wqkv" in split.params["layers"][0]) == (layout == "fused")
     ids = np.random.default_rng(1).integers(1, stacked.cfg.vocab_size, 40).tolist()
     for prefill, chunk in (("exact", None), ("chunked", 8)):
         a = evaluate.run_policy(stacked, "tova", 16, ids, prefill=prefill, chunk=chunk)
