@@ -319,7 +319,7 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set when the loop runs, or when it failed (then `error`)
         self.error: BaseException | None = None
         self.stats = collections.Counter()  # chunks, decode_tokens, decode_seconds, ...
 
@@ -418,6 +418,7 @@ class Engine:
             self._loop()
         except BaseException as e:  # noqa: BLE001  reported to every waiting request
             self.error = e
+            self.ready.set()  # whoever waits for the engine (a server's /health) learns it failed
             log.exception("engine failed")
         finally:
             with self._lock:

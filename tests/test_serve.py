@@ -132,6 +132,22 @@ def test_engine_admits_every_waiting_request_in_one_turn(tiny):
         eng.stop()
 
 
+def test_engine_that_fails_to_warm_up_says_so(tiny, monkeypatch):
+    """An engine whose programs fail while warming up (e.g. out of memory at a large
+    --max-batch) sets `ready` with its `error`: who waits for it (a server's /health, a
+    benchmark) learns of the failure instead of waiting for ever."""
+    def fail(self):
+        raise MemoryError("out of memory at this batch")
+
+    monkeypatch.setattr(Engine, "_warm", fail)
+    eng = Engine(tiny, "tova", C, max_batch=2, steps_per_call=4, log_requests=False).start()
+    try:
+        assert eng.ready.wait(60)
+        assert isinstance(eng.error, MemoryError)
+    finally:
+        eng.stop()
+
+
 def test_engine_nothing_recompiles(tiny, engine):
     """Requests of every length (up to several prefill pieces), greedy and sampled rows
     mixed, stop strings and max_tokens of 1: the programs compiled at start serve them all."""
