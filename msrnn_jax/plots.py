@@ -186,9 +186,9 @@ def plot_nll_curve(results, out, title="", context=None, by_capacity=False):
 
 def plot_eval(results, out, title=""):
     """results: dicts with task, policy, capacity, length, depth, accuracy (as `msrnn eval
-    --json` prints). One heat map of accuracy over length x depth per (policy, capacity),
-    `full` first, then a last panel with accuracy (the mean over lengths and depths)
-    against capacity for each policy, `full` as a horizontal reference line."""
+    --json` prints). A grid of accuracy heat maps over length x depth: a row per bounded
+    policy, a column per capacity; the top row holds `full` and accuracy (the mean over
+    lengths and depths) against capacity for each policy, `full` as a horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,25 +201,34 @@ def plot_eval(results, out, title=""):
         cells[key][(r["length"], r["depth"])] = r["accuracy"]
     lengths = sorted({r["length"] for r in results})
     depths = sorted({r["depth"] for r in results})
-    panels = sorted(cells, key=lambda k: (k[0] != "full", k[0], k[1] or 0))
-    ncols = min(len(panels) + 1, 5)
-    nrows = -(-(len(panels) + 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.4 * nrows + 0.5), dpi=110,
-                             squeeze=False)
-    for ax in axes.flat[len(panels) + 1:]:
+    order = ["window", "sink", "h2o", "h2o-head", "tova", "tova-head"]  # the paper's order; others after
+    policies = sorted({p for p, c in cells if p != "full"}, key=lambda p: (order.index(p) if p in order else 99, p))
+    caps = sorted({c for p, c in cells if p != "full"})
+    ncols = max(len(caps), 2)
+    fig, axes = plt.subplots(1 + len(policies), ncols, figsize=(2.3 * ncols + 1.2, 2.0 * (1 + len(policies)) + 0.6),
+                             dpi=110, squeeze=False, layout="constrained")
+    for ax in axes.flat:
         ax.set_axis_off()
-    image = None
-    for ax, key in zip(axes.flat, panels):
+
+    def heat(ax, key, label):
+        ax.set_axis_on()
         grid = np.full((len(depths), len(lengths)), np.nan)
         for (n, d), acc in cells[key].items():
             grid[depths.index(d), lengths.index(n)] = acc
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-        ax.set_title(key[0] if key[1] is None else f"{key[0]} C={key[1]}", fontsize=9)
+        ax.set_title(label, fontsize=8)
         ax.set_xlabel("length (tokens)", fontsize=7)
         ax.set_ylabel("depth", fontsize=7)
-    ax = axes.flat[len(panels)]
+        return ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+
+    image = heat(axes[0, 0], ("full", None), "full (C = length)") if ("full", None) in cells else None
+    for i, pol in enumerate(policies, 1):
+        for j, cap in enumerate(caps):
+            if (pol, cap) in cells:
+                image = heat(axes[i, j], (pol, cap), f"{pol} C={cap}")
+    ax = axes[0, 1]
+    ax.set_axis_on()
     lines = defaultdict(list)
     for (pol, cap), vals in cells.items():
         if pol == "full":
@@ -229,18 +238,18 @@ def plot_eval(results, out, title=""):
     for pol, pts in sorted(lines.items()):
         pts.sort()
         ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", markersize=3, label=pol)
-    caps = sorted({c for pts in lines.values() for c, _ in pts})
     if caps:
         ax.set_xscale("log", base=2)
         ax.set_xticks(caps, [str(c) for c in caps], fontsize=7)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("capacity C", fontsize=7)
     ax.set_ylabel("accuracy", fontsize=7)
-    ax.set_title("accuracy against capacity", fontsize=9)
+    ax.set_title("accuracy against capacity", fontsize=8)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="accuracy")
+        fig.colorbar(image, ax=axes[1:, -1].tolist() if len(policies) else axes[0, 0], shrink=0.6,
+                     label="accuracy")
     fig.suptitle(title or "long-context accuracy")
     fig.savefig(out, format="png")
     plt.close(fig)

@@ -235,3 +235,26 @@ def test_merge_numbers_runs_after_those_already_merged(tmp_path):
     assert r["bw_fraction"] == pytest.approx(1e6 / 0.5e-3 / 1e10)
     assert out["commands_supplementary"] == ["second", "third"]
     assert "†2" in (tmp_path / "out.md").read_text()
+
+
+def test_eval_report_tables_csv_and_plot(tmp_path, capsys):
+    """benchmarks.eval_report: hand-made eval records -> one table per length (a cell is
+    the depths answered right), the CSV rows, a PNG."""
+    from benchmarks import eval_report
+
+    recs = [{"task": "passkey", "policy": "full", "capacity": 100, "length": 100, "depth": d, "samples": 1,
+             "correct": 1, "accuracy": 1.0, "model": "m"} for d in (0.0, 1.0)]
+    recs += [{"task": "passkey", "policy": p, "capacity": c, "length": 100, "depth": d, "samples": 2,
+              "correct": k, "accuracy": k / 2, "model": "m"}
+             for p, c, d, k in [("tova", 8, 0.0, 0), ("tova", 8, 1.0, 1), ("window", 8, 0.0, 0), ("window", 8, 1.0, 0),
+                                ("tova", 16, 0.0, 2), ("tova", 16, 1.0, 2)]]
+    src = tmp_path / "e.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    eval_report.main([str(src), "--csv", str(tmp_path / "e.csv"), "--plot", str(tmp_path / "e.png")])
+    out = capsys.readouterr().out
+    assert "| policy | C=8 | C=16 |" in out
+    assert "| full (C = length) | ✓ all | ✓ all |" in out
+    assert "| window | · none | – |" in out
+    assert "| tova | 1 (0.50) | ✓ all |" in out
+    assert len((tmp_path / "e.csv").read_text().splitlines()) == len(recs) + 1
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
