@@ -17,8 +17,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-CSV_KEYS = ["task", "policy", "capacity", "positions", "length", "depth", "samples", "correct", "accuracy"]
-ORDER = ["full", "window", "sink", "h2o", "h2o-head", "tova", "tova-head"]
+from msrnn_jax.longcontext import CSV_KEYS
+from msrnn_jax.plots import POLICY_ORDER
+
+ORDER = ["full", *POLICY_ORDER]
 
 
 def cell(recs, depths) -> str:
@@ -72,7 +74,7 @@ def main(argv=None):
             w.writeheader()
             w.writerows(records)
     if args.plot:
-        from msrnn_jax.plots import plot_eval
+        from msrnn_jax.plots import plot_eval  # matplotlib only when asked
         tasks = sorted({r["task"] for r in records})
         plot_eval(records, args.plot, title=f"{', '.join(tasks)}, {Path(records[0]['model'].split(' (')[0]).name}")
     print(tables(records))

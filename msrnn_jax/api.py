@@ -102,8 +102,9 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     weights in place; see `attention`), "fused" (split, with each layer's q|k|v and
     gate|up joined into one matrix: `model.fuse_projections`, fewer and larger products,
     the fastest at small batches on GPU), or "auto": fused on an accelerator (split under
-    a mesh, whose shardings name the separate matrices), stacked on the CPU. `notify(message)` hears of slow work before it starts
-    (the first conversion of a GGUF file, which is then cached).
+    a mesh, whose shardings name the separate matrices), stacked on the CPU.
+    `notify(message)` hears of slow work before it starts (the first conversion of a GGUF
+    file, which is then cached).
 
     precision: None (fp32 params: exact `highest` matmuls; bf16: the backend's default),
     or "default", "high", "highest" (docs/design.md, "Precision").
@@ -130,13 +131,12 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
         cfg, params, tok = sharding.restore_converted(Path(spec).expanduser(), mesh, dtype)
         return Model(cfg, split_layers(params) if split else params, tok, str(spec), precision, mesh)
     loaded = load_converted(spec, notify=notify)
+    host = split_layers(loaded.params) if split else loaded.params  # host arrays: no device copy
     if mesh is None:
-        host = split_layers(loaded.params) if split else loaded.params
-        host = fuse_projections(host) if fuse else host  # joined on the host: no device copy
+        host = fuse_projections(host) if fuse else host  # joined on the host too
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.dtype(dtype)), host)
     else:
         sharding.check_model(loaded.cfg, mesh)
-        host = split_layers(loaded.params) if split else loaded.params  # host arrays: no device copy
         params = sharding.shard_params(host, mesh, dtype)
     return Model(loaded.cfg, params, loaded.tokenizer, loaded.source, precision, mesh)
 

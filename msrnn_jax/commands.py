@@ -215,7 +215,7 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
             print(f"{r['task']:<8} {r['policy']:<10} {r['capacity']:>8} {r['length']:>7} "
                   f"{r['depth']:>6.2f} {r['accuracy']:>9.3f}")
     if args.csv:
-        keys = ["task", "policy", "capacity", "positions", "length", "depth", "samples", "correct", "accuracy"]
+        from .longcontext import CSV_KEYS as keys
 
         def write(f):
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -197,6 +197,10 @@ def score_answer(answer: str, expected: str) -> int:
     return int(expected in answer)
 
 
+# the columns of `msrnn eval --csv` (the record's fields but its answers)
+CSV_KEYS = ["task", "policy", "capacity", "positions", "length", "depth", "samples", "correct", "accuracy"]
+
+
 @dataclasses.dataclass
 class EvalRecord:
     """The accuracy of one (task, policy, capacity, length, depth) over its samples."""

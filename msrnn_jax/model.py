@@ -323,7 +323,9 @@ def step_ranked(params, cfg: ModelConfig, policy: Policy, state: State, ranks, t
     table = None
     if check_positions(positions) == "reindex":
         table = rope_table(C + 1, jnp.asarray(cfg.inv_freq()))
-        ranks = initial_ranks(state, positions) if ranks is None else ranks
+        ranks = slot_ranks(state.pos) if ranks is None else ranks
+    else:
+        ranks = None
 
     def layer(x, lp, K, V, P, S, l, r):
         """x [B,E]; this layer's slots K, V [B,Hkv,C,D], P, S [B,Hkv,C]; r: their ranks.
@@ -340,7 +342,7 @@ def step_ranked(params, cfg: ModelConfig, policy: Policy, state: State, ranks, t
     # every layer reads the old state; all layers' new entries are written afterwards in
     # one in-place scatter (a write inside the loop would copy the state once per layer)
     x, (k, v, slot, score, ranks) = attention.over_layers(layer, params["embed"][tokens], params["layers"],
-                                                          state, impl, ranks if table is not None else None)
+                                                          state, impl, ranks)
     keys, values, pos = write_slots(state.keys, state.values, state.pos, slot, k, v, p[None, :, None])
     state = State(keys=keys, values=values, pos=pos, score=score if policy.uses_score else state.score,
                   length=state.length + active.astype(jnp.int32))

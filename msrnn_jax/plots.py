@@ -184,6 +184,9 @@ def plot_nll_curve(results, out, title="", context=None, by_capacity=False):
     plt.close(fig)
 
 
+POLICY_ORDER = ["window", "sink", "h2o", "h2o-head", "tova", "tova-head"]  # the paper's order
+
+
 def plot_eval(results, out, title=""):
     """results: dicts with task, policy, capacity, length, depth, accuracy (as `msrnn eval
     --json` prints). A grid of accuracy heat maps over length x depth: a row per bounded
@@ -201,8 +204,8 @@ def plot_eval(results, out, title=""):
         cells[key][(r["length"], r["depth"])] = r["accuracy"]
     lengths = sorted({r["length"] for r in results})
     depths = sorted({r["depth"] for r in results})
-    order = ["window", "sink", "h2o", "h2o-head", "tova", "tova-head"]  # the paper's order; others after
-    policies = sorted({p for p, c in cells if p != "full"}, key=lambda p: (order.index(p) if p in order else 99, p))
+    policies = sorted({p for p, c in cells if p != "full"},
+                      key=lambda p: (POLICY_ORDER.index(p) if p in POLICY_ORDER else 99, p))  # others after
     caps = sorted({c for p, c in cells if p != "full"})
     ncols = max(len(caps), 2)
     fig, axes = plt.subplots(1 + len(policies), ncols, figsize=(2.3 * ncols + 1.2, 2.0 * (1 + len(policies)) + 0.6),
