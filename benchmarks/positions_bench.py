@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="tiny model, C=64, batches 1,8")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one timed call of each row with the JAX profiler and keep its "
+                         "kernels by total time (the row's 'profile' in the JSON)")
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.capacity, args.batches, args.steps, args.repeats = "tiny", 64, "1,8", 8, 3
@@ -50,6 +54,7 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from benchmarks.common import now_tag
+    from benchmarks.jax_bench import profile_call
     from msrnn_jax.attention import StepImpl
     from msrnn_jax.model import split_layers
     from msrnn_jax.policies import make_policy
@@ -119,6 +124,19 @@ def main(argv=None):
                     rows.append({"batch": batch, "attention": attention, "positions": positions,
                                  "ms_per_step": ms, "tokens_per_s": batch * 1000 / ms,
                                  "compile_and_first_call_s": compile_s, "ms_all": [1000 * t for t in times]})
+                    if args.profile:
+                        holder = {"toks": toks, "state": state}
+
+                        def go():
+                            t, s = greedy_decode(params, cfg, pol, args.steps, holder["state"],
+                                                 holder["toks"][:, -1], impl, positions)
+                            t.block_until_ready()
+                            holder.update(toks=t, state=s)
+
+                        with tempfile.TemporaryDirectory() as d:
+                            rows[-1]["profile"] = profile_call(go, d)
+                        toks, state = holder["toks"], holder["state"]
+                        del holder
                     print(f"B={batch:<4} {attention:<7} {positions:<8} {ms:8.3f} ms/step "
                           f"(compile+first {compile_s:.1f} s)", flush=True)
                     del state, toks

@@ -20,7 +20,18 @@ from msrnn_jax import cli
 from test_cli import assert_one_line_error, run_cli, text_file, tiny  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+
+
+def communicate_or_dump(p, timeout):
+    """`p.communicate(timeout)`; if the child is still running then, abort it so that
+    faulthandler prints every thread's stack, and fail with that instead of a bare timeout."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        out, err = p.communicate(timeout=30)
+        pytest.fail(f"still running {timeout} s after the signal; its threads:\n{err[-8000:]}")
 
 
 def msrnn(*argv, **kw):
@@ -41,7 +52,7 @@ def test_sigint_stops_a_long_ppl_at_once(tiny, text_file, tmp_path):
         time.sleep(0.5)
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        out, err = communicate_or_dump(p, 30)
         waited = time.monotonic() - t0
     finally:
         p.kill()
