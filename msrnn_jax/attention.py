@@ -87,14 +87,14 @@ def fused_reindex(impl: StepImpl) -> bool:
 
 
 def rotated_scores(q, K, cos, sin):
-    """q [B,Hkv,G,D] . (K [B,Hkv,C,D] rotated by the angles cos, sin [B,Hkv,C,D]) ->
-    [B,Hkv,G,C] f32, without the rotated keys ever being stored: with k' = k cos +
-    rotate_half(k) sin and both halves of cos, sin equal,
+    """q [B,Hkv,G,D] . (K [B,Hkv,C,D] rotated by the angles cos, sin [B,Hkv,C,D], or only
+    their first half [B,Hkv,C,D/2]) -> [B,Hkv,G,C] f32, without the rotated keys ever
+    being stored: with k' = k cos + rotate_half(k) sin and both halves of cos, sin equal,
     q . k' = sum_j (q1 k1 + q2 k2) c + (q2 k1 - q1 k2) s over the half j < D/2."""
     h = q.shape[-1] // 2
     q1, q2 = q[..., None, :h].astype(F32), q[..., None, h:].astype(F32)  # [B,Hkv,G,1,h]
     k1, k2 = K[:, :, None, :, :h].astype(F32), K[:, :, None, :, h:].astype(F32)  # [B,Hkv,1,C,h]
-    c, s = cos[:, :, None, :, :h], sin[:, :, None, :, :h]
+    c, s = cos[:, :, None, :, :h].astype(F32), sin[:, :, None, :, :h].astype(F32)
     return jnp.sum((q1 * k1 + q2 * k2) * c + (q2 * k1 - q1 * k2) * s, -1)
 
 
