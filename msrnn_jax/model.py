@@ -253,10 +253,7 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
         rank, n = slot_ranks(P) if ranks is None else ranks
         cos, sin = table
         if attention.fused_reindex(impl):  # rotated inside the score product, never stored
-            # half the table (both halves of the angles are equal) in the keys' dtype, as
-            # `_rotate` rounds it: a bf16 model's gathered rows then stay in the GPU's L1
-            h = cos.shape[-1] // 2
-            rot = (cos[:, :h].astype(K.dtype)[rank], sin[:, :h].astype(K.dtype)[rank])
+            rot = (cos[rank], sin[rank])
         else:  # a rotated copy of the layer's keys
             K, V, l = _layer_slots(K, V, l, impl)
             K = _rotate(K, cos[rank], sin[rank])
