@@ -88,14 +88,14 @@ def fused_reindex(impl: StepImpl) -> bool:
 
 def rotated_scores(q, K, cos, sin):
     """q [B,Hkv,G,D] . (K [B,Hkv,C,D] rotated by the angles cos, sin [B,Hkv,C,D]) ->
-    [B,Hkv,G,C] f32, without the rotated keys ever being stored. With k' = k cos +
-    rotate_half(k) sin, q . k' = sum_d k_d (q_d cos_d + u_d sin_d), u = (q2, -q1): one
-    reduction over each key's whole contiguous row, as the plain product reads it."""
+    [B,Hkv,G,C] f32, without the rotated keys ever being stored: with k' = k cos +
+    rotate_half(k) sin and both halves of cos, sin equal,
+    q . k' = sum_j (q1 k1 + q2 k2) c + (q2 k1 - q1 k2) s over the half j < D/2."""
     h = q.shape[-1] // 2
-    qf = q.astype(F32)[..., None, :]  # [B,Hkv,G,1,D]
-    u = jnp.concatenate([qf[..., h:], -qf[..., :h]], -1)
-    c, s = cos[:, :, None], sin[:, :, None]  # [B,Hkv,1,C,D]
-    return jnp.sum(K[:, :, None].astype(F32) * (qf * c + u * s), -1)
+    q1, q2 = q[..., None, :h].astype(F32), q[..., None, h:].astype(F32)  # [B,Hkv,G,1,h]
+    k1, k2 = K[:, :, None, :, :h].astype(F32), K[:, :, None, :, h:].astype(F32)  # [B,Hkv,1,C,h]
+    c, s = cos[:, :, None, :, :h], sin[:, :, None, :, :h]
+    return jnp.sum((q1 * k1 + q2 * k2) * c + (q2 * k1 - q1 * k2) * s, -1)
 
 
 def _slot_scores(q, K, impl: StepImpl, layer, rot=None):
