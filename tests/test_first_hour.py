@@ -34,17 +34,23 @@ def communicate_or_dump(p, timeout):
         pytest.fail(f"still running {timeout} s after the signal; its threads:\n{err[-8000:]}")
 
 
+@pytest.fixture(autouse=True)
 def sigint_as_on_a_terminal():
-    """In the child before it runs: SIGINT back to its default. A background job of a
-    non-interactive shell (`pytest &`, as .ci/gpu-suite starts its groups) inherits SIGINT
-    ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C reaches a
-    foreground command, which these tests stand for."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """Every child of these tests starts with SIGINT at its default, as a foreground
+    command on a terminal does. A background job of a non-interactive shell (`pytest &`,
+    as .ci/gpu-suite starts its groups) inherits SIGINT ignored, its children too, and
+    Python then installs no KeyboardInterrupt handler. A handler here (not SIG_IGN) is
+    reset to the default by exec, so no child needs a preexec_fn (which forks)."""
+    old = signal.getsignal(signal.SIGINT)
+    if old == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 def msrnn(*argv, **kw):
     return subprocess.Popen([sys.executable, "-m", "msrnn_jax.cli", *map(str, argv)], cwd=REPO,
-                            env=ENV, text=True, preexec_fn=sigint_as_on_a_terminal, **kw)
+                            env=ENV, text=True, **kw)
 
 
 def test_sigint_stops_a_long_ppl_at_once(tiny, text_file, tmp_path):
@@ -147,8 +153,7 @@ def test_chat_on_a_terminal(tiny):
     child = pexpect.spawn(sys.executable, ["-m", "msrnn_jax.cli", "chat", "--model", str(tiny),
                                            "--policy", "window", "--capacity", "16",
                                            "--max-new-tokens", "100000000"],
-                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=120,
-                          preexec_fn=sigint_as_on_a_terminal)
+                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=120)
     try:
         child.expect("Ctrl-D or /exit")
         child.expect("> ")
@@ -170,8 +175,7 @@ def test_chat_ctrl_d_exits_cleanly(tiny):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "msrnn_jax.cli", "chat", "--model", str(tiny),
                                            "--policy", "window", "--capacity", "16"],
-                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=120,
-                          preexec_fn=sigint_as_on_a_terminal)
+                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=120)
     try:
         child.expect("> ")
         child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not the end
