@@ -193,7 +193,7 @@ def profile_call(fn, logdir: str) -> dict:
             by_name: dict[str, list] = {}
             for n, _, d in evs:  # one kernel per layer: msrnn_slot_scores__17 -> msrnn_slot_scores
                 by_name.setdefault(re.sub(r"(__\d+|\.\d+)$", "", n), []).append(d)
-            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:60]
             lines.append({"line": line.name, "events": len(evs), "busy_ms": busy / 1e6, "span_ms": span / 1e6,
                           "top": [{"name": n[:160], "count": len(d), "total_ms": sum(d) / 1e6,
                                    "mean_us": float(np.mean(d)) / 1e3} for n, d in top]})

@@ -28,6 +28,7 @@ import numpy as np
 
 from msrnn_jax import testing
 from msrnn_jax.api import Model
+from msrnn_jax.attention import DEFAULT_IMPL, StepImpl
 from msrnn_jax.engine import Engine
 from msrnn_jax.model import split_layers
 from msrnn_jax.policies import make_policy
@@ -146,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--tova-batch", type=int, default=256)
     ap.add_argument("--tova-capacity", type=int, default=512)
     ap.add_argument("--full-batch", type=int, default=48)
+    ap.add_argument("--full-attention", default="einsum", choices=["einsum", "pallas"],
+                    help="the full cache's attention (StepImpl): at batches past ~16, XLA's autotuner "
+                         "wants a scratch copy of a whole state buffer, which Pallas' kernels do not")
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill piece")
     ap.add_argument("--steps-per-call", type=int, default=16)
     ap.add_argument("--rates", default="2,4,8", help="online Poisson arrival rates, requests/s")
@@ -186,9 +190,10 @@ def main(argv=None):
 
     def engine(policy, capacity, batch):
         t0 = time.perf_counter()
+        impl = StepImpl(attention=args.full_attention) if policy == "full" else DEFAULT_IMPL
         eng = Engine(model, policy, capacity, max_batch=batch, max_queue=max(args.requests, args.online_requests),
                      prefill="chunked", chunk=args.chunk, steps_per_call=args.steps_per_call,
-                     log_requests=False).start()
+                     impl=impl, log_requests=False).start()
         eng.ready.wait()
         if eng.error:
             raise eng.error
@@ -200,7 +205,8 @@ def main(argv=None):
                                       (f"full C={full_c}", "full", full_c, args.full_batch)]:
         if policy not in systems:
             continue
-        rec = {"policy": policy, "capacity": cap, "batch": batch}
+        rec = {"policy": policy, "capacity": cap, "batch": batch,
+               "attention": args.full_attention if policy == "full" else DEFAULT_IMPL.attention}
         try:
             eng, rec["compile_s"] = engine(policy, cap, batch)
             rec["offline"] = run_load(eng, prompts, args.gen)

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to bind")
     w.add_argument("--port", type=int, default=8000, help="port to bind")
     w.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
-    model_args(w)
+    model_args(w), mesh_arg(w)
 
     e = command("eval", "long-context tasks: does the bounded state keep the needle?")
     e.add_argument("task", help="passkey or niah")

@@ -442,6 +442,10 @@ def serve(args):
     check_int("max_queue", args.max_queue, minimum=0)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
+        from . import sharding
+        from .engine import check_batch
+        check_batch(args.max_batch, sharding.make_mesh(args.mesh))
 
     def factory():  # on the server's loading thread: /health answers 503 meanwhile
         model = _load(args)

@@ -17,6 +17,13 @@ Every compiled program has one shape: [B] rows, C slots, a prompt piece of P (or
 tokens, n steps per chunk. No shape depends on a request, so nothing recompiles while
 serving (`Engine.compiled()` counts the programs; the tests check it).
 
+On a model loaded with a mesh (`load_model(mesh="data=D,model=M")`, docs/design.md §9)
+the B rows are split over `data` (B a multiple of D) and the KV heads over `model`. A
+prompt is then read into a state of D rows, one per data shard, whose first row is the
+request's and the others inactive: each device reads its shard's row at the cost of one,
+and the rows stay split like the big state's. Every array is put back in its sharding
+after each call, so every call sees the same shardings and nothing recompiles either.
+
     import msrnn_jax as m
     from msrnn_jax.engine import Engine
     eng = Engine(m.load_model(), policy="tova", capacity=256, max_batch=4).start()
@@ -42,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .api import Model
 from .attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
@@ -62,6 +70,14 @@ class QueueFull(MsrnnError):
 
 class EngineStopped(MsrnnError):
     """The engine is not running (stopped, or not started)."""
+
+
+def check_batch(max_batch: int, mesh) -> None:
+    """Under a mesh the rows are split over data: B must be a multiple of D."""
+    D = 1 if mesh is None else sharding.mesh_size(mesh, "data")
+    if max_batch % D:
+        raise InvalidArgument(f"max_batch {max_batch} does not split over mesh data={D} (the rows are "
+                              f"split over data): choose a multiple of {D}", "max_batch")
 
 
 # -- the jitted programs ---------------------------------------------------------------
@@ -274,6 +290,8 @@ class Engine:
     steps_per_call: decode steps per chunk (the streaming granularity).
     positions: "absolute" or "reindex" (docs/design.md §8): with reindex a bounded row
     may run past the model's trained context.
+    The model's mesh, if it has one, splits the rows over data (max_batch must be a
+    multiple of D) and the KV heads over model; the step then uses einsum.
     """
 
     def __init__(self, model: Model, policy: str | Policy = "tova", capacity: int | None = None,
@@ -297,12 +315,18 @@ class Engine:
         self.prefill_pieces = check_int("prefill_pieces", prefill_pieces)
         self.steps = check_int("steps_per_call", steps_per_call)
         self.impl = impl
+        self.mesh = model.mesh
+        sharding.check_impl(impl, self.mesh)
+        # a prompt is read into R rows: 1, or one per data shard under a mesh (module docstring)
+        self.R = 1 if self.mesh is None else sharding.mesh_size(self.mesh, "data")
+        check_batch(self.B, self.mesh)
         self.log_requests = log_requests
         self.dtype = dtype or jax.tree.leaves(model.params)[0].dtype
         self.eos = jnp.asarray(list(model.eos_ids) or [-1], jnp.int32)
         self._eos_set = set(model.eos_ids)
+        self._eos_everywhere = None if self.mesh is None else sharding.replicate(self.mesh, self.eos)
         B = self.B
-        self.state = State.init(self.cfg, B, self.capacity, self.dtype)
+        self.state = self._empty_state(B)
         # per-row bookkeeping, on the host (a few [B] arrays travel with each chunk)
         self.tok = np.zeros(B, np.int32)
         self.keys = np.zeros((B, 2), np.uint32)
@@ -412,10 +436,11 @@ class Engine:
     # -- the loop (its own thread) -----------------------------------------------------
     def _main(self, warm):
         try:
-            if warm:
-                self._warm()
-            self.ready.set()
-            self._loop()
+            with sharding.use(self.mesh):  # the thread traces under the model's mesh (`whole`)
+                if warm:
+                    self._warm()
+                self.ready.set()
+                self._loop()
         except BaseException as e:  # noqa: BLE001  reported to every waiting request
             self.error = e
             self.ready.set()  # whoever waits for the engine (a server's /health) learns it failed
@@ -439,43 +464,69 @@ class Engine:
         pf = self._new_prefill(None, 0, [0])
         while not self._advance(pf):
             pass
-        self.state = insert_row(self.state, pf.state, 0)
-        first_rows(pf.logits, self.keys[:1], self.temperature[:1], self.top_k[:1], self.top_p[:1])[0].block_until_ready()
+        self._insert(pf, 0)
+        R = self.R
+        first_rows(*self._rows(pf.logits, self.keys[:R], self.temperature[:R], self.top_k[:R],
+                               self.top_p[:R]))[0].block_until_ready()
         self._decode_chunk()
         self.stats.clear()
         log.info("compiled in %.1f s: policy %s, C=%d, B=%d, %s prefill in pieces of %d, %d steps per chunk",
                  time.perf_counter() - t0, self.name, self.capacity, self.B, self.prefill_mode,
                  self.piece, self.steps)
 
+    def _empty_state(self, rows: int) -> State:
+        if self.mesh is None:
+            return State.init(self.cfg, rows, self.capacity, self.dtype)
+        return sharding.init_state(self.cfg, rows, self.capacity, self.dtype, self.mesh)
+
+    def _placed(self, state: State, *rows):
+        """state and row arrays [R, ...] in their mesh shardings (as they are without one)."""
+        if self.mesh is None:
+            return (state, *rows)
+        return (sharding.place_state(state, self.mesh), *sharding.place_rows(self.mesh, *rows))
+
+    def _rows(self, *rows):
+        return rows if self.mesh is None else sharding.place_rows(self.mesh, *rows)
+
     def _new_prefill(self, req, row, prompt) -> _Prefill:
-        st = State.init(self.cfg, 1, self.capacity, self.dtype)
-        pf = _Prefill(req, row, st, jnp.zeros((1, self.cfg.vocab_size), jnp.float32))
+        logits = np.zeros((self.R, self.cfg.vocab_size), np.float32)
+        st, logits = self._placed(self._empty_state(self.R), logits)
+        pf = _Prefill(req, row, st, jnp.asarray(logits))
         pf.prompt = prompt
         return pf
+
+    def _insert(self, pf: _Prefill, b: int):
+        """pf's first row into row b of the state."""
+        if self.mesh is None:
+            self.state = insert_row(self.state, pf.state, b)
+        else:  # both in their shardings, as every call's inputs: one compile
+            self.state = insert_row(sharding.place_state(self.state, self.mesh),
+                                    sharding.place_state(pf.state, self.mesh), b)
 
     def _advance(self, pf: _Prefill) -> bool:
         """Read the next piece of pf's prompt; True once the whole prompt is in."""
         P, prompt = self.piece, pf.prompt
-        toks = np.zeros((1, P), np.int32)
-        act = np.zeros((1, P), bool)
+        toks = np.zeros((self.R, P), np.int32)  # rows after the first (a mesh's padding) inactive
+        act = np.zeros((self.R, P), bool)
         part = prompt[pf.next_piece * P:(pf.next_piece + 1) * P]
         toks[0, :len(part)] = part
         act[0, :len(part)] = True
-        if self.prefill_mode == "chunked":
-            pf.logits, pf.state = chunk_piece(self.model.params, self.cfg, self.policy, pf.state,
-                                              jnp.asarray(toks), jnp.asarray(act), pf.logits, self.positions)
-        else:
-            pf.logits, pf.state = exact_piece(self.model.params, self.cfg, self.policy, pf.state,
-                                              jnp.asarray(toks), jnp.asarray(act), pf.logits, self.positions)
+        piece = chunk_piece if self.prefill_mode == "chunked" else exact_piece
+        st, toks, act, logits = self._placed(pf.state, toks, act, pf.logits)
+        pf.logits, pf.state = piece(self.model.params, self.cfg, self.policy, st, toks, act, logits,
+                                    self.positions)
         pf.next_piece += 1
         return pf.next_piece * P >= len(prompt)
 
     def _decode_chunk(self):
         t0 = time.perf_counter()
-        out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, self.state,
-                          self.tok, self.keys, self.pending, self.finished, self.budget,
-                          self.temperature, self.top_k, self.top_p, self.eos, self.ignore_eos, self.impl,
-                          self.positions)
+        state, *rows = self._placed(self.state, self.tok, self.keys, self.pending, self.finished, self.budget,
+                                    self.temperature, self.top_k, self.top_p, self.ignore_eos)
+        eos = self.eos if self.mesh is None else self._eos_everywhere
+        tok, keys, pending, finished, budget, temperature, top_k, top_p, ignore_eos = rows
+        out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, state,
+                          tok, keys, pending, finished, budget,
+                          temperature, top_k, top_p, eos, ignore_eos, self.impl, self.positions)
         toks, emitted, self.state, tok, keys, pending, finished, budget = out
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         # np.array: writable host copies (the host edits rows between chunks)
@@ -557,11 +608,12 @@ class Engine:
         else:
             return n, False  # more pieces next turn: the decoding rows go on meanwhile
         req, b = pf.req, pf.row
-        self.state = insert_row(self.state, pf.state, b)
-        key = seed_key(req.seed)[None]
-        temp = np.asarray([req.temperature], np.float32)
-        tk, tp = np.asarray([req.top_k], np.int32), np.asarray([req.top_p], np.float32)
-        first, key = first_rows(pf.logits, key, temp, tk, tp)
+        self._insert(pf, b)
+        R = self.R  # the first of R rows is the request's
+        key = np.repeat(seed_key(req.seed)[None], R, 0)
+        temp = np.full(R, req.temperature, np.float32)
+        tk, tp = np.full(R, req.top_k, np.int32), np.full(R, req.top_p, np.float32)
+        first, key = first_rows(*self._rows(pf.logits, key, temp, tk, tp))
         first = int(np.asarray(first)[0])
         with self._lock:
             self.prefilling = None

@@ -96,6 +96,20 @@ def test_model_api_with_a_mesh(results):
     assert g["compiles"] == 1 and g["recompiles"] == 0, g
 
 
+def test_serving_engine_with_a_mesh(results):
+    """The engine behind `msrnn serve` on a 2x2 mesh: six concurrent greedy requests over
+    four rows give one-device `generate`'s tokens for each prompt alone (exact and chunked
+    prefill); no program compiles while serving; the state stays split (rows over data,
+    KV heads over model)."""
+    r = _get(results, "engine")
+    for prefill in ("exact", "chunked"):
+        e = r[prefill]
+        assert e["tokens"], (prefill, e["want"], e["got"])
+        assert all(len(t) == 12 for t in e["got"])
+        assert e["after"] == e["compiled"], (e["compiled"], e["after"])  # nothing compiled while serving
+        assert e["state_spec"].startswith("P(None, 'data', 'model'"), e["state_spec"]
+
+
 def test_loading_places_each_shard(results):
     """From a HF folder (placed per leaf, shard by shard) and from an orbax folder
     (restored into the shardings): each leaf has the rule's NamedSharding, each device
@@ -118,6 +132,9 @@ def test_bad_meshes_are_one_line_errors(results):
         lines = r[name]["stderr"].strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("msrnn: error: ") and "--mesh" in lines[0], (name, lines)
         assert text in lines[0], (name, lines)
+    lines = r["serve_rows"]["stderr"].strip().splitlines()
+    assert r["serve_rows"]["rc"] == 2 and len(lines) == 1, r["serve_rows"]
+    assert "--max-batch 4 does not split over mesh data=8" in lines[0], lines
     # and model=3 divides 3 KV heads: a 2x3 mesh runs and matches one device
     assert r["model3"]["pos"] and r["model3"]["nll"] < TOL
 
