@@ -19,7 +19,7 @@ import importlib
 # name -> the module that defines it. Imported on first use, so that `msrnn --help` and the
 # command line's argument errors answer before JAX is loaded.
 _WHERE = {
-    "load_model": "api", "Model": "api", "generate": "api", "prompt_ids": "api",
+    "load_model": "api", "use_compile_cache": "api", "Model": "api", "generate": "api", "prompt_ids": "api",
     "GenerateResult": "decoding", "prefill": "decoding", "decode_chunk": "decoding",
     "generate_tokens": "decoding",
     "run_policy": "evaluate", "sweep": "evaluate", "PolicyRun": "evaluate", "SweepResult": "evaluate",
@@ -43,6 +43,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "use_compile_cache",
     # loading, and the high-level calls that take a loaded model
     "load_model", "Model", "generate", "prompt_ids", "GenerateResult",
     "run_policy", "sweep", "PolicyRun", "SweepResult", "nll_curve", "POSITIONS",

@@ -90,6 +90,27 @@ class Model:
         return generate(self, prompt, max_new_tokens, **kwargs).texts[0]
 
 
+def use_compile_cache(folder: str | Path | None = None) -> Path | None:
+    """Keep compiled programs between runs: JAX's persistent compilation cache in `folder`
+    (default $MSRNN_CACHE/xla, i.e. ~/.cache/msrnn_jax/xla), so that a later process
+    running the same shapes loads each program instead of compiling it again. The
+    command line turns it on for every command. A cache the user already chose
+    (JAX_COMPILATION_CACHE_DIR) is kept, and MSRNN_COMPILE_CACHE=0 turns it off.
+    Returns the folder in use (None: off)."""
+    import os
+
+    if os.environ.get("MSRNN_COMPILE_CACHE", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    if folder is None:
+        from .convert import cache_root
+        folder = cache_root() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return Path(folder)
+
+
 def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "auto",
                notify: Callable[[str], None] | None = None, precision: str | None = None,
                mesh=None) -> Model:

@@ -233,7 +233,9 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("a command is required: generate, chat, ppl, eval, serve or convert (see msrnn --help)")
-        from . import commands  # heavy imports (jax, transformers) only once the args are good
+        from . import api, commands  # heavy imports (jax, transformers) only once the args are good
+
+        api.use_compile_cache()  # a second run of the same shapes skips XLA's compiles
 
         run = getattr(commands, args.command)
         if args.command in OWN_SIGNALS:  # a chat reply stops, a server drains its streams

@@ -142,6 +142,30 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
         assert p.stderr.count("\n") == 1 and p.stderr.startswith("msrnn: error: "), p.stderr
 
 
+def test_compiled_programs_persist_between_runs(tiny, tmp_path):
+    """`msrnn` keeps XLA's compiled programs in $MSRNN_CACHE/xla: a second run of the same
+    command loads them (nothing new is written) and prints the same tokens;
+    MSRNN_COMPILE_CACHE=0 writes nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the suite's own
+    env.update(HF_HUB_OFFLINE="1", MSRNN_CACHE=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the tiny model compiles fast
+    argv = [sys.executable, "-m", "msrnn_jax.cli", "generate", "a b c", "--model", tiny,
+            "--policy", "tova", "--capacity", "8", "--max-new-tokens", "6"]
+
+    def run(**extra):
+        p = subprocess.run(argv, capture_output=True, text=True, env={**env, **extra}, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    first = run()
+    cached = sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir())
+    assert any(name.startswith("jit_decode_chunk") for name in cached), cached
+    assert run() == first
+    assert sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir()) == cached
+    run(MSRNN_CACHE=str(tmp_path / "off"), MSRNN_COMPILE_CACHE="0")
+    assert not (tmp_path / "off" / "xla").exists()
+
+
 # -- success paths ---------------------------------------------------------------------------
 def test_ppl_json_csv_plot_sweep(capsys, tiny, text_file, tmp_path):
     csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
