@@ -144,8 +144,7 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
 
 def test_compiled_programs_persist_between_runs(tiny, tmp_path):
     """`msrnn` keeps XLA's compiled programs in $MSRNN_CACHE/xla: a second run of the same
-    command loads them (nothing new is written) and prints the same tokens;
-    MSRNN_COMPILE_CACHE=0 writes nothing."""
+    command loads them (nothing new is written) and prints the same tokens."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the suite's own
     env.update(HF_HUB_OFFLINE="1", MSRNN_CACHE=str(tmp_path / "cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the tiny model compiles fast
@@ -162,8 +161,21 @@ def test_compiled_programs_persist_between_runs(tiny, tmp_path):
     assert any(name.startswith("jit_decode_chunk") for name in cached), cached
     assert run() == first
     assert sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir()) == cached
-    run(MSRNN_CACHE=str(tmp_path / "off"), MSRNN_COMPILE_CACHE="0")
-    assert not (tmp_path / "off" / "xla").exists()
+
+
+def test_compile_cache_keeps_the_users_and_turns_off(monkeypatch, tmp_path):
+    """A cache folder already chosen (here the suite's own, JAX_COMPILATION_CACHE_DIR) is
+    kept; MSRNN_COMPILE_CACHE=0 turns the cache off without touching JAX's setting."""
+    import jax
+
+    from msrnn_jax import use_compile_cache
+
+    chosen = jax.config.jax_compilation_cache_dir
+    assert chosen == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert use_compile_cache(tmp_path / "other") == Path(chosen)
+    monkeypatch.setenv("MSRNN_COMPILE_CACHE", "0")
+    assert use_compile_cache(tmp_path / "other") is None
+    assert jax.config.jax_compilation_cache_dir == chosen and not (tmp_path / "other").exists()
 
 
 # -- success paths ---------------------------------------------------------------------------
