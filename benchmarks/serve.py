@@ -188,9 +188,8 @@ def main(argv=None):
            "prompt_tokens": [lo, hi], "generated_tokens_each": args.gen, "steps_per_call": args.steps_per_call,
            "prefill": f"chunked S={args.chunk}", "systems": {}}
 
-    def engine(policy, capacity, batch):
+    def engine(policy, capacity, batch, impl):
         t0 = time.perf_counter()
-        impl = StepImpl(attention=args.full_attention) if policy == "full" else DEFAULT_IMPL
         eng = Engine(model, policy, capacity, max_batch=batch, max_queue=max(args.requests, args.online_requests),
                      prefill="chunked", chunk=args.chunk, steps_per_call=args.steps_per_call,
                      impl=impl, log_requests=False).start()
@@ -205,10 +204,10 @@ def main(argv=None):
                                       (f"full C={full_c}", "full", full_c, args.full_batch)]:
         if policy not in systems:
             continue
-        rec = {"policy": policy, "capacity": cap, "batch": batch,
-               "attention": args.full_attention if policy == "full" else DEFAULT_IMPL.attention}
+        impl = StepImpl(attention=args.full_attention) if policy == "full" else DEFAULT_IMPL
+        rec = {"policy": policy, "capacity": cap, "batch": batch, "attention": impl.attention}
         try:
-            eng, rec["compile_s"] = engine(policy, cap, batch)
+            eng, rec["compile_s"] = engine(policy, cap, batch, impl)
             rec["offline"] = run_load(eng, prompts, args.gen)
             print(label, "offline", rec["offline"], flush=True)
             if rates:

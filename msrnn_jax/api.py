@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -97,8 +98,6 @@ def use_compile_cache(folder: str | Path | None = None) -> Path | None:
     command line turns it on for every command. A cache the user already chose
     (JAX_COMPILATION_CACHE_DIR) is kept, and MSRNN_COMPILE_CACHE=0 turns it off.
     Returns the folder in use (None: off)."""
-    import os
-
     if os.environ.get("MSRNN_COMPILE_CACHE", "1").strip().lower() in ("0", "off", "false", "no"):
         return None
     current = jax.config.jax_compilation_cache_dir

@@ -323,8 +323,9 @@ class Engine:
         self.log_requests = log_requests
         self.dtype = dtype or jax.tree.leaves(model.params)[0].dtype
         self.eos = jnp.asarray(list(model.eos_ids) or [-1], jnp.int32)
+        if self.mesh is not None:
+            self.eos = sharding.replicate(self.mesh, self.eos)
         self._eos_set = set(model.eos_ids)
-        self._eos_everywhere = None if self.mesh is None else sharding.replicate(self.mesh, self.eos)
         B = self.B
         self.state = self._empty_state(B)
         # per-row bookkeeping, on the host (a few [B] arrays travel with each chunk)
@@ -466,8 +467,8 @@ class Engine:
             pass
         self._insert(pf, 0)
         R = self.R
-        first_rows(*self._rows(pf.logits, self.keys[:R], self.temperature[:R], self.top_k[:R],
-                               self.top_p[:R]))[0].block_until_ready()
+        first_rows(*sharding.place_rows(self.mesh, pf.logits, self.keys[:R], self.temperature[:R],
+                                        self.top_k[:R], self.top_p[:R]))[0].block_until_ready()
         self._decode_chunk()
         self.stats.clear()
         log.info("compiled in %.1f s: policy %s, C=%d, B=%d, %s prefill in pieces of %d, %d steps per chunk",
@@ -479,29 +480,20 @@ class Engine:
             return State.init(self.cfg, rows, self.capacity, self.dtype)
         return sharding.init_state(self.cfg, rows, self.capacity, self.dtype, self.mesh)
 
-    def _placed(self, state: State, *rows):
-        """state and row arrays [R, ...] in their mesh shardings (as they are without one)."""
-        if self.mesh is None:
-            return (state, *rows)
-        return (sharding.place_state(state, self.mesh), *sharding.place_rows(self.mesh, *rows))
-
-    def _rows(self, *rows):
-        return rows if self.mesh is None else sharding.place_rows(self.mesh, *rows)
+    def _placed(self, state: State) -> State:
+        """state in the mesh's state shardings (as it is without a mesh). Every program's
+        state and rows (`sharding.place_rows`) are placed so before each call: the same
+        input shardings at every call, one compile."""
+        return state if self.mesh is None else sharding.place_state(state, self.mesh)
 
     def _new_prefill(self, req, row, prompt) -> _Prefill:
-        logits = np.zeros((self.R, self.cfg.vocab_size), np.float32)
-        st, logits = self._placed(self._empty_state(self.R), logits)
-        pf = _Prefill(req, row, st, jnp.asarray(logits))
+        pf = _Prefill(req, row, self._empty_state(self.R), jnp.zeros((self.R, self.cfg.vocab_size), jnp.float32))
         pf.prompt = prompt
         return pf
 
     def _insert(self, pf: _Prefill, b: int):
         """pf's first row into row b of the state."""
-        if self.mesh is None:
-            self.state = insert_row(self.state, pf.state, b)
-        else:  # both in their shardings, as every call's inputs: one compile
-            self.state = insert_row(sharding.place_state(self.state, self.mesh),
-                                    sharding.place_state(pf.state, self.mesh), b)
+        self.state = insert_row(self._placed(self.state), self._placed(pf.state), b)
 
     def _advance(self, pf: _Prefill) -> bool:
         """Read the next piece of pf's prompt; True once the whole prompt is in."""
@@ -512,21 +504,20 @@ class Engine:
         toks[0, :len(part)] = part
         act[0, :len(part)] = True
         piece = chunk_piece if self.prefill_mode == "chunked" else exact_piece
-        st, toks, act, logits = self._placed(pf.state, toks, act, pf.logits)
-        pf.logits, pf.state = piece(self.model.params, self.cfg, self.policy, st, toks, act, logits,
-                                    self.positions)
+        toks, act, logits = sharding.place_rows(self.mesh, toks, act, pf.logits)
+        pf.logits, pf.state = piece(self.model.params, self.cfg, self.policy, self._placed(pf.state), toks,
+                                    act, logits, self.positions)
         pf.next_piece += 1
         return pf.next_piece * P >= len(prompt)
 
     def _decode_chunk(self):
         t0 = time.perf_counter()
-        state, *rows = self._placed(self.state, self.tok, self.keys, self.pending, self.finished, self.budget,
-                                    self.temperature, self.top_k, self.top_p, self.ignore_eos)
-        eos = self.eos if self.mesh is None else self._eos_everywhere
-        tok, keys, pending, finished, budget, temperature, top_k, top_p, ignore_eos = rows
-        out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, state,
-                          tok, keys, pending, finished, budget,
-                          temperature, top_k, top_p, eos, ignore_eos, self.impl, self.positions)
+        tok, keys, pending, finished, budget, temperature, top_k, top_p, ignore_eos = sharding.place_rows(
+            self.mesh, self.tok, self.keys, self.pending, self.finished, self.budget, self.temperature,
+            self.top_k, self.top_p, self.ignore_eos)
+        out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, self._placed(self.state),
+                          tok, keys, pending, finished, budget, temperature, top_k, top_p, self.eos,
+                          ignore_eos, self.impl, self.positions)
         toks, emitted, self.state, tok, keys, pending, finished, budget = out
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         # np.array: writable host copies (the host edits rows between chunks)
@@ -613,7 +604,7 @@ class Engine:
         key = np.repeat(seed_key(req.seed)[None], R, 0)
         temp = np.full(R, req.temperature, np.float32)
         tk, tp = np.full(R, req.top_k, np.int32), np.full(R, req.top_p, np.float32)
-        first, key = first_rows(*self._rows(pf.logits, key, temp, tk, tp))
+        first, key = first_rows(*sharding.place_rows(self.mesh, pf.logits, key, temp, tk, tp))
         first = int(np.asarray(first)[0])
         with self._lock:
             self.prefilling = None
