@@ -99,8 +99,29 @@ def overhead(eng: Engine, prompts, gen):
             "ratio": rate / fixed, "overhead_pct": 100 * (1 - rate / fixed)}
 
 
-def hf_offline(name, prompts, gen, device, batch_tokens):
-    """transformers' continuous batching on the same requests (guarded by the caller)."""
+def config_items(text):
+    """`key=value,...` as a dict; values read as bool, int, float or else kept as text."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, val = item.partition("=")
+        low = val.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[key] = kind(val)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = val
+    return out
+
+
+def hf_offline(name, prompts, gen, device, batch_tokens, extra=None):
+    """transformers' continuous batching on the same requests (guarded by the caller);
+    `extra` goes to its ContinuousBatchingConfig (e.g. use_cuda_graph)."""
     import torch
     from transformers.generation import GenerationConfig
 
@@ -112,8 +133,9 @@ def hf_offline(name, prompts, gen, device, batch_tokens):
     kw = {}
     try:
         from transformers.generation import ContinuousBatchingConfig
-        kw["continuous_batching_config"] = ContinuousBatchingConfig(max_batch_tokens=batch_tokens)
-    except Exception:  # noqa: BLE001
+        kw["continuous_batching_config"] = ContinuousBatchingConfig(max_batch_tokens=batch_tokens,
+                                                                    **(extra or {}))
+    except ImportError:  # older transformers read it from the generation config
         gc_.max_batch_tokens = batch_tokens
     try:
         model.generate_batch(prompts[:2], generation_config=gc_, progress_bar=False, **kw)  # warm-up
@@ -132,7 +154,8 @@ def hf_offline(name, prompts, gen, device, batch_tokens):
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"requests": len(prompts), "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    return {"requests": len(prompts), "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "config": {"max_batch_tokens": batch_tokens, **(extra or {})}}
 
 
 def main(argv=None):
@@ -158,6 +181,9 @@ def main(argv=None):
     ap.add_argument("--systems", default="tova,full,hf",
                     help="which systems run (tova, full, hf); one per process fits a run in a device call")
     ap.add_argument("--hf-batch-tokens", type=int, default=8192)
+    ap.add_argument("--hf-config", default="", metavar="KEY=VALUE,...",
+                    help="more ContinuousBatchingConfig settings for transformers, e.g. "
+                         "use_cuda_graph=true,max_memory_percent=0.9")
     ap.add_argument("--replot", metavar="SERVE_JSON", help="only redraw serve.png under --out "
                                                         "from an earlier run's serve.json")
     args = ap.parse_args(argv)
@@ -235,7 +261,8 @@ def main(argv=None):
     if not args.no_hf and "hf" in systems:
         try:
             out["systems"]["transformers generate_batch"] = {"offline": hf_offline(
-                args.model, prompts, args.gen, "cuda" if on_gpu else "cpu", args.hf_batch_tokens)}
+                args.model, prompts, args.gen, "cuda" if on_gpu else "cpu", args.hf_batch_tokens,
+                config_items(args.hf_config))}
         except Exception as e:  # noqa: BLE001
             out["systems"]["transformers generate_batch"] = {"error": f"{type(e).__name__}: {e}"}
             traceback.print_exc()
