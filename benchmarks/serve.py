@@ -28,7 +28,7 @@ import numpy as np
 
 from msrnn_jax import testing
 from msrnn_jax.api import Model
-from msrnn_jax.attention import DEFAULT_IMPL, StepImpl
+from msrnn_jax.attention import StepImpl
 from msrnn_jax.engine import Engine
 from msrnn_jax.model import split_layers
 from msrnn_jax.policies import make_policy
@@ -173,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--full-attention", default="einsum", choices=["einsum", "pallas"],
                     help="the full cache's attention (StepImpl): at batches past ~16, XLA's autotuner "
                          "wants a scratch copy of a whole state buffer, which Pallas' kernels do not")
+    ap.add_argument("--tova-attention", default="einsum", choices=["einsum", "pallas"],
+                    help="the same for tova: past batch ~128 of C=512 the autotuner's scratch copy "
+                         "no longer fits an H200")
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill piece")
     ap.add_argument("--steps-per-call", type=int, default=16)
     ap.add_argument("--rates", default="2,4,8", help="online Poisson arrival rates, requests/s")
@@ -230,7 +233,7 @@ def main(argv=None):
                                       (f"full C={full_c}", "full", full_c, args.full_batch)]:
         if policy not in systems:
             continue
-        impl = StepImpl(attention=args.full_attention) if policy == "full" else DEFAULT_IMPL
+        impl = StepImpl(attention=args.full_attention if policy == "full" else args.tova_attention)
         rec = {"policy": policy, "capacity": cap, "batch": batch, "attention": impl.attention}
         try:
             eng, rec["compile_s"] = engine(policy, cap, batch, impl)

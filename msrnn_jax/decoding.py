@@ -181,7 +181,7 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
         tok = jnp.where(emit, nxt, tok)
         return ((st, ranks), logits, tok, key, emit, finished, budget), (nxt, emit)
 
-    carry = ((state, initial_ranks(state, positions)), logits, tok, key, pending, finished, budget)
+    carry = ((state, initial_ranks(state, positions, policy)), logits, tok, key, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
     (state, _), logits, tok, key, pending, finished, budget = carry
     return toks.T, emitted.T, state, logits, tok, key, pending, finished, budget

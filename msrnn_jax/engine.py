@@ -140,7 +140,7 @@ def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: S
         tok = jnp.where(emit, nxt, tok)
         return ((st, ranks), tok, keys, emit, finished, budget), (nxt, emit)
 
-    carry = ((state, initial_ranks(state, positions)), tok, keys, pending, finished, budget)
+    carry = ((state, initial_ranks(state, positions, policy)), tok, keys, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
     (state, _), tok, keys, pending, finished, budget = carry
     return toks.T, emitted.T, state, tok, keys, pending, finished, budget

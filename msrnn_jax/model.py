@@ -25,7 +25,7 @@ from . import attention
 from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice
-from .policies import Policy, select_keep, step_choice
+from .policies import Policy, heads_agree, select_keep, step_choice
 from .precision import exact_for_f32
 from .sharding import whole
 from .state import State
@@ -104,6 +104,23 @@ def advance_ranks(rank, n, P, slot):
     shift = jnp.where(dropped & (rank > r_s) & (rank < nn), -1, 0) + jnp.where(filled & (rank >= nn) & (rank < r_s), 1, 0)
     new_rank = jnp.where(hit, jnp.where(filled, nn, nn - 1), rank + shift)
     return new_rank.astype(jnp.int32), n + filled[..., 0].astype(jnp.int32)
+
+
+def ranks_of(policy: Policy, P):
+    """`slot_ranks` of one or every layer's slots P [..., Hkv, C] under `policy`: when every
+    head keeps the same slots (`heads_agree`, the layer-wise policies) one sort per layer,
+    rank [..., 1, C] and n [..., 1], which broadcast over the heads where they are used (at
+    batch 128 of the Llama-2-7B shape the carried ranks shrink from 268 to 8 MB); else
+    per head, [..., Hkv, C] and [..., Hkv]."""
+    return slot_ranks(P[..., :1, :] if heads_agree(policy) else P)
+
+
+def follow_ranks(ranks, P, slot):
+    """`advance_ranks` of `ranks_of`'s ranks (shared over the heads or not) after the
+    write of `slot` [..., Hkv] into the slots P [..., Hkv, C]."""
+    rank, n = ranks
+    h = rank.shape[-2]
+    return advance_ranks(rank, n, P[..., :h, :], slot[..., :h])
 
 
 def reindex_slots(K, P, table):
@@ -250,7 +267,7 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
     # whose keys are stored unrotated and rotated by their ranks here (reindex)
     rot = None
     if table is not None:
-        rank, n = slot_ranks(P) if ranks is None else ranks
+        rank, n = ranks_of(policy, P) if ranks is None else ranks
         cos, sin = table
         if attention.fused_reindex(impl):  # rotated inside the score product, never stored
             rot = (cos[rank], sin[rank])
@@ -303,10 +320,10 @@ def step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active=
     return logits, state
 
 
-def initial_ranks(state: State, positions: str):
-    """The ranks `step_ranked` carries: `slot_ranks` of every layer's slots (one sort of
-    [L, B, Hkv, C]) under reindex, None under absolute."""
-    return slot_ranks(state.pos) if check_positions(positions) == "reindex" else None
+def initial_ranks(state: State, positions: str, policy: Policy):
+    """The ranks `step_ranked` carries: `ranks_of` every layer's slots (one sort of
+    [L, B, Hkv or 1, C]) under reindex, None under absolute."""
+    return ranks_of(policy, state.pos) if check_positions(positions) == "reindex" else None
 
 
 @exact_for_f32
@@ -323,7 +340,7 @@ def step_ranked(params, cfg: ModelConfig, policy: Policy, state: State, ranks, t
     table = None
     if check_positions(positions) == "reindex":
         table = rope_table(C + 1, jnp.asarray(cfg.inv_freq()))
-        ranks = slot_ranks(state.pos) if ranks is None else ranks
+        ranks = ranks_of(policy, state.pos) if ranks is None else ranks
     else:
         ranks = None
 
@@ -336,7 +353,7 @@ def step_ranked(params, cfg: ModelConfig, policy: Policy, state: State, ranks, t
         # 2-4. attend over the kept slots plus the new token; the policy picks the drop
         out, writes = attend_and_choose(cfg, policy, q.reshape(B, Hkv, G, D), k, v, K, V, P, S, p,
                                         active, impl, l, table, r)
-        r = None if r is None else advance_ranks(*r, P, writes[2])
+        r = None if r is None else follow_ranks(r, P, writes[2])
         return finish_layer(cfg, lp, x, out.reshape(B, -1)), writes + (r,)
 
     # every layer reads the old state; all layers' new entries are written afterwards in
@@ -366,7 +383,8 @@ def scan_logits(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
         logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, act, impl, positions)
         return (st, ranks), ((logits, st.pos) if record_pos else logits)
 
-    (state, _), out = jax.lax.scan(body, (state, initial_ranks(state, positions)), (tokens.T, active.T))
+    carry = (state, initial_ranks(state, positions, policy))
+    (state, _), out = jax.lax.scan(body, carry, (tokens.T, active.T))
     if record_pos:
         logits, pos = out
         return jnp.swapaxes(logits, 0, 1), state, pos
@@ -389,7 +407,8 @@ def scan_nll(params, cfg: ModelConfig, policy: Policy, state: State, tokens, tar
         nll = token_nll(logits, tgt)
         return (st, ranks), jnp.where(act, nll, 0.0)
 
-    (state, _), nll = jax.lax.scan(body, (state, initial_ranks(state, positions)), (tokens.T, targets.T, active.T))
+    carry = (state, initial_ranks(state, positions, policy))
+    (state, _), nll = jax.lax.scan(body, carry, (tokens.T, targets.T, active.T))
     return nll.T, state
 
 
@@ -412,7 +431,7 @@ def scan_last_logits(params, cfg: ModelConfig, policy: Policy, state: State, tok
         logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, act, positions=positions)
         return (st, ranks, jnp.where(act[:, None], logits, last)), None
 
-    (state, _, last), _ = jax.lax.scan(body, (state, initial_ranks(state, positions), last_logits),
+    (state, _, last), _ = jax.lax.scan(body, (state, initial_ranks(state, positions, policy), last_logits),
                                        (tokens.T, active.T))
     return last, state
 
@@ -447,7 +466,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
             out, (k_w, v_w, slot, S) = attend_and_choose(cfg, policy, q_t.reshape(B, Hkv, G, D), k_t, v_t,
                                                          view(K), view(V), P, S, p_t, a_t, impl, 0, table, ranks)
             if ranks is not None:  # reindex: the ranks follow the write (no sort per token)
-                ranks = advance_ranks(*ranks, P, slot)
+                ranks = follow_ranks(ranks, P, slot)
             # the write depends on the attention output (0 * out, no other effect), so the
             # reads of K and V are ordered before it and it updates them in place (without,
             # XLA copied the layer's K and V at every token: 4x the time at C=512 on a CPU)
@@ -456,7 +475,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
             return (K, V, P, S, ranks), out
 
         t_major = tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v, pos, active))
-        ranks = slot_ranks(P) if table is not None else None  # one sort per layer and call
+        ranks = ranks_of(policy, P) if table is not None else None  # one sort per layer and call
         (K, V, P, S, _), out = jax.lax.scan(token, (K, V, P, S, ranks), t_major)
         return finish_layer(cfg, lp, x, jnp.swapaxes(out, 0, 1).reshape(B, T, -1)), (K, V, P, S)
 

@@ -142,6 +142,16 @@ class PerRow(Policy):
         return np.arange(i, batch, len(self.policies))
 
 
+def heads_agree(policy: Policy) -> bool:
+    """Whether every KV head of a layer keeps the same slots: true of the layer-wise
+    policies (one choice per layer, so one position per slot across the heads), and of a
+    `PerRow` of them. What depends only on the kept positions (the reindex ranks) is then
+    computed once per layer instead of once per head."""
+    if isinstance(policy, PerRow):
+        return all(heads_agree(p) for p in policy.policies)
+    return not policy.head_wise
+
+
 POLICY_NAMES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
 
 

@@ -142,7 +142,7 @@ def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=_model.DEFAULT_
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
         return (st, ranks, nxt), nxt
 
-    (state, _, tok), toks = jax.lax.scan(body, (state, _model.initial_ranks(state, positions), tok), None,
+    (state, _, tok), toks = jax.lax.scan(body, (state, _model.initial_ranks(state, positions, policy), tok), None,
                                          length=n_steps)
     return toks.T, state
 

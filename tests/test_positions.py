@@ -290,3 +290,38 @@ def test_reindex_step_impls_agree(impl):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     np.testing.assert_array_equal(sorted_pos(got_state.pos), sorted_pos(ref_state.pos))
     chex.assert_trees_all_close(got_state.keys, ref_state.keys, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["angles-shared", "per-head"])
+def test_rotated_scores_equal_a_rotated_copy(shared):
+    """Both forms of the fused score product (`attention.rotated_scores`) equal the product
+    with keys rotated first, for angles shared by the heads ([B,1,C,D]) and per head."""
+    from msrnn_jax.attention import rotated_scores
+
+    rng = np.random.default_rng(3)
+    B, H, G, C, D = 2, 3, 2, 7, 8
+    q = jnp.asarray(rng.standard_normal((B, H, G, D)), jnp.float32)
+    K = jnp.asarray(rng.standard_normal((B, H, C, D)), jnp.float32)
+    cos, sin = model_mod.rope_table(C, jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32))
+    rank = jnp.asarray(rng.permuted(np.tile(np.arange(C), (B, 1 if shared else H, 1)), axis=-1))
+    want = jnp.einsum("bhgd,bhcd->bhgc", q, model_mod._rotate(K, cos[rank], sin[rank]), precision="highest")
+    np.testing.assert_allclose(rotated_scores(q, K, cos[rank], sin[rank]), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["window", "sink", "tova", "h2o"])
+def test_layer_wise_policies_keep_one_slot_layout_per_layer(name):
+    """What `model.ranks_of` relies on to sort once per layer: under a layer-wise policy
+    every KV head of a layer holds the same positions in the same slots, after a chunked
+    prefill and after decoding; a head-wise policy does not."""
+    cfg = tiny_config("gqa")
+    params = tiny_params(cfg)
+    pol = policy_obj(name)
+    assert model_mod.heads_agree(pol) and not model_mod.heads_agree(policy_obj("tova-head"))
+    tokens = random_tokens(cfg, (2, 18), seed=4)
+    state = State.init(cfg, 2, 5)
+    _, state = chunk_step(params, cfg, pol, state, jnp.asarray(tokens[:, :9]), positions="reindex")
+    _, state, _ = scan_logits(params, cfg, pol, state, jnp.asarray(tokens[:, 9:]), record_pos=True,
+                              positions="reindex")
+    P = np.asarray(state.pos)  # [L, B, Hkv, C]
+    assert (P >= 0).all()
+    np.testing.assert_array_equal(P, np.broadcast_to(P[:, :, :1], P.shape))
