@@ -86,20 +86,27 @@ def fused_reindex(impl: StepImpl) -> bool:
     return impl.reindex_scores == "fused"
 
 
-def rotated_scores(q, K, cos, sin):
+SCORE_FORMS = ("auto", "sum", "query")
+
+
+def rotated_scores(q, K, cos, sin, form: str = "auto"):
     """q [B,Hkv,G,D] . (K [B,Hkv,C,D] rotated by the angles cos, sin [B,Hkv,C,D], or
     [B,1,C,D] when every head keeps the same slots) -> [B,Hkv,G,C] f32, without the
     rotated keys ever being stored. With k' = k cos + rotate_half(k) sin and both halves of
-    cos, sin equal, over the half j < D/2:
-    q . k' = sum_j (q1 k1 + q2 k2) c + (q2 k1 - q1 k2) s = sum_j (q1 c + q2 s) k1 + (q2 c - q1 s) k2.
-    The second form (the query rotated back by each slot's angle) is the faster one when
-    the angles are shared by the heads, the first when they are not (an H200 at batch 128
-    of the Llama-2-7B shape, C=512: 173 against 195 us a layer, and 185 against 196)."""
+    cos, sin equal, over the half j < D/2, two forms of one sum:
+    "sum":   q . k' = sum_j (q1 k1 + q2 k2) c + (q2 k1 - q1 k2) s;
+    "query": q . k' = sum_j (q1 c + q2 s) k1 + (q2 c - q1 s) k2 (the query rotated back by
+    each slot's angle). "auto" takes the faster: "query" when the angles are shared by
+    the heads, else "sum" (`benchmarks/rotated_scores.py`)."""
+    if form not in SCORE_FORMS:
+        raise InvalidArgument(f"unknown form {form!r} (choose from {', '.join(SCORE_FORMS)})")
+    if form == "auto":
+        form = "query" if cos.shape[1] == 1 < K.shape[1] else "sum"
     h = q.shape[-1] // 2
     q1, q2 = q[..., None, :h].astype(F32), q[..., None, h:].astype(F32)  # [B,Hkv,G,1,h]
     k1, k2 = K[:, :, None, :, :h].astype(F32), K[:, :, None, :, h:].astype(F32)  # [B,Hkv,1,C,h]
     c, s = cos[:, :, None, :, :h], sin[:, :, None, :, :h]
-    if cos.shape[1] == 1 < K.shape[1]:
+    if form == "query":
         return jnp.sum((q1 * c + q2 * s) * k1 + (q2 * c - q1 * s) * k2, -1)
     return jnp.sum((q1 * k1 + q2 * k2) * c + (q2 * k1 - q1 * k2) * s, -1)
 

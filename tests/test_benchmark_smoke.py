@@ -135,6 +135,19 @@ def test_kernel_bench_runs_every_variant_on_the_cpu(tmp_path):
     assert (tmp_path / "k.md").exists()
 
 
+def test_rotated_scores_bench_times_every_form(tmp_path):
+    """benchmarks.rotated_scores --quick: the plain product and both forms of the rotated
+    one, with shared and per-head ranks, each timed once, in the JSON and the table."""
+    bench("benchmarks.rotated_scores", "--quick", "--out", tmp_path)
+    (js,), (md,) = tmp_path.glob("rotated-scores-*.json"), tmp_path.glob("rotated-scores-*.md")
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["product"], r["ranks"]) for r in rows] == [
+        ("plain (absolute)", "-"), ("sum", "shared"), ("query", "shared"), ("sum", "per-head"),
+        ("query", "per-head")]
+    assert all(r["us_per_layer"] > 0 for r in rows)
+    assert md.read_text().count("\n| ") == 1 + len(rows)
+
+
 def test_prefill_timers(quick):
     _, result, _ = quick
     prefill = result["sections"]["prefill"]

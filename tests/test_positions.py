@@ -305,7 +305,8 @@ def test_rotated_scores_equal_a_rotated_copy(shared):
     cos, sin = model_mod.rope_table(C, jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32))
     rank = jnp.asarray(rng.permuted(np.tile(np.arange(C), (B, 1 if shared else H, 1)), axis=-1))
     want = jnp.einsum("bhgd,bhcd->bhgc", q, model_mod._rotate(K, cos[rank], sin[rank]), precision="highest")
-    np.testing.assert_allclose(rotated_scores(q, K, cos[rank], sin[rank]), want, atol=1e-5, rtol=1e-5)
+    for form in ("auto", "sum", "query"):
+        np.testing.assert_allclose(rotated_scores(q, K, cos[rank], sin[rank], form), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["window", "sink", "tova", "h2o"])
