@@ -41,6 +41,17 @@ def requests(n, lo, hi, vocab, seed=0):
     return [rng.integers(3, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
+def request_range(text):
+    """'A:B' -> (A, B), 0 <= A < B (argparse type of --hf-range)."""
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B (two integers)") from None
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"{text!r}: want 0 <= A < B")
+    return a, b
+
+
 def pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
@@ -184,12 +195,18 @@ def main(argv=None):
     ap.add_argument("--systems", default="tova,full,hf",
                     help="which systems run (tova, full, hf); one per process fits a run in a device call")
     ap.add_argument("--hf-batch-tokens", type=int, default=8192)
+    ap.add_argument("--hf-range", type=request_range, default=None, metavar="A:B",
+                    help="transformers runs only requests A..B-1 of the --requests set (the first k "
+                         "requests of every set are the same, so the slices of one set add up: a run "
+                         "too long for one command in pieces)")
     ap.add_argument("--hf-config", default="", metavar="KEY=VALUE,...",
                     help="more ContinuousBatchingConfig settings for transformers, e.g. "
                          "use_cuda_graph=true,max_memory_percent=0.9")
     ap.add_argument("--replot", metavar="SERVE_JSON", help="only redraw serve.png under --out "
                                                         "from an earlier run's serve.json")
     args = ap.parse_args(argv)
+    if args.hf_range and args.hf_range[1] > args.requests:
+        ap.error(f"--hf-range ends past the {args.requests} requests")
     if args.replot:
         import json
         out = json.loads(open(args.replot).read())
@@ -263,9 +280,12 @@ def main(argv=None):
         write_json(os.path.join(args.out, "serve.json"), out)
     if not args.no_hf and "hf" in systems:
         try:
-            out["systems"]["transformers generate_batch"] = {"offline": hf_offline(
-                args.model, prompts, args.gen, "cuda" if on_gpu else "cpu", args.hf_batch_tokens,
-                config_items(args.hf_config))}
+            a, b = args.hf_range or (0, len(prompts))
+            rec = hf_offline(args.model, prompts[a:b], args.gen, "cuda" if on_gpu else "cpu", args.hf_batch_tokens,
+                             config_items(args.hf_config))
+            if args.hf_range:
+                rec["range"] = [a, b]
+            out["systems"]["transformers generate_batch"] = {"offline": rec}
         except Exception as e:  # noqa: BLE001
             out["systems"]["transformers generate_batch"] = {"error": f"{type(e).__name__}: {e}"}
             traceback.print_exc()

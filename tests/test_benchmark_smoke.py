@@ -271,3 +271,18 @@ def test_eval_report_tables_csv_and_plot(tmp_path, capsys):
     assert "| tova | 1 (0.50) | ✓ all |" in out
     assert len((tmp_path / "e.csv").read_text().splitlines()) == len(recs) + 1
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_request_slices_add_up():
+    """`benchmarks.serve --hf-range A:B` runs a slice of the --requests set: the first k
+    requests of every set are the same, so slices of one set measured apart are that set."""
+    import argparse
+
+    from benchmarks.serve import request_range, requests
+
+    big = requests(40, 8, 30, 100)
+    assert requests(12, 8, 30, 100) == big[:12]
+    assert request_range("12:40") == (12, 40)
+    for bad in ("12", "a:b", "5:3", "-1:4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            request_range(bad)
