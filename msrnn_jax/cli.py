@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     positions_arg(w)
     w.add_argument("--steps-per-call", type=_positive("--steps-per-call"), default=8,
                    help="decode steps per chunk: how often tokens are streamed")
+    w.add_argument("--attention", default="einsum", choices=["einsum", "pallas"],
+                   help="how each row's query reads its kept slots: XLA's products (einsum) or the "
+                        "Pallas kernels, which read the state in place (on a GPU they reach larger "
+                        "--max-batch, where XLA's autotuner wants scratch copies of the state; one "
+                        "device only)")
     w.add_argument("--host", default="127.0.0.1", help="address to bind")
     w.add_argument("--port", type=int, default=8000, help="port to bind")
     w.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import api
+from .attention import StepImpl
 from .decoding import check_context, check_prefill
 from .errors import MsrnnError, UsageError, check_float, check_int
 from .evaluate import sweep
@@ -442,16 +443,19 @@ def serve(args):
     check_int("max_queue", args.max_queue, minimum=0)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    impl = StepImpl(attention=args.attention)
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
         from . import sharding
         from .engine import check_batch
-        check_batch(args.max_batch, sharding.make_mesh(args.mesh))
+        mesh = sharding.make_mesh(args.mesh)
+        check_batch(args.max_batch, mesh)
+        sharding.check_impl(impl, mesh)
 
     def factory():  # on the server's loading thread: /health answers 503 meanwhile
         model = _load(args)
         eng = Engine(model, pol, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call,
-                     positions=args.positions)
+                     positions=args.positions, impl=impl)
         return model, eng
 
     name = args.served_model_name or server.served_name(args.model, args.model)

@@ -276,6 +276,11 @@ def check_errors():
     with redirect_stderr(err):
         rc = cli.main(["serve", "--model", three, "--mesh", "data=8", "--max-batch", "4", "--port", "0"])
     out["serve_rows"] = {"rc": rc, "stderr": err.getvalue()}
+    err = io.StringIO()  # serve: the Pallas kernels are not partitioned, refused under a mesh
+    with redirect_stderr(err):
+        rc = cli.main(["serve", "--model", three, "--mesh", "data=8", "--max-batch", "8", "--attention", "pallas",
+                       "--port", "0"])
+    out["serve_pallas"] = {"rc": rc, "stderr": err.getvalue()}
     # model=3 divides 3 KV heads: a 2x3 mesh over 6 of the devices runs and matches one device
     cfg, host = __import__("msrnn_jax.convert.hf", fromlist=["x"]).load_hf_folder(three)
     ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 33))

@@ -460,6 +460,22 @@ def default_model():
         pytest.skip(f"the embedded model is not installed: {e}")
 
 
+def test_pallas_attention_serves_the_same_tokens(tiny, tiny_dir, tmp_path):
+    """`msrnn serve --attention pallas` (the kernels that read the state in place): a greedy
+    completion equals `generate` of the prompt alone."""
+    srv = Server("--model", tiny_dir, "--policy", "tova", "--capacity", str(C), "--max-batch", "2",
+                 "--attention", "pallas", log_path=tmp_path / "pallas.log")
+    try:
+        srv.wait_ready()
+        client = srv.client()
+        [model] = client.models.list().data
+        want = reference(tiny, tiny.encode(TEXTS[0]), 10)
+        r = client.completions.create(model=model.id, prompt=TEXTS[0], max_tokens=10, temperature=0)
+        assert r.choices[0].text == tiny.decode(want)
+    finally:
+        assert srv.stop() == 0
+
+
 def test_embedded_model_out_of_the_box(default_model, tmp_path):
     srv = Server("--capacity", "64", "--max-batch", "2", log_path=tmp_path / "default.log")
     try:

@@ -135,6 +135,8 @@ def test_bad_meshes_are_one_line_errors(results):
     lines = r["serve_rows"]["stderr"].strip().splitlines()
     assert r["serve_rows"]["rc"] == 2 and len(lines) == 1, r["serve_rows"]
     assert "--max-batch 4 does not split over mesh data=8" in lines[0], lines
+    lines = r["serve_pallas"]["stderr"].strip().splitlines()
+    assert r["serve_pallas"]["rc"] == 2 and len(lines) == 1 and "pallas" in lines[0], r["serve_pallas"]
     # and model=3 divides 3 KV heads: a 2x3 mesh runs and matches one device
     assert r["model3"]["pos"] and r["model3"]["nll"] < TOL
 
