@@ -6,7 +6,7 @@ keys is stored. This times that product for one layer's slots, Llama-2-7B shape 
 heads, D=128, one query head each), bf16 keys, C=512, beside the plain product of
 `absolute` positions: each form ("sum", "query") with ranks per KV head ([B,Hkv,C], the
 head-wise policies) and shared by the heads ([B,1,C], the layer-wise ones). Eight layers'
-slots are scanned in one compiled call; a figure is the fastest of --repeats calls over 8.
+slots are scanned in one compiled call; a figure is the median of --repeats calls over 8.
 
     PYTHONPATH=. python -m benchmarks.rotated_scores --out $OUT           # 1 x H200, ~1 min
     PYTHONPATH=. python -m benchmarks.rotated_scores --quick --out /tmp/x  # CPU, seconds
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -39,7 +38,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.common import device_info, now_tag, write_json
+    from benchmarks.common import device_info, median_seconds, now_tag, write_json
     from msrnn_jax.attention import rotated_scores
     from msrnn_jax.model import rope_table
 
@@ -60,13 +59,7 @@ def main(argv=None):
         @jax.jit
         def run(q, K, r):
             return jax.lax.scan(lambda acc, xs: (acc + fn(*xs).sum(), None), jnp.zeros((), F32), (q, K, r))[0]
-        run(q, K, r).block_until_ready()
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            run(q, K, r).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-        return 1e6 * best / L
+        return 1e6 * median_seconds(run, q, K, r, reps=args.repeats) / L
 
     rows = [{"product": "plain (absolute)", "ranks": "-", "us_per_layer": per_layer_us(product("plain"), ranks["shared"])}]
     for rname, r in ranks.items():

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from . import kernels
-from .errors import InvalidArgument
+from .errors import InvalidArgument, check_choice
 
 F32 = jnp.float32
 
@@ -98,8 +98,7 @@ def rotated_scores(q, K, cos, sin, form: str = "auto"):
     "query": q . k' = sum_j (q1 c + q2 s) k1 + (q2 c - q1 s) k2 (the query rotated back by
     each slot's angle). "auto" takes the faster: "query" when the angles are shared by
     the heads, else "sum" (`benchmarks/rotated_scores.py`)."""
-    if form not in SCORE_FORMS:
-        raise InvalidArgument(f"unknown form {form!r} (choose from {', '.join(SCORE_FORMS)})")
+    form = check_choice("score form", form, SCORE_FORMS)
     if form == "auto":
         form = "query" if cos.shape[1] == 1 < K.shape[1] else "sum"
     h = q.shape[-1] // 2
