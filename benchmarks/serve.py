@@ -189,6 +189,9 @@ def main(argv=None):
                          "no longer fits an H200")
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill piece")
     ap.add_argument("--steps-per-call", type=int, default=16)
+    ap.add_argument("--prefill-share", type=float, default=0.5,
+                    help="the engine's prefill_share: the most of its time that reading prompts may "
+                         "take while rows decode (1: prompts first)")
     ap.add_argument("--rates", default="2,4,8", help="online Poisson arrival rates, requests/s")
     ap.add_argument("--online-requests", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
@@ -232,13 +235,14 @@ def main(argv=None):
     out = {"command": "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
            "device": device_info(), "model": args.model, "requests": args.requests,
            "prompt_tokens": [lo, hi], "generated_tokens_each": args.gen, "steps_per_call": args.steps_per_call,
+           "prefill_share": args.prefill_share,
            "prefill": f"chunked S={args.chunk}", "systems": {}}
 
     def engine(policy, capacity, batch, impl):
         t0 = time.perf_counter()
         eng = Engine(model, policy, capacity, max_batch=batch, max_queue=max(args.requests, args.online_requests),
                      prefill="chunked", chunk=args.chunk, steps_per_call=args.steps_per_call,
-                     impl=impl, log_requests=False).start()
+                     prefill_share=args.prefill_share, impl=impl, log_requests=False).start()
         eng.ready.wait()
         if eng.error:
             raise eng.error

@@ -441,6 +441,7 @@ def serve(args):
         capacity = capacity_for(pol, 512 if capacity is None else capacity, 1)
     _prefill_args(args)
     check_int("max_queue", args.max_queue, minimum=0)
+    check_float("--prefill-share", args.prefill_share, low=0.0, high=1.0, low_open=True)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     impl = StepImpl(attention=args.attention)
@@ -455,7 +456,7 @@ def serve(args):
         model = _load(args)
         eng = Engine(model, pol, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call,
-                     positions=args.positions, impl=impl)
+                     prefill_share=args.prefill_share, positions=args.positions, impl=impl)
         return model, eng
 
     name = args.served_model_name or server.served_name(args.model, args.model)

@@ -4,14 +4,25 @@ B batch rows of one `State` are B requests. A loop on its own thread alternates
 
 1. admission: the oldest waiting request takes a free row; its prompt is read into a
    1-row state in fixed-size pieces (exact: `layer_last_logits` over P tokens; chunked:
-   `chunk_step` over S tokens), a bounded number of pieces per turn, so the other rows
-   keep decoding while a long prompt is read; once read, the row is written into the
-   B-row state (`insert_row`, jitted, the row index traced) and its first token sampled;
+   `chunk_step` over S tokens); once read, the row is written into the B-row state
+   (`insert_row`, jitted, the row index traced) and its first token sampled. While other
+   rows decode, a turn reads pieces for as long as `prefill_share` allows (below), so
+   they keep decoding while long prompts are read;
 2. one decode chunk: `decode_rows`, a `lax.scan` of n steps over all B rows, with
    per-row sampling settings and PRNG keys as arrays (greedy and sampled rows share a
    batch); the chunk's tokens go to their requests as soon as it returns;
 3. bookkeeping on the host: a row is freed on EOS, a stop string, max_tokens or a
    cancel (a client that went away).
+
+How much of a turn goes to prompts: a decode chunk costs the same whatever the number
+of busy rows (the state has B rows), so a free row wastes its share of every chunk, while
+each prompt piece read delays the busy rows' next tokens. With `prefill_share` s the
+pieces of a turn stop once their time (timed piece by piece) reaches s / (1 - s) of the
+last decode chunk's: at most a fraction s of the loop's time goes to prompts while rows
+decode and prompts wait, so a token's latency stays within 1 / (1 - s) of the decode
+chunk's alone (2x at the default 0.5); s = 1 reads every waiting prompt that has a free
+row before the next chunk (throughput first). With no row decoding, prompts are read
+without limit.
 
 Every compiled program has one shape: [B] rows, C slots, a prompt piece of P (or S)
 tokens, n steps per chunk. No shape depends on a request, so nothing recompiles while
@@ -189,6 +200,14 @@ def seed_key(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
 
 
+def prefill_seconds(share: float, chunk_seconds: float | None) -> float:
+    """How long a turn may read prompts while rows decode: share / (1 - share) of the last
+    decode chunk's time (inf at share 1; 0, i.e. one piece, before any chunk was timed)."""
+    if share >= 1.0:
+        return float("inf")
+    return 0.0 if chunk_seconds is None else share / (1.0 - share) * chunk_seconds
+
+
 # -- requests --------------------------------------------------------------------------
 _ids = itertools.count(1)
 
@@ -286,7 +305,8 @@ class Engine:
     max_batch B: rows; max_queue: requests that may wait beyond B (then `QueueFull`).
     prefill: "exact" (pieces of `piece` tokens through the step, the result equal to
     reading the prompt at once) or "chunked" (pieces of `chunk` tokens, `chunk_step`).
-    prefill_pieces: pieces read per turn of the loop while other rows are decoding.
+    prefill_share: in (0, 1], the most of the loop's time that reading prompts may take
+    while other rows decode (module docstring); 1: read them all first.
     steps_per_call: decode steps per chunk (the streaming granularity).
     positions: "absolute" or "reindex" (docs/design.md §8): with reindex a bounded row
     may run past the model's trained context.
@@ -297,7 +317,7 @@ class Engine:
     def __init__(self, model: Model, policy: str | Policy = "tova", capacity: int | None = None,
                  sinks: int = 4, max_batch: int = 8, max_queue: int = 64, prefill: str = "exact",
                  chunk: int | None = None, steps_per_call: int = 8, piece: int = 32,
-                 prefill_pieces: int = 4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
+                 prefill_share: float = 0.5, impl: StepImpl = DEFAULT_IMPL, dtype=None,
                  log_requests: bool = True, positions: str = "absolute"):
         self.model, self.cfg = model, model.cfg
         self.policy = make_policy(policy, sinks)
@@ -312,7 +332,8 @@ class Engine:
         self.prefill_mode, chunk = check_prefill(prefill, chunk, ("exact", "chunked"))
         self.positions = check_positions(positions, self.prefill_mode)
         self.piece = chunk if self.prefill_mode == "chunked" else check_int("piece", piece)
-        self.prefill_pieces = check_int("prefill_pieces", prefill_pieces)
+        self.prefill_share = check_float("prefill_share", prefill_share, low=0.0, high=1.0, low_open=True)
+        self._chunk_seconds: float | None = None  # the last decode chunk's time (None: none yet)
         self.steps = check_int("steps_per_call", steps_per_call)
         self.impl = impl
         self.mesh = model.mesh
@@ -471,6 +492,7 @@ class Engine:
                                         self.top_k[:R], self.top_p[:R]))[0].block_until_ready()
         self._decode_chunk()
         self.stats.clear()
+        self._chunk_seconds = None  # that chunk included its compile
         log.info("compiled in %.1f s: policy %s, C=%d, B=%d, %s prefill in pieces of %d, %d steps per chunk",
                  time.perf_counter() - t0, self.name, self.capacity, self.B, self.prefill_mode,
                  self.piece, self.steps)
@@ -523,9 +545,10 @@ class Engine:
         # np.array: writable host copies (the host edits rows between chunks)
         self.tok, self.keys, self.pending = np.array(tok), np.array(keys), np.array(pending)
         self.finished, self.budget = np.array(finished), np.array(budget)
+        self._chunk_seconds = time.perf_counter() - t0
         self.stats["chunks"] += 1
         self.stats["decode_tokens"] += int(emitted.sum())
-        self.stats["decode_seconds"] += time.perf_counter() - t0
+        self.stats["decode_seconds"] += self._chunk_seconds
         if emitted.all():  # every row emitted every step: the engine's full-batch rate
             self.stats["full_tokens"] += int(emitted.size)
             self.stats["full_seconds"] += time.perf_counter() - t0
@@ -542,17 +565,18 @@ class Engine:
                 if self.prefilling is None and not decoding:
                     self._lock.wait(0.5)
                     continue
-            # prompts are read up to `prefill_pieces` pieces per turn (all of them while no
+            # prompts are read for as long as the turn's budget allows (no limit while no
             # row decodes), as many requests as that covers: one row's prompt ending early
             # lets the next waiting request start in the same turn
-            budget = None if not decoding else self.prefill_pieces
-            while self.prefilling is not None and (budget is None or budget > 0):
-                used, done = self._prefill_turn(budget)
-                budget = None if budget is None else budget - used
-                if not done:
+            deadline = None if not decoding else time.perf_counter() + prefill_seconds(
+                self.prefill_share, self._chunk_seconds)
+            while self.prefilling is not None:
+                if not self._prefill_turn(deadline):
                     break
                 with self._lock:
                     self._admit()
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
             with self._lock:
                 decoding = self._decoding()
             if decoding:
@@ -581,23 +605,25 @@ class Engine:
             self.waiting.remove(r)
             self._finish(r, FINISH_ABORT)
 
-    def _prefill_turn(self, budget: int | None) -> tuple[int, bool]:
-        """Read up to `budget` pieces (None: all) of the current prompt; once it is all in,
-        write its row into the state and emit its first token. Returns (pieces read,
-        whether the prefill ended: done or cancelled)."""
+    def _prefill_turn(self, deadline: float | None) -> bool:
+        """Read pieces of the current prompt, at least one, until it is all in or the
+        clock passes `deadline` (None: no limit); once it is all in, write its row into the
+        state and emit its first token. Returns whether the prefill ended (done or
+        cancelled)."""
         pf = self.prefilling
         if pf.req.cancelled:
             self._release(pf.row)
             self.prefilling = None
             self._finish(pf.req, FINISH_ABORT)
-            return 0, True
-        n = 0
-        while budget is None or n < budget:
-            n += 1
-            if self._advance(pf):
+            return True
+        while True:
+            last = self._advance(pf)
+            if last:
                 break
-        else:
-            return n, False  # more pieces next turn: the decoding rows go on meanwhile
+            if deadline is not None:
+                pf.logits.block_until_ready()  # the piece's own time counts, not its dispatch
+                if time.perf_counter() >= deadline:
+                    return False  # more pieces next turn: the decoding rows go on meanwhile
         req, b = pf.req, pf.row
         self._insert(pf, b)
         R = self.R  # the first of R rows is the request's
@@ -616,7 +642,7 @@ class Engine:
             self.finished[b] = (first in self._eos_set and not req.ignore_eos) or req.max_tokens <= 1
         req.t_first = time.perf_counter()
         self._add_tokens(req, [first])
-        return n, True
+        return True
 
     def _deliver(self, toks, emitted):
         for b, req in enumerate(self.rows):

@@ -71,6 +71,9 @@ def assert_one_line_error(code, out, err, status, needle=""):
     (["generate", "hi", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", "hi", "--greedy", "--temperature", "0.7"], "--greedy"),
     (["generate", "hi", "--policy", "tova"], "needs --capacity"),
+    (["serve", "--prefill-share", "0"], "--prefill-share must be in (0.0, 1.0]"),
+    (["serve", "--prefill-share", "1.5"], "--prefill-share must be in (0.0, 1.0]"),
+    (["serve", "--port", "70000"], "--port must be in [0, 65535]"),
 ])
 def test_usage_errors(capsys, tiny, text_file, argv, needle):
     argv = [a.format(text=text_file, model=tiny) for a in argv]

@@ -132,6 +132,57 @@ def test_engine_admits_every_waiting_request_in_one_turn(tiny):
         eng.stop()
 
 
+@pytest.mark.parametrize("share", [1.0, 1e-9])
+def test_engine_prefill_share_paces_prompts_against_decoding(tiny, share):
+    """While a row decodes, `prefill_share` decides how much of a turn goes to prompts:
+    at 1 both waiting prompts are read (three pieces each) before the next decode chunk;
+    at a vanishing share each turn reads one piece, so a decode chunk runs between any two
+    pieces. The chunk count is read when each request's first token arrives. Outputs are
+    the same either way. (The shapes of the module's `engine`, pieces of 32 tokens: no
+    program is compiled twice, which test_engine_nothing_recompiles counts.)"""
+    eng = Engine(tiny, "tova", C, max_batch=3, steps_per_call=4, prefill_share=share,
+                 log_requests=False).start()
+    try:
+        assert eng.ready.wait(120)
+        first = eng.submit(tiny.encode(TEXTS[0]), max_tokens=64, temperature=0, ignore_eos=True)
+        events = first.events(120)
+        next(events), next(events)  # its first token, then a decode chunk's: every turn from
+        # now on starts with a row decoding (a turn that began without one reads all prompts)
+        rng = np.random.default_rng(7)
+        prompts = [rng.integers(3, tiny.cfg.vocab_size, size=96).tolist() for _ in range(2)]  # 3 pieces each
+        seen = {}  # request -> decode chunks run when its first token came
+
+        def listener(i):
+            def on(ev):
+                if ev["type"] == "delta":
+                    seen.setdefault(i, eng.stats["chunks"])
+            return on
+
+        with eng._lock:  # the loop sees both at once
+            start = eng.stats["chunks"]
+            reqs = [eng.submit(p, max_tokens=6, temperature=0, listener=listener(i)) for i, p in enumerate(prompts)]
+        for p, r in zip(prompts, reqs):
+            assert r.result(120).tokens == reference(tiny, p, 6)
+        first.result(120)
+        if share == 1.0:  # both prompts in one turn, before the next chunk
+            assert seen[0] == seen[1] <= start + 1, (start, seen)
+        else:  # one piece per turn: 3 turns for the second prompt after the first's
+            assert seen[0] >= start + 2 and seen[1] >= seen[0] + 3, (start, seen)
+        assert len(first.result().tokens) == 64
+    finally:
+        eng.stop()
+
+
+def test_prefill_seconds(tiny):
+    from msrnn_jax.engine import prefill_seconds
+    assert prefill_seconds(0.5, 0.2) == pytest.approx(0.2)
+    assert prefill_seconds(0.25, 0.3) == pytest.approx(0.1)
+    assert prefill_seconds(1.0, 0.2) == float("inf")
+    assert prefill_seconds(0.5, None) == 0.0  # before the first timed chunk: one piece
+    with pytest.raises(InvalidArgument, match="prefill_share"):
+        Engine(tiny, "tova", C, prefill_share=0)
+
+
 def test_engine_that_fails_to_warm_up_says_so(tiny, monkeypatch):
     """An engine whose programs fail while warming up (e.g. out of memory at a large
     --max-batch) sets `ready` with its `error`: who waits for it (a server's /health, a
