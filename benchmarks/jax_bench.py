@@ -461,6 +461,8 @@ def section_decode(args, results, save):
 def section_prefill(args, results, save):
     dl = Deadline(args.deadline)
     cfg, params = _setup(results, args.model, 0)
+    if args.variant:  # every mode reads the variant's layout (split: unrolled layers, `model.scan_layers`)
+        params = _use_variant(args.variant, params)
     save()
     T, C, pname = args.prefill_tokens, args.prefill_capacity, args.prefill_policy
     jobs = [(m, args.chunk if m == "chunked" else None) for m in args.prefill_modes.split(",")]
@@ -470,10 +472,8 @@ def section_prefill(args, results, save):
             continue
         try:
             if mode in ("exact", "exact-scan"):
-                prm = msrnn_model.split_layers(params) if args.split else params
-                rec = time_exact_prefill(prm, cfg, pname, C, args.exact_tokens or T,
+                rec = time_exact_prefill(params, cfg, pname, C, args.exact_tokens or T,
                                          layer_major=mode == "exact")
-                del prm
             else:
                 rec = time_prefill(params, cfg, pname, C, T, mode, chunk)
             rec["model"] = args.model
@@ -583,7 +583,6 @@ def main(argv=None):
                     help="decode section: configurations compiled at once")
     args = ap.parse_args(argv)
     COMPILER_OPTIONS.update(parse_compiler_options(args.compiler_option))
-    args.split = parse_variant(args.variant)[0] if args.variant and args.section != "decode" else False
     try:  # XLA's rematerialisation only adds whole-state copies here (see section_decode)
         jax.config.update("jax_compiler_enable_remat_pass", False)
     except Exception:  # pragma: no cover (option absent)

@@ -30,7 +30,7 @@ from msrnn_jax import testing
 from msrnn_jax.api import Model
 from msrnn_jax.attention import StepImpl
 from msrnn_jax.engine import Engine
-from msrnn_jax.model import split_layers
+from msrnn_jax.model import fuse_projections, split_layers
 from msrnn_jax.policies import make_policy
 
 from .common import device_info, median_seconds, write_json
@@ -83,10 +83,7 @@ def run_load(eng: Engine, prompts, gen, arrivals=None):
         s = stamps.get(i, [])
         for (ta, _), (tb, n) in zip(s, s[1:]):
             itl += [(tb - ta) / n] * n
-    tokens = sum(len(r.tokens) for r in res)
-    return {"requests": len(prompts), "generated_tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99)}
+    return latency(ttft, itl, sum(len(r.tokens) for r in res), wall, len(prompts))
 
 
 def overhead(eng: Engine, prompts, gen):
@@ -134,20 +131,12 @@ def hf_offline(name, prompts, gen, device, batch_tokens, extra=None):
     """transformers' continuous batching on the same requests (guarded by the caller);
     `extra` goes to its ContinuousBatchingConfig (e.g. use_cuda_graph)."""
     import torch
-    from transformers.generation import GenerationConfig
 
     from .hf_peer import build_model
 
     model = build_model(name, device)  # sdpa: generate_batch switches it to "paged|sdpa" itself
-    gc_ = GenerationConfig(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, eos_token_id=-1,
-                           pad_token_id=0)
-    kw = {}
-    try:
-        from transformers.generation import ContinuousBatchingConfig
-        kw["continuous_batching_config"] = ContinuousBatchingConfig(max_batch_tokens=batch_tokens,
-                                                                    **(extra or {}))
-    except ImportError:  # older transformers read it from the generation config
-        gc_.max_batch_tokens = batch_tokens
+    gc_, cbc = _hf_generation(gen, batch_tokens, extra)
+    kw = {} if cbc is None else {"continuous_batching_config": cbc}
     try:
         model.generate_batch(prompts[:2], generation_config=gc_, progress_bar=False, **kw)  # warm-up
     except ValueError:  # older transformers name the paged attention "sdpa_paged"
@@ -167,6 +156,88 @@ def hf_offline(name, prompts, gen, device, batch_tokens, extra=None):
         torch.cuda.empty_cache()
     return {"requests": len(prompts), "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "config": {"max_batch_tokens": batch_tokens, **(extra or {})}}
+
+
+def arrival_sets(rates, n, seed=1):
+    """[(rate, arrival offsets in s)] of n Poisson arrivals per rate; every system is
+    handed the same ones."""
+    rng = np.random.default_rng(seed)
+    return [(rate, np.cumsum(rng.exponential(1 / rate, n))) for rate in rates]
+
+
+def latency(ttft, itl, tokens, wall, n):
+    """The figures of one load: run_load's, from times measured by whoever ran it."""
+    return {"requests": n, "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99)}
+
+
+def _hf_generation(gen, batch_tokens, extra):
+    """transformers' GenerationConfig (fixed lengths: EOS off) and ContinuousBatchingConfig
+    (None where transformers has none: it then reads max_batch_tokens from the former)."""
+    from transformers.generation import GenerationConfig
+    gc_ = GenerationConfig(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, eos_token_id=-1,
+                           pad_token_id=0)
+    try:
+        from transformers.generation import ContinuousBatchingConfig
+    except ImportError:  # older transformers read it from the generation config
+        gc_.max_batch_tokens = batch_tokens
+        return gc_, None
+    return gc_, ContinuousBatchingConfig(max_batch_tokens=batch_tokens, **(extra or {}))
+
+
+def hf_online(name, prompts, gen, device, batch_tokens, extra, arrivals, timeout_s=1800.0):
+    """transformers' continuous batching under the same Poisson arrivals as the engine:
+    its manager (`continuous_batching_context_manager`, CUDA graphs warmed up first) gets
+    each request at its arrival time; transformers records each generated token's time
+    (`record_timestamps`), so time to first token and inter-token latency are the times
+    it produced them (ours are the times our engine handed them out: as early or
+    earlier than a client sees either). One row per rate, as `run_load`'s."""
+    import torch
+
+    from .hf_peer import build_model
+
+    model = build_model(name, device)
+    gc_, cbc = _hf_generation(gen, batch_tokens, extra)
+    rows = []
+    with torch.no_grad(), model.continuous_batching_context_manager(
+            generation_config=gc_, continuous_batching_config=cbc, block=True, timeout=60) as manager:
+        for rate, arr in arrivals:
+            n = min(len(prompts), len(arr))
+            sent, done = {}, {}
+            t0 = time.perf_counter()
+            deadline = t0 + timeout_s
+            while len(done) < n and time.perf_counter() < deadline:
+                now = time.perf_counter()
+                while len(sent) < n and t0 + arr[len(sent)] <= now:
+                    i = len(sent)
+                    sent[manager.add_request(prompts[i], request_id=f"r{rate}-{i}", max_new_tokens=gen,
+                                             record_timestamps=True)] = time.perf_counter()
+                wait = 0.05 if len(sent) == n else max(0.0, min(0.05, t0 + arr[len(sent)] - now))
+                res = manager.get_result(timeout=wait)
+                if res is not None and res.is_finished():
+                    if res.error is not None:
+                        raise RuntimeError(f"transformers failed request {res.request_id}: {res.error}")
+                    done[res.request_id] = res
+                elif res is None and not manager.is_running():
+                    raise RuntimeError("transformers' generation thread stopped")
+            if len(done) < n:
+                raise TimeoutError(f"{n - len(done)} of {n} requests unfinished after {timeout_s:.0f} s")
+            wall = time.perf_counter() - t0
+            ttft, itl = [], []
+            for rid, res in done.items():
+                ts = res.timestamps or []
+                if ts:
+                    ttft.append(ts[0] - sent[rid])
+                    itl += list(np.diff(ts))
+            row = {"rate": rate, **latency(ttft, itl, sum(len(r.generated_tokens) for r in done.values()), wall, n)}
+            rows.append(row)
+            print("transformers online", row, flush=True)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):
@@ -198,6 +269,9 @@ def main(argv=None):
     ap.add_argument("--systems", default="tova,full,hf",
                     help="which systems run (tova, full, hf); one per process fits a run in a device call")
     ap.add_argument("--hf-batch-tokens", type=int, default=8192)
+    ap.add_argument("--hf-modes", default="offline,online",
+                    help="what transformers runs: offline (all --requests at once), online (the "
+                         "--rates arrivals, its manager taking each request at its time), or both")
     ap.add_argument("--hf-range", type=request_range, default=None, metavar="A:B",
                     help="transformers runs only requests A..B-1 of the --requests set (the first k "
                          "requests of every set are the same, so the slices of one set add up: a run "
@@ -226,12 +300,13 @@ def main(argv=None):
     on_gpu = jax.default_backend() != "cpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     params = testing.device_params(cfg, dtype)
-    if on_gpu:
-        params = split_layers(params)
+    if on_gpu:  # the layout `load_model` gives on one accelerator: per-layer, q|k|v and gate|up joined
+        params = fuse_projections(split_layers(params))
     model = Model(cfg, params, None, f"random {args.model}")
     lo, hi = map(int, args.prompt.split(","))
     prompts = requests(args.requests, lo, hi, cfg.vocab_size)
     rates = [float(r) for r in args.rates.split(",") if r]
+    arrivals = arrival_sets(rates, args.online_requests)
     out = {"command": "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
            "device": device_info(), "model": args.model, "requests": args.requests,
            "prompt_tokens": [lo, hi], "generated_tokens_each": args.gen, "steps_per_call": args.steps_per_call,
@@ -262,9 +337,7 @@ def main(argv=None):
             print(label, "offline", rec["offline"], flush=True)
             if rates:
                 rec["online"] = []
-                rng = np.random.default_rng(1)
-                for rate in rates:
-                    arr = np.cumsum(rng.exponential(1 / rate, args.online_requests))
+                for rate, arr in arrivals:
                     r = {"rate": rate, **run_load(eng, prompts[:args.online_requests], args.gen, arr)}
                     rec["online"].append(r)
                     print(label, "online", r, flush=True)
@@ -282,16 +355,23 @@ def main(argv=None):
         gc.collect()
         out["systems"][label] = rec
         write_json(os.path.join(args.out, "serve.json"), out)
+    hf_modes = {m for m in args.hf_modes.split(",") if m}
     if not args.no_hf and "hf" in systems:
+        rec = out["systems"]["transformers generate_batch"] = {}
+        device, extra = "cuda" if on_gpu else "cpu", config_items(args.hf_config)
         try:
-            a, b = args.hf_range or (0, len(prompts))
-            rec = hf_offline(args.model, prompts[a:b], args.gen, "cuda" if on_gpu else "cpu", args.hf_batch_tokens,
-                             config_items(args.hf_config))
-            if args.hf_range:
-                rec["range"] = [a, b]
-            out["systems"]["transformers generate_batch"] = {"offline": rec}
+            if "offline" in hf_modes:
+                a, b = args.hf_range or (0, len(prompts))
+                rec["offline"] = hf_offline(args.model, prompts[a:b], args.gen, device, args.hf_batch_tokens, extra)
+                if args.hf_range:
+                    rec["offline"]["range"] = [a, b]
+                write_json(os.path.join(args.out, "serve.json"), out)
+            if "online" in hf_modes and arrivals:
+                rec["online"] = hf_online(args.model, prompts[:args.online_requests], args.gen, device,
+                                          args.hf_batch_tokens, extra, arrivals)
+                rec["online_config"] = {"max_batch_tokens": args.hf_batch_tokens, **extra}
         except Exception as e:  # noqa: BLE001
-            out["systems"]["transformers generate_batch"] = {"error": f"{type(e).__name__}: {e}"}
+            rec["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
     write_json(os.path.join(args.out, "serve.json"), out)
     with open(os.path.join(args.out, "serve.md"), "w") as f:
@@ -343,7 +423,7 @@ def markdown(out) -> str:
         if "offline" in rec:
             o = rec["offline"]
             L.append(f"| {name} | {rec.get('batch', '')} | {o['tokens_per_s']:.1f} | {o['wall_s']:.1f} |")
-        else:
+        elif "error" in rec or not rec.get("online"):
             L.append(f"| {name} | {rec.get('batch', '')} | failed: {rec.get('error', '?')[:80]} | |")
     for name, rec in out["systems"].items():
         if rec.get("online"):

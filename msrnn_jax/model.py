@@ -230,15 +230,31 @@ def _layer_slots(K, V, l, impl: StepImpl):
 
 
 def split_layers(params):
-    """The same parameters with `layers` as a list of per-layer dicts. `step` then unrolls
-    the layers and reads each weight where it lies (the fast layout on GPU, see
-    `attention`). The parallel paths (`forward_parallel`, `chunk_step`) restack such
-    params inside their program: one weight copy per call."""
+    """The same parameters with `layers` as a list of per-layer dicts. `step` and the
+    parallel paths (`forward_parallel`, `chunk_step`, `layer_major`) then unroll the layers
+    and read each weight where it lies (the fast layout on GPU, see `attention` and
+    `scan_layers`)."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
     n = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(n)]}
+
+
+def scan_layers(layer, x, params, *per_layer):
+    """`lax.scan(layer, x, (layers, *per_layer))` over the model's layers: layer(x, (lp,
+    *slices)) -> (x, out), the outs stacked on a leading axis. With per-layer params
+    (`split_layers`) the loop is unrolled instead and each weight is read where it lies;
+    restacking them inside the program copied every weight once per call (13.5 GB for
+    the Llama-2-7B shape, and as much again of memory, for each chunked prefill piece)."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return jax.lax.scan(layer, x, (layers,) + per_layer)
+    outs = []
+    for l, lp in enumerate(layers):
+        x, out = layer(x, (lp,) + jax.tree.map(lambda a: a[l], per_layer))
+        outs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def stacked_layers(params):
@@ -479,8 +495,8 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
         (K, V, P, S, _), out = jax.lax.scan(token, (K, V, P, S, ranks), t_major)
         return finish_layer(cfg, lp, x, jnp.swapaxes(out, 0, 1).reshape(B, T, -1)), (K, V, P, S)
 
-    x, (K, V, P, S) = jax.lax.scan(layer, params["embed"][tokens], (
-        stacked_layers(params), state.keys, state.values, state.pos, state.score))
+    x, (K, V, P, S) = scan_layers(layer, params["embed"][tokens], params,
+                                  state.keys, state.values, state.pos, state.score)
     return x, State(K, V, P, S if policy.uses_score else state.score, state.length + act.sum(1))
 
 
@@ -542,7 +558,7 @@ def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
         colsum = w.sum(3)  # [B,Hkv,G,N]
         return x, (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), w_last.mean(2), colsum.mean(2))
 
-    x, (K, V, a_last, colsum) = jax.lax.scan(layer, x, stacked_layers(params))
+    x, (K, V, a_last, colsum) = scan_layers(lambda x, xs: layer(x, xs[0]), x, params)
     return logits_from_hidden(cfg, params, x), K, V, a_last, colsum
 
 
@@ -642,8 +658,7 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
         return x, (jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), kpos,
                    _head_average(policy, a_last), score)
 
-    x, (K, V, P, A, Sc) = jax.lax.scan(
-        layer, x, (stacked_layers(params), state.keys, state.values, state.pos, state.score))
+    x, (K, V, P, A, Sc) = scan_layers(layer, x, params, state.keys, state.values, state.pos, state.score)
     keys, values, pos, score = reduce_candidates(policy, C, K, V, P, A, Sc)
     state = State(keys, values, pos, score, state.length + n_act)
     return logits_from_hidden(cfg, params, x), state

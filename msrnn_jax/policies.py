@@ -210,13 +210,27 @@ def _all_keys(policy: Policy, pos, attn, score, capacity):
 
 
 def lex_argmin(keys) -> jax.Array:
-    """Index of the lexicographically smallest entry along the last axis (first on ties)."""
-    alive = jnp.ones(keys[0].shape, bool)
-    for k in keys:
-        hi = jnp.inf if jnp.issubdtype(k.dtype, jnp.floating) else _BIG
-        k = jnp.where(alive, k, hi)
-        alive = alive & (k == k.min(-1, keepdims=True))
-    return jnp.argmax(alive, -1)
+    """Index of the lexicographically smallest entry along the last axis (first on ties).
+
+    One variadic reduction over (keys..., index): a step's choice is one kernel per layer
+    on a GPU, where a min, a mask and a min again per key were a chain of dependent
+    reductions (four small kernels for TOVA's three keys, ~1.5 µs each at batch 1). The
+    index is the last key, so the order is total and the result does not depend on the
+    order in which the reduction meets the entries."""
+    shape = jnp.broadcast_shapes(*(k.shape for k in keys))
+    keys = tuple(jnp.broadcast_to(k, shape) for k in keys)
+    idx = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+
+    def smaller(a, b):  # whichever of the two candidates (keys..., index) comes first
+        lt, eq = False, True
+        for x, y in zip(a, b):
+            lt = lt | (eq & (x < y))
+            eq = eq & (x == y)
+        return tuple(jnp.where(lt, x, y) for x, y in zip(a, b))
+
+    inits = tuple(np.array(np.inf if jnp.issubdtype(k.dtype, jnp.floating) else np.iinfo(k.dtype).max,
+                           k.dtype) for k in keys + (idx,))
+    return jax.lax.reduce(keys + (idx,), inits, smaller, (len(shape) - 1,))[-1]
 
 
 def step_choice(policy: Policy, w, cand_pos, prev_score):

@@ -1,7 +1,8 @@
 """The benchmarks end to end on a tiny model, on the CPU, in seconds — each as the
 subprocess its README command starts (`python -m benchmarks.<x> ...`), so that they
-cannot rot silently; the tests import nothing from `benchmarks`. The shared pieces
-(fabricated states, the decode loop) are `msrnn_jax.testing`'s."""
+cannot rot silently; a few pieces of `benchmarks.serve` that need no engine (request sets,
+transformers' online peer) are called directly. The shared pieces (fabricated states, the
+decode loop) are `msrnn_jax.testing`'s."""
 
 from __future__ import annotations
 
@@ -286,3 +287,21 @@ def test_serve_request_slices_add_up():
     for bad in ("12", "a:b", "5:3", "-1:4"):
         with pytest.raises(argparse.ArgumentTypeError):
             request_range(bad)
+
+
+def test_serve_transformers_online_peer():
+    """`benchmarks.serve`'s online transformers peer (its continuous-batching manager given
+    each request at its Poisson arrival time) on the tiny shape on the CPU: every request
+    finishes with its fixed length, the load lasts at least until the last arrival, and the
+    arrivals are the ones the engine is given (one seed)."""
+    pytest.importorskip("torch", reason="transformers' PyTorch model (test extra 'torch')")
+    from benchmarks.serve import arrival_sets, hf_online, requests
+
+    sets = arrival_sets([8.0], 4)
+    assert np.array_equal(sets[0][1], arrival_sets([8.0], 4)[0][1]) and (np.diff(sets[0][1]) > 0).all()
+    rows = hf_online("tiny", requests(4, 8, 20, 100), 5, "cpu", 256, {}, sets, timeout_s=120)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["rate"] == 8.0 and r["requests"] == 4 and r["generated_tokens"] == 20
+    assert r["wall_s"] >= sets[0][1][-1]
+    assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] < 120 and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
