@@ -1,0 +1,70 @@
+"""The sharded code path at a mesh of one device against the plain one: the same greedy
+decode (`testing.greedy_decode`, per-layer weights) of one batch, once with params and
+state placed on a `data=1,model=1` mesh and traced under it (`sharding.use`), once without,
+and once without in the fused layout (q|k|v and gate|up joined: what `load_model` gives
+on one accelerator without a mesh; a mesh keeps the matrices apart).
+
+    python -m benchmarks.mesh_bench --out OUT.json                 # Llama-2-7B shape, tova C=512, B=1
+    python -m benchmarks.mesh_bench --model tiny --out /tmp/m.json # CPU, seconds
+
+Prints and writes {plain_ms, fused_ms, mesh_ms, ratio, ratio_to_fused} per step (median of --reps calls of --steps steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msrnn_jax import sharding, testing
+from msrnn_jax.model import fuse_projections, split_layers
+from msrnn_jax.policies import make_policy
+
+from .common import device_info, median_seconds, write_json
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--policy", default="tova")
+    ap.add_argument("--capacity", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    cfg = testing.model_config(args.model)
+    dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    policy = make_policy(args.policy)
+    host = jax.tree.map(np.asarray, split_layers(jax.device_get(testing.device_params(cfg, dtype))))
+    tok = jnp.zeros((args.batch,), jnp.int32)
+    fill = min(args.capacity, 64)
+    out = {"command": "python -m benchmarks.mesh_bench " + " ".join(argv or []), "device": device_info(),
+           "model": args.model, "policy": args.policy, "capacity": args.capacity, "batch": args.batch,
+           "steps": args.steps}
+    fused = jax.tree.map(np.asarray, fuse_projections(host))  # what load_model gives without a mesh
+    for label, mesh, prm in (("plain", None, host), ("fused", None, fused),
+                             ("mesh", sharding.make_mesh("data=1,model=1"), host)):
+        params = jax.device_put(prm) if mesh is None else sharding.shard_params(prm, mesh)
+        state = testing.fabricate_state(cfg, args.batch, args.capacity, fill, dtype)
+        if mesh is not None:
+            state = sharding.place_state(state, mesh)
+        box = [state]
+
+        def call():
+            with sharding.use(mesh):
+                toks, box[0] = testing.greedy_decode(params, cfg, policy, args.steps, box[0], tok)
+            return toks
+
+        out[f"{label}_ms"] = 1e3 * median_seconds(call, reps=args.reps) / args.steps
+        del params, box
+    out["ratio"] = out["mesh_ms"] / out["plain_ms"]  # the same per-layer weights, with and without the mesh
+    out["ratio_to_fused"] = out["mesh_ms"] / out["fused_ms"]  # against the default layout without a mesh
+    write_json(args.out, out)
+    print({k: out[k] for k in ("plain_ms", "fused_ms", "mesh_ms", "ratio", "ratio_to_fused")})
+
+
+if __name__ == "__main__":
+    main()
