@@ -1,13 +1,15 @@
 """The sharded code path at a mesh of one device against the plain one: the same greedy
-decode (`testing.greedy_decode`, per-layer weights) of one batch, once with params and
-state placed on a `data=1,model=1` mesh and traced under it (`sharding.use`), once without,
-and once without in the fused layout (q|k|v and gate|up joined: what `load_model` gives
-on one accelerator without a mesh; a mesh keeps the matrices apart).
+decode (`testing.greedy_decode`) of one batch, with params and state placed on a
+`data=1,model=1` mesh and traced under it (`sharding.use`), and without, in both per-layer
+layouts: split (q, k, v, gate, up apart: what a mesh with a model axis over 1 needs) and
+fused (q|k|v and gate|up joined: what `load_model` gives on one accelerator, with or
+without a mesh whose model axis is 1).
 
     python -m benchmarks.mesh_bench --out OUT.json                 # Llama-2-7B shape, tova C=512, B=1
     python -m benchmarks.mesh_bench --model tiny --out /tmp/m.json # CPU, seconds
 
-Prints and writes {plain_ms, fused_ms, mesh_ms, ratio, ratio_to_fused} per step (median of --reps calls of --steps steps).
+Prints and writes {plain_ms, mesh_ms, fused_ms, mesh_fused_ms, ratio, ratio_fused} per step
+(and same_tokens: whether the four decodes chose the same tokens) (median of --reps calls of --steps steps).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ def main(argv=None):
     out = {"command": "python -m benchmarks.mesh_bench " + " ".join(argv or []), "device": device_info(),
            "model": args.model, "policy": args.policy, "capacity": args.capacity, "batch": args.batch,
            "steps": args.steps}
-    fused = jax.tree.map(np.asarray, fuse_projections(host))  # what load_model gives without a mesh
-    for label, mesh, prm in (("plain", None, host), ("fused", None, fused),
-                             ("mesh", sharding.make_mesh("data=1,model=1"), host)):
+    fused = jax.tree.map(np.asarray, fuse_projections(host))  # what load_model gives at model=1
+    one = sharding.make_mesh("data=1,model=1")
+    tokens = {}
+    for label, mesh, prm in (("plain", None, host), ("mesh", one, host),
+                             ("fused", None, fused), ("mesh_fused", one, fused)):
         params = jax.device_put(prm) if mesh is None else sharding.shard_params(prm, mesh)
         state = testing.fabricate_state(cfg, args.batch, args.capacity, fill, dtype)
         if mesh is not None:
@@ -59,11 +63,14 @@ def main(argv=None):
             return toks
 
         out[f"{label}_ms"] = 1e3 * median_seconds(call, reps=args.reps) / args.steps
+        tokens[label] = np.asarray(call()).tolist()
         del params, box
-    out["ratio"] = out["mesh_ms"] / out["plain_ms"]  # the same per-layer weights, with and without the mesh
-    out["ratio_to_fused"] = out["mesh_ms"] / out["fused_ms"]  # against the default layout without a mesh
+    out["ratio"] = out["mesh_ms"] / out["plain_ms"]  # split weights, with and without the mesh
+    out["ratio_fused"] = out["mesh_fused_ms"] / out["fused_ms"]  # the default layout, with and without
+    out["same_tokens"] = all(t == tokens["plain"] for t in tokens.values())  # the same decode four ways
     write_json(args.out, out)
-    print({k: out[k] for k in ("plain_ms", "fused_ms", "mesh_ms", "ratio", "ratio_to_fused")})
+    print({k: out[k] for k in ("plain_ms", "mesh_ms", "fused_ms", "mesh_fused_ms", "ratio", "ratio_fused",
+                                   "same_tokens")})
 
 
 if __name__ == "__main__":

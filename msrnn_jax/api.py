@@ -122,7 +122,8 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     weights in place; see `attention`), "fused" (split, with each layer's q|k|v and
     gate|up joined into one matrix: `model.fuse_projections`, fewer and larger products,
     the fastest at small batches on GPU), or "auto": fused on an accelerator (split under
-    a mesh, whose shardings name the separate matrices), stacked on the CPU.
+    a mesh with a model axis over 1, which splits the separate matrices by heads and
+    columns), stacked on the CPU.
     `notify(message)` hears of slow work before it starts (the first conversion of a GGUF
     file, which is then cached).
 
@@ -143,17 +144,22 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     precision = check_precision(precision)
     mesh = None if mesh is None else sharding.make_mesh(mesh)
     split = layers in ("split", "fused") or (layers == "auto" and jax.default_backend() != "cpu")
-    fuse = layers == "fused" or (layers == "auto" and split and mesh is None)
-    if layers == "fused" and mesh is not None:
-        raise InvalidArgument("layers=\"fused\" cannot be sharded (the mesh splits q, k, v and gate, up "
-                              "apart); use split")
+    splits_heads = mesh is not None and sharding.mesh_size(mesh, "model") > 1
+    fuse = layers == "fused" or (layers == "auto" and split and not splits_heads)
+    if layers == "fused" and splits_heads:
+        raise InvalidArgument(f"layers=\"fused\" cannot be split over model={sharding.mesh_size(mesh, 'model')} "
+                              "(the mesh splits q, k, v and gate, up apart); use split")
     if mesh is not None and spec not in (None, "default") and is_converted_folder(Path(spec).expanduser()):
         cfg, params, tok = sharding.restore_converted(Path(spec).expanduser(), mesh, dtype)
-        return Model(cfg, split_layers(params) if split else params, tok, str(spec), precision, mesh)
+        params = split_layers(params) if split else params
+        if fuse:  # joined where they lie, then named as the rules say (whole on every device)
+            params = fuse_projections(params)
+            params = jax.device_put(params, sharding.param_shardings(params, mesh))
+        return Model(cfg, params, tok, str(spec), precision, mesh)
     loaded = load_converted(spec, notify=notify)
     host = split_layers(loaded.params) if split else loaded.params  # host arrays: no device copy
+    host = fuse_projections(host) if fuse else host  # joined on the host too
     if mesh is None:
-        host = fuse_projections(host) if fuse else host  # joined on the host too
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.dtype(dtype)), host)
     else:
         sharding.check_model(loaded.cfg, mesh)

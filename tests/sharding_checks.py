@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from msrnn_jax import sharding  # noqa: E402
 from msrnn_jax.api import Model, load_model  # noqa: E402
+from msrnn_jax.errors import InvalidArgument  # noqa: E402
 from msrnn_jax.evaluate import run_policy  # noqa: E402
 from msrnn_jax.model import chunk_step, prefill_oneshot, scan_logits  # noqa: E402
 from msrnn_jax.policies import PerRow, make_policy  # noqa: E402
@@ -251,6 +252,23 @@ def check_loading(family="llama-gqa"):
         vals = max(diff(a, b) for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(host)))
         out[what] = {"sharding": ok_sharding, "slices": ok_slices, "values": vals,
                      "wq_spec": str(m.params["layers"]["wq"].sharding.spec)}
+    # the fused layout (q|k|v, gate|up joined) on a mesh whose model axis is 1: rows over
+    # data=8, the joined matrices whole on every device; the same perplexity and kept
+    # positions as one device. Refused where model > 1 splits the matrices by heads.
+    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, (3, 40)).astype(np.int32)
+    one = run_policy(Model(cfg, jax.tree.map(jnp.asarray, host)), "tova", 12, ids, steps_per_call=16)
+    for what, spec in (("fused_hf", folder), ("fused_orbax", str(conv))):
+        m = load_model(spec, layers="fused", mesh="data=8,model=1")
+        lp = m.params["layers"][0]
+        got = run_policy(m, "tova", 12, ids, steps_per_call=16)
+        out[what] = {"keys": sorted(lp), "wqkv_spec": str(lp["wqkv"].sharding.spec),
+                     "devices": len(lp["wqkv"].sharding.device_set), "nll": diff(one.nll, got.nll),
+                     "pos": same(one.state.pos, got.state.pos), "rows": int(got.nll.shape[0])}
+    try:
+        load_model(folder, layers="fused", mesh="data=4,model=2")
+        out["fused_model2"] = "loaded"
+    except InvalidArgument as e:
+        out["fused_model2"] = str(e)
     return out
 
 

@@ -319,12 +319,14 @@ def test_serve_transformers_online_peer():
 
 def test_mesh_bench(tmp_path):
     """`benchmarks.mesh_bench` (the decode at a data=1,model=1 mesh against none) on the
-    tiny shape: three positive step times and their ratios."""
+    tiny shape: four positive step times, their ratios, and the same greedy tokens from
+    every layout with and without the mesh."""
     out = tmp_path / "m.json"
     p = subprocess.run([sys.executable, "-m", "benchmarks.mesh_bench", "--model", "tiny", "--capacity", "16",
                         "--steps", "4", "--reps", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads(out.read_text())
-    assert all(rec[k] > 0 for k in ("plain_ms", "fused_ms", "mesh_ms"))
-    assert rec["ratio"] == rec["mesh_ms"] / rec["plain_ms"] and rec["ratio_to_fused"] == rec["mesh_ms"] / rec["fused_ms"]
+    assert all(rec[k] > 0 for k in ("plain_ms", "mesh_ms", "fused_ms", "mesh_fused_ms"))
+    assert rec["ratio"] == rec["mesh_ms"] / rec["plain_ms"] and rec["ratio_fused"] == rec["mesh_fused_ms"] / rec["fused_ms"]
+    assert rec["same_tokens"] is True

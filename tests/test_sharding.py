@@ -119,6 +119,12 @@ def test_loading_places_each_shard(results):
         assert r[src]["sharding"] and r[src]["slices"], src
         assert r[src]["values"] == 0.0, src
         assert r[src]["wq_spec"] == "P(None, None, 'model')"
+    for src in ("fused_hf", "fused_orbax"):  # the fused layout where the model axis is 1
+        f = r[src]
+        assert "wqkv" in f["keys"] and "w_gateup" in f["keys"] and "wq" not in f["keys"], (src, f["keys"])
+        assert f["wqkv_spec"] == "P(None, None)" and f["devices"] == 8, (src, f)
+        assert f["pos"] and f["nll"] < TOL and f["rows"] == 3, (src, f)
+    assert "model=2" in r["fused_model2"] and "use split" in r["fused_model2"], r["fused_model2"]
 
 
 def test_bad_meshes_are_one_line_errors(results):
