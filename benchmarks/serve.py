@@ -260,7 +260,7 @@ def main(argv=None):
                          "no longer fits an H200")
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill piece")
     ap.add_argument("--steps-per-call", type=int, default=16)
-    ap.add_argument("--prefill-share", type=float, default=0.5,
+    ap.add_argument("--prefill-share", type=float, default=0.4,
                     help="the engine's prefill_share: the most of its time that reading prompts may "
                          "take while rows decode (1: prompts first)")
     ap.add_argument("--rates", default="2,4,8", help="online Poisson arrival rates, requests/s")

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     positions_arg(w)
     w.add_argument("--steps-per-call", type=_positive("--steps-per-call"), default=8,
                    help="decode steps per chunk: how often tokens are streamed")
-    w.add_argument("--prefill-share", type=float, default=0.5,
+    w.add_argument("--prefill-share", type=float, default=0.4,
                    help="in (0, 1]: the most of the engine's time that reading new prompts may take "
                         "while other rows decode (their tokens wait meanwhile: at most 1/(1-share) "
                         "times slower); 1 reads every waiting prompt that has a free row first "

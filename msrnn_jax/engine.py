@@ -20,7 +20,7 @@ each prompt piece read delays the busy rows' next tokens. With `prefill_share` s
 pieces of a turn stop once their time (timed piece by piece) reaches s / (1 - s) of the
 last decode chunk's: at most a fraction s of the loop's time goes to prompts while rows
 decode and prompts wait, so a token's latency stays within 1 / (1 - s) of the decode
-chunk's alone (2x at the default 0.5); s = 1 reads every waiting prompt that has a free
+chunk's alone (1.67x at the default 0.4); s = 1 reads every waiting prompt that has a free
 row before the next chunk (throughput first). With no row decoding, prompts are read
 without limit.
 
@@ -317,7 +317,7 @@ class Engine:
     def __init__(self, model: Model, policy: str | Policy = "tova", capacity: int | None = None,
                  sinks: int = 4, max_batch: int = 8, max_queue: int = 64, prefill: str = "exact",
                  chunk: int | None = None, steps_per_call: int = 8, piece: int = 32,
-                 prefill_share: float = 0.5, impl: StepImpl = DEFAULT_IMPL, dtype=None,
+                 prefill_share: float = 0.4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
                  log_requests: bool = True, positions: str = "absolute"):
         self.model, self.cfg = model, model.cfg
         self.policy = make_policy(policy, sinks)
