@@ -60,3 +60,33 @@ def test_python_api(tmp_path):
     assert p.returncode == 0, p.stderr
     # the last line is the perplexity run's: a number and the kept positions' shape [L, B, Hkv, C]
     assert re.fullmatch(r"\d+\.\d+ \(\d+, 1, \d+, 256\)", p.stdout.strip().splitlines()[-1]), p.stdout
+
+
+def test_serving_example(tmp_path):
+    """The Serving section as written: its `msrnn serve` line (on a free port instead of
+    8000) and its Python `openai` client block against it (fewer tokens); the server is
+    started and stopped here, by its PID, and exits 0 on SIGINT."""
+    from test_serve import Server  # skips without the openai client
+
+    section = README.split("\n## Serving (`msrnn serve`)\n", 1)[1].split("\n## ", 1)[0]
+    [line] = [ln for ln in re.search(r"```\n(.*?)```", section, re.S).group(1).splitlines()
+              if ln.startswith("msrnn serve")]
+    argv = shlex.split(line)[2:]
+    i = argv.index("--port")
+    del argv[i:i + 2]
+    srv = Server(*argv, log_path=tmp_path / "server.log")
+    try:
+        srv.wait_ready(600)
+        code = block("Serving (`msrnn serve`)", "python")
+        assert "127.0.0.1:8000" in code
+        code = code.replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}").replace("max_tokens=32", "max_tokens=8")
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        # the chat answer and its usage (8 tokens generated), then the streamed completion
+        assert re.search(r"CompletionUsage\(completion_tokens=8, prompt_tokens=\d+, total_tokens=\d+",
+                         p.stdout), p.stdout
+        streamed = p.stdout[p.stdout.index("CompletionUsage("):].split("\n", 1)[1]  # the lines after print(...)
+        assert streamed.strip(), p.stdout
+    finally:
+        assert srv.stop() == 0, srv.text()[-3000:]
