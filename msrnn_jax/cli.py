@@ -68,7 +68,10 @@ Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""
     "serve": """examples:
   msrnn serve --policy tova --capacity 512 --max-batch 8 --port 8000
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "SmolLM2-135M-Instruct", "prompt": "The sea", "max_tokens": 16}'""",
+       -d '{"model": "SmolLM2-135M-Instruct", "prompt": "The sea", "max_tokens": 16}'
+  msrnn serve --policy tova,window,h2o --capacity 512 --max-batch 12   # a request picks one:
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+       -d '{"prompt": "The sea", "max_tokens": 16, "policy": "window"}'""",
     "eval": """examples:
   msrnn eval passkey --policy full,window,tova --capacity 64,128 --lengths 1024 --samples 2
   msrnn eval niah --haystack data/pg_news_from_nowhere.txt --policy tova --capacity 256 --json --plot niah.png""",
@@ -171,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(q), mesh_arg(q)
 
     w = command("serve", "an OpenAI-compatible HTTP server with continuous batching")
-    w.add_argument("--policy", default="tova", help=f"what to drop when a row's state is full: {POLICIES_HELP}")
+    w.add_argument("--policy", "--policies", dest="policy", default="tova",
+                   help=f"what to drop when a row's state is full: {POLICIES_HELP}; a comma list (of one "
+                        "capacity, not full) serves several side by side: the rows are dealt to them in "
+                        "turn, a request picks one with its 'policy' field, the first by default")
     w.add_argument("--capacity", type=_positive("--capacity"),
                    help="state size C per row (default 512; full: the model's trained context "
                         "unless given, and a request's prompt + max_tokens must fit in it)")

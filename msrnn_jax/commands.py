@@ -433,12 +433,17 @@ def convert(args):
 # -- serve ------------------------------------------------------------------------------
 def serve(args):
     from . import server
-    from .engine import Engine
+    from .engine import Engine, check_batch, served_policies
 
-    pol = _policy(args)
+    # a comma list serves several policies side by side (checked here, before the server starts)
+    pols = served_policies([_policy(args, n.strip()) for n in args.policy.split(",") if n.strip()], args.sinks)
     capacity = args.capacity
-    if pol.name != "full":
-        capacity = capacity_for(pol, 512 if capacity is None else capacity, 1)
+    if pols[0].name != "full":
+        capacity = 512 if capacity is None else capacity
+        for p in pols:
+            capacity_for(p, capacity, 1)
+    pol = pols[0] if len(pols) == 1 else pols
+    check_batch(args.max_batch, None, len(pols))
     _prefill_args(args)
     check_int("max_queue", args.max_queue, minimum=0)
     check_float("--prefill-share", args.prefill_share, low=0.0, high=1.0, low_open=True)
@@ -447,7 +452,6 @@ def serve(args):
     impl = StepImpl(attention=args.attention)
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
         from . import sharding
-        from .engine import check_batch
         mesh = sharding.make_mesh(args.mesh)
         check_batch(args.max_batch, mesh)
         sharding.check_impl(impl, mesh)

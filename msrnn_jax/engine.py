@@ -67,7 +67,7 @@ from .config import ModelConfig
 from .decoding import check_prefill
 from .errors import InvalidArgument, MsrnnError, check_float, check_int
 from .model import check_positions, chunk_step, initial_ranks, layer_last_logits, step_ranked
-from .policies import Policy, capacity_for, make_policy, policy_name
+from .policies import PerRow, Policy, capacity_for, make_policy, policy_name
 from .state import State
 
 log = logging.getLogger("msrnn.serve")
@@ -83,12 +83,33 @@ class EngineStopped(MsrnnError):
     """The engine is not running (stopped, or not started)."""
 
 
-def check_batch(max_batch: int, mesh) -> None:
-    """Under a mesh the rows are split over data: B must be a multiple of D."""
+def check_batch(max_batch: int, mesh, policies: int = 1) -> None:
+    """Under a mesh the rows are split over data: B must be a multiple of D. With n
+    policies side by side every one needs a row: B >= n."""
     D = 1 if mesh is None else sharding.mesh_size(mesh, "data")
     if max_batch % D:
         raise InvalidArgument(f"max_batch {max_batch} does not split over mesh data={D} (the rows are "
                               f"split over data): choose a multiple of {D}", "max_batch")
+    if max_batch < policies:
+        raise InvalidArgument(f"max_batch {max_batch} gives no row to some of the {policies} policies (row "
+                              f"b follows policy b mod {policies}): choose at least {policies}", "max_batch")
+
+
+def served_policies(policy, sinks: int = 4) -> tuple[Policy, ...]:
+    """The engine's policies: one (a name or a Policy), or a list of several of one
+    capacity, side by side as batch rows (`PerRow`); `full` only alone, none twice."""
+    names = list(policy) if isinstance(policy, (list, tuple)) else [policy]
+    if not names:
+        raise InvalidArgument("no policy given", "policy")
+    pols = tuple(make_policy(p, sinks) for p in names)
+    if len(pols) > 1:
+        if any(p.name == "full" for p in pols):
+            raise InvalidArgument("full cannot share the state with other policies (its rows need the "
+                                  "whole context, theirs C slots): serve it alone", "policy")
+        seen = [policy_name(p) for p in pols]
+        if len(set(seen)) < len(seen):
+            raise InvalidArgument(f"a policy is listed twice: {','.join(seen)}", "policy")
+    return pols
 
 
 # -- the jitted programs ---------------------------------------------------------------
@@ -236,6 +257,7 @@ class Request:
         self.prompt = list(prompt)
         self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
         self.seed, self.stop, self.ignore_eos = seed, tuple(stop), bool(ignore_eos)
+        self.policy_index = 0     # which of the engine's policies its row follows
         self.tokens: list[int] = []
         self.text_sent = 0        # characters of the decoded text already streamed
         self.final_text: str | None = None
@@ -302,6 +324,9 @@ class Engine:
     model: a loaded `Model` (a tokenizer is needed for text and stop strings only).
     policy, capacity, sinks: the state's policy and size C; for `full`, C defaults to
     the model's trained context (`max_position_embeddings`) and a request must fit in it.
+    `policy` may also be a list of policies of that one C (not `full`): the rows are dealt
+    to them in turn (row b follows the (b mod n)-th, `policies.PerRow`), a request picks
+    one with `submit(policy=...)`, the first by default, and waits for a row of its own.
     max_batch B: rows; max_queue: requests that may wait beyond B (then `QueueFull`).
     prefill: "exact" (pieces of `piece` tokens through the step, the result equal to
     reading the prompt at once) or "chunked" (pieces of `chunk` tokens, `chunk_step`).
@@ -320,7 +345,11 @@ class Engine:
                  prefill_share: float = 0.4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
                  log_requests: bool = True, positions: str = "absolute"):
         self.model, self.cfg = model, model.cfg
-        self.policy = make_policy(policy, sinks)
+        self.sinks = sinks
+        self.policies = served_policies(policy, sinks)
+        # one policy, or several side by side as batch rows: row b follows policies[b % n]
+        self.policy = self.policies[0] if len(self.policies) == 1 else PerRow(policies=self.policies)
+        self.policy_names = [policy_name(p) for p in self.policies]
         if self.policy.name == "full":
             # capacity_for would size `full` to one call; a server sizes it once for all
             self.capacity = (check_int("capacity", capacity) if capacity is not None
@@ -340,7 +369,7 @@ class Engine:
         sharding.check_impl(impl, self.mesh)
         # a prompt is read into R rows: 1, or one per data shard under a mesh (module docstring)
         self.R = 1 if self.mesh is None else sharding.mesh_size(self.mesh, "data")
-        check_batch(self.B, self.mesh)
+        check_batch(self.B, self.mesh, len(self.policies))
         self.log_requests = log_requests
         self.dtype = dtype or jax.tree.leaves(model.params)[0].dtype
         self.eos = jnp.asarray(list(model.eos_ids) or [-1], jnp.int32)
@@ -371,7 +400,20 @@ class Engine:
 
     @property
     def name(self) -> str:
-        return policy_name(self.policy)
+        return ",".join(self.policy_names)
+
+    def policy_index(self, policy: str | Policy | None) -> int:
+        """Which of the served policies a request asked for (None: the first)."""
+        if policy is None:
+            return 0
+        try:
+            name = policy_name(make_policy(policy, self.sinks))
+        except InvalidArgument as e:
+            raise InvalidArgument(str(e), "policy") from None
+        if name not in self.policy_names:
+            raise InvalidArgument(f"policy {name!r} is not served here (choose from "
+                                  f"{', '.join(self.policy_names)})", "policy")
+        return self.policy_names.index(name)
 
     # -- the public side (any thread) --------------------------------------------------
     def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -390,12 +432,14 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = (), listener: Callable[[dict], None] | None = None,
-               rid: str | None = None, ignore_eos: bool = False) -> Request:
+               rid: str | None = None, ignore_eos: bool = False, policy: str | None = None) -> Request:
         """Queue a request (token ids). Raises InvalidArgument for a bad one, QueueFull
         when B rows are busy and max_queue requests already wait. ignore_eos: run to
-        max_tokens (benchmarks' fixed lengths)."""
+        max_tokens (benchmarks' fixed lengths). policy: one of the served policies (None:
+        the first)."""
         prompt = [int(t) for t in prompt]
         self.check_request(prompt, max_tokens)
+        which = self.policy_index(policy)
         temperature = check_float("temperature", temperature, low=0.0)
         top_k = check_int("top_k", top_k, minimum=0)
         top_p = check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
@@ -411,6 +455,7 @@ class Engine:
             raise InvalidArgument("stop must be non-empty strings", "stop")
         req = Request(prompt, max_tokens, temperature, top_k, top_p, seed, stop, listener,
                       rid or f"req-{next(_ids)}", ignore_eos)
+        req.policy_index = which
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -481,12 +526,14 @@ class Engine:
 
     def _warm(self):
         """Run every program once on row 0 (free: whatever it leaves there is overwritten
-        when a request takes the row), so the first request finds them compiled."""
+        when a request takes the row), so the first request finds them compiled; with
+        several policies, each one's prefill on a row of its own."""
         t0 = time.perf_counter()
-        pf = self._new_prefill(None, 0, [0])
-        while not self._advance(pf):
-            pass
-        self._insert(pf, 0)
+        for b in range(len(self.policies)):
+            pf = self._new_prefill(None, b, [0])
+            while not self._advance(pf):
+                pass
+            self._insert(pf, b)
         R = self.R
         first_rows(*sharding.place_rows(self.mesh, pf.logits, self.keys[:R], self.temperature[:R],
                                         self.top_k[:R], self.top_p[:R]))[0].block_until_ready()
@@ -527,7 +574,8 @@ class Engine:
         act[0, :len(part)] = True
         piece = chunk_piece if self.prefill_mode == "chunked" else exact_piece
         toks, act, logits = sharding.place_rows(self.mesh, toks, act, pf.logits)
-        pf.logits, pf.state = piece(self.model.params, self.cfg, self.policy, self._placed(pf.state), toks,
+        policy = self.policies[pf.row % len(self.policies)]  # the row's own (one program per policy)
+        pf.logits, pf.state = piece(self.model.params, self.cfg, policy, self._placed(pf.state), toks,
                                     act, logits, self.positions)
         pf.next_piece += 1
         return pf.next_piece * P >= len(prompt)
@@ -590,11 +638,16 @@ class Engine:
         return any(r is not None and r is not reading for r in self.rows)
 
     def _admit(self) -> bool:
-        """The oldest waiting request takes a free row, if both exist and no prompt is
-        being read (caller holds the lock). True if a prefill is now under way."""
+        """The oldest waiting request with a free row of its policy takes it, if no prompt
+        is being read (caller holds the lock). True if a prefill is now under way."""
         if self.prefilling is None and self.waiting and None in self.rows:
-            req = self.waiting.popleft()
-            b = self.rows.index(None)
+            n = len(self.policies)
+            free = [b for b, r in enumerate(self.rows) if r is None]
+            pick = next(((req, b) for req in self.waiting for b in free if b % n == req.policy_index), None)
+            if pick is None:
+                return False
+            req, b = pick
+            self.waiting.remove(req)
             self.rows[b] = req
             req.row = b
             self.prefilling = self._new_prefill(req, b, req.prompt)
@@ -726,7 +779,8 @@ class Engine:
             gen = len(req.tokens)
             dt = req.t_done - (req.t_first or req.t_done)
             rate = (gen - 1) / dt if gen > 1 and dt > 0 else float("nan")
-            log.info("%s prompt_tokens=%d generated_tokens=%d ttft=%s tokens_per_s=%.1f finish=%s",
-                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s", rate, reason)
+            log.info("%s prompt_tokens=%d generated_tokens=%d ttft=%s tokens_per_s=%.1f finish=%s%s",
+                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s", rate, reason,
+                     f" policy={self.policy_names[req.policy_index]}" if len(self.policies) > 1 else "")
         req._done.set()
         req._emit({"type": "done", "finish_reason": reason, "result": req._result})

@@ -15,6 +15,10 @@ with `{"error": {"message", "type", "param", "code"}}`, a full queue 503.
 The model loads and compiles on a thread after the socket is bound, so /health answers
 (503) meanwhile. SIGINT/SIGTERM end every stream in flight with a final event
 (finish_reason "abort") and the process exits 0.
+
+With several policies (`--policy tova,window`) a request picks one with the field
+`policy` (the `openai` client: `extra_body={"policy": "window"}`); without it, the first.
+/health lists them.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def parse_request(body, chat: bool, served: set[str], name: str = "") -> dict:
         "seed": _field(body, "seed", int),
         "stream": _field(body, "stream", bool, False),
         "ignore_eos": _field(body, "ignore_eos", bool, False),  # vLLM's extension: fixed lengths
+        "policy": _field(body, "policy", str),  # ours: one of the served policies (`--policy a,b`)
     }
     if out["top_k"] == -1:  # vLLM's spelling of "off"
         out["top_k"] = 0
@@ -191,7 +196,9 @@ class Service:
         from starlette.responses import JSONResponse
 
         if self.ready:
-            return JSONResponse({"status": "ok", **self.engine.load()})
+            eng = self.engine
+            return JSONResponse({"status": "ok", "policies": eng.policy_names, "capacity": eng.capacity,
+                                 "max_batch": eng.B, **eng.load()})
         return JSONResponse({"status": "failed" if self.failed else "loading", "error": self.failed},
                             status_code=503)
 
@@ -250,7 +257,7 @@ class Service:
             try:
                 req = eng.submit(ids, max_tokens, temperature=p["temperature"], top_k=p["top_k"],
                                  top_p=p["top_p"], seed=p["seed"], stop=p["stop"], listener=listener, rid=rid,
-                                 ignore_eos=p["ignore_eos"])
+                                 ignore_eos=p["ignore_eos"], policy=p["policy"])
             except QueueFull as e:
                 raise ApiError(503, str(e), type_="server_error", code="queue_full") from None
             except EngineStopped as e:

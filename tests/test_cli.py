@@ -74,6 +74,9 @@ def assert_one_line_error(code, out, err, status, needle=""):
     (["serve", "--prefill-share", "0"], "--prefill-share must be in (0.0, 1.0]"),
     (["serve", "--prefill-share", "1.5"], "--prefill-share must be in (0.0, 1.0]"),
     (["serve", "--port", "70000"], "--port must be in [0, 65535]"),
+    (["serve", "--policy", "tova,full"], "full cannot share the state"),
+    (["serve", "--policies", "tova,window,h2o", "--max-batch", "2"], "--max-batch 2 gives no row"),
+    (["serve", "--policy", "tova,sink", "--capacity", "4", "--sinks", "4"], "capacity > sinks"),
 ])
 def test_usage_errors(capsys, tiny, text_file, argv, needle):
     argv = [a.format(text=text_file, model=tiny) for a in argv]

@@ -281,6 +281,42 @@ def test_engine_other_policies_and_chunked_prefill(tiny, policy, capacity, prefi
         eng.stop()
 
 
+@pytest.mark.parametrize("prefill,chunk", [("exact", None), ("chunked", 8)])
+def test_engine_several_policies_side_by_side(tiny, prefill, chunk):
+    """Policies of one capacity share the state (row b follows the (b mod 3)-th): each
+    request's greedy tokens equal `generate` of its prompt alone under the policy it
+    picked (the first by default), more requests than rows wait for a row of their own
+    policy, nothing compiles while serving, and a policy not served is refused."""
+    cap, names = 12, ["tova", "window", "h2o-head"]
+    prompts = [tiny.encode(t * 3) for t in TEXTS[:7]]
+    picks = [None, "window", "h2o-head", "WINDOW", "tova", "window", "h2o-head"]
+    want = [reference(tiny, p, 12, (k or "tova").lower(), cap, prefill=prefill, chunk=chunk)
+            for p, k in zip(prompts, picks)]
+    # the policies keep different things here, so a row that ignored its pick would show it
+    assert any(reference(tiny, p, 12, "window", cap, prefill=prefill, chunk=chunk) != w
+               for p, w, k in zip(prompts, want, picks) if k in (None, "tova"))
+    eng = Engine(tiny, names, cap, max_batch=4, prefill=prefill, chunk=chunk, steps_per_call=4,
+                 log_requests=False).start()
+    try:
+        assert eng.ready.wait(120) and eng.error is None
+        before = eng.compiled()
+        reqs = [eng.submit(p, max_tokens=12, temperature=0, policy=k) for p, k in zip(prompts, picks)]
+        assert [r.result(120).tokens for r in reqs] == want
+        assert eng.compiled() == before and before["prefill_piece"] == len(names)  # one per policy
+        assert eng.load() == {"rows_busy": 0, "waiting": 0}
+        with pytest.raises(InvalidArgument, match="not served here") as e:
+            eng.submit(prompts[0], 4, policy="sink")
+        assert e.value.param == "policy"
+    finally:
+        eng.stop()
+    for bad, match in ((["tova", "full"], "serve it alone"), (["tova", "TOVA"], "twice")):
+        with pytest.raises(InvalidArgument, match=match):
+            Engine(tiny, bad, cap)
+    with pytest.raises(InvalidArgument, match="choose at least 3") as e:
+        Engine(tiny, names, cap, max_batch=2)
+    assert e.value.param == "max_batch"
+
+
 # -- the HTTP server ------------------------------------------------------------------
 def _free_port():
     with socket.socket() as s:
@@ -523,6 +559,32 @@ def test_pallas_attention_serves_the_same_tokens(tiny, tiny_dir, tmp_path):
         want = reference(tiny, tiny.encode(TEXTS[0]), 10)
         r = client.completions.create(model=model.id, prompt=TEXTS[0], max_tokens=10, temperature=0)
         assert r.choices[0].text == tiny.decode(want)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_server_with_several_policies(tiny, tiny_dir, tmp_path):
+    """`msrnn serve --policy tova,window`: /health lists both, a request picks one with the
+    field `policy` (the openai client's extra_body), the first without it, and a policy
+    not served gets 400 naming the field."""
+    cap = 12
+    srv = Server("--model", tiny_dir, "--policy", "tova,window", "--capacity", str(cap), "--max-batch", "2",
+                 log_path=tmp_path / "policies.log")
+    try:
+        srv.wait_ready()
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        assert health["policies"] == ["tova", "window"] and health["capacity"] == cap, health
+        client = srv.client()
+        ids = tiny.encode(TEXTS[1] * 3)
+        assert reference(tiny, ids, 10, "window", cap) != reference(tiny, ids, 10, "tova", cap)  # it can tell
+        for pick in (None, "window", "tova"):
+            extra = {} if pick is None else {"extra_body": {"policy": pick}}
+            r = client.completions.create(model="tiny", prompt=TEXTS[1] * 3, max_tokens=10, temperature=0, **extra)
+            assert r.choices[0].text == tiny.decode(reference(tiny, ids, 10, pick or "tova", cap)), pick
+        r = httpx.post(srv.url + "/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "policy": "h2o"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "policy", r.text
+        assert "policy=window" in srv.text()  # the request log names the row's policy
     finally:
         assert srv.stop() == 0
 
