@@ -70,7 +70,7 @@ Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "SmolLM2-135M-Instruct", "prompt": "The sea", "max_tokens": 16}'
   msrnn serve --policy tova,window,h2o --capacity 512 --max-batch 12   # a request picks one:
-  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "The sea", "max_tokens": 16, "policy": "window"}'""",
     "eval": """examples:
   msrnn eval passkey --policy full,window,tova --capacity 64,128 --lengths 1024 --samples 2
