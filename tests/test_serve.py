@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import msrnn_jax as m
-from msrnn_jax.engine import Engine, QueueFull, sample_rows, seed_key
+from msrnn_jax.engine import Engine, QueueFull, chunk_piece, exact_piece, sample_rows, seed_key
 from msrnn_jax.errors import InvalidArgument
 
 from hf_models import save_tiny_model
@@ -295,14 +295,16 @@ def test_engine_several_policies_side_by_side(tiny, prefill, chunk):
     # the policies keep different things here, so a row that ignored its pick would show it
     assert any(reference(tiny, p, 12, "window", cap, prefill=prefill, chunk=chunk) != w
                for p, w, k in zip(prompts, want, picks) if k in (None, "tova"))
+    programs = (chunk_piece if prefill == "chunked" else exact_piece)._cache_size()  # shared by all engines
     eng = Engine(tiny, names, cap, max_batch=4, prefill=prefill, chunk=chunk, steps_per_call=4,
                  log_requests=False).start()
     try:
         assert eng.ready.wait(120) and eng.error is None
         before = eng.compiled()
+        assert before["prefill_piece"] - programs == len(names)  # one per policy, all at startup
         reqs = [eng.submit(p, max_tokens=12, temperature=0, policy=k) for p, k in zip(prompts, picks)]
         assert [r.result(120).tokens for r in reqs] == want
-        assert eng.compiled() == before and before["prefill_piece"] == len(names)  # one per policy
+        assert eng.compiled() == before
         assert eng.load() == {"rows_busy": 0, "waiting": 0}
         with pytest.raises(InvalidArgument, match="not served here") as e:
             eng.submit(prompts[0], 4, policy="sink")
@@ -368,6 +370,9 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
             self.log.close()
+
+
+SERVED = {"policies": ["tova"], "capacity": C, "max_batch": 4}  # what /health says of `server`
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +467,8 @@ def test_disconnect_frees_the_row(tiny, server):
         fifth = pool.submit(client.completions.create, model="tiny", prompt=TEXTS[5], max_tokens=4, temperature=0)
         time.sleep(1.0)
         assert not fifth.done()  # every row is busy
-        assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "rows_busy": 4, "waiting": 1}
+        assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "rows_busy": 4, "waiting": 1,
+                                                                        **SERVED}
         _close(held)
         r = fifth.result(timeout=60)
     assert r.choices[0].text == tiny.decode(reference(tiny, tiny.encode(TEXTS[5]), 4))
@@ -485,7 +491,8 @@ def test_full_queue_gets_503(server):
     end = time.time() + 30
     while time.time() < end and httpx.get(server.url + "/health", timeout=10).json()["rows_busy"]:
         time.sleep(0.2)
-    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "rows_busy": 0, "waiting": 0}
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "rows_busy": 0, "waiting": 0,
+                                                                    **SERVED}
 
 
 BAD = [
