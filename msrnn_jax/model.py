@@ -148,8 +148,9 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gateup": ("w
 def fuse_projections(params):
     """The same parameters with each layer's q, k, v projections (and biases) joined into
     one matrix `wqkv` and the MLP's gate and up into `w_gateup`: fewer, larger products
-    (one read of h per group). `project` and `mlp` read either layout; the mesh's
-    shardings name only the separate matrices, so a sharded model keeps them apart."""
+    (one read of h per group). `project` and `mlp` read either layout. A mesh with a
+    model axis over 1 splits the separate matrices by heads and columns, so there a model
+    keeps them apart; where the model axis is 1 the joined ones are whole on every device."""
     def fuse(lp):
         lp = dict(lp)
         for name, parts in FUSED.items():
