@@ -442,23 +442,22 @@ def serve(args):
         capacity = 512 if capacity is None else capacity
         for p in pols:
             capacity_for(p, capacity, 1)
-    pol = pols[0] if len(pols) == 1 else pols
-    check_batch(args.max_batch, None, len(pols))
     _prefill_args(args)
     check_int("max_queue", args.max_queue, minimum=0)
     check_float("--prefill-share", args.prefill_share, low=0.0, high=1.0, low_open=True)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     impl = StepImpl(attention=args.attention)
+    mesh = None
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
         from . import sharding
         mesh = sharding.make_mesh(args.mesh)
-        check_batch(args.max_batch, mesh)
         sharding.check_impl(impl, mesh)
+    check_batch(args.max_batch, mesh, len(pols))
 
     def factory():  # on the server's loading thread: /health answers 503 meanwhile
         model = _load(args)
-        eng = Engine(model, pol, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
+        eng = Engine(model, pols, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call,
                      prefill_share=args.prefill_share, positions=args.positions, impl=impl)
         return model, eng

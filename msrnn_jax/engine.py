@@ -252,12 +252,12 @@ class Request:
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
                  top_p: float, seed: int, stop: Sequence[str], listener, rid: str,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, policy_index: int = 0):
         self.id = rid
         self.prompt = list(prompt)
         self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
         self.seed, self.stop, self.ignore_eos = seed, tuple(stop), bool(ignore_eos)
-        self.policy_index = 0     # which of the engine's policies its row follows
+        self.policy_index = policy_index  # which of the engine's policies its row follows
         self.tokens: list[int] = []
         self.text_sent = 0        # characters of the decoded text already streamed
         self.final_text: str | None = None
@@ -339,7 +339,7 @@ class Engine:
     multiple of D) and the KV heads over model; the step then uses einsum.
     """
 
-    def __init__(self, model: Model, policy: str | Policy = "tova", capacity: int | None = None,
+    def __init__(self, model: Model, policy: str | Policy | Sequence = "tova", capacity: int | None = None,
                  sinks: int = 4, max_batch: int = 8, max_queue: int = 64, prefill: str = "exact",
                  chunk: int | None = None, steps_per_call: int = 8, piece: int = 32,
                  prefill_share: float = 0.4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
@@ -454,8 +454,7 @@ class Engine:
         if any(not isinstance(s, str) or not s for s in stop):
             raise InvalidArgument("stop must be non-empty strings", "stop")
         req = Request(prompt, max_tokens, temperature, top_k, top_p, seed, stop, listener,
-                      rid or f"req-{next(_ids)}", ignore_eos)
-        req.policy_index = which
+                      rid or f"req-{next(_ids)}", ignore_eos, which)
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
