@@ -10,7 +10,9 @@ is reported in the results, not fatal.
     python -m benchmarks.serve --quick --out /tmp/serve   # CPU, the tiny shape, seconds
 
 Writes serve.json, serve.md and serve.png (throughput against latency) under --out;
---replot SERVE_JSON redraws the PNG of an earlier run.
+--replot SERVE_JSON redraws the PNG of an earlier run; --merge A.json B.json ... writes
+the three files for runs of one request set measured in several commands (one system
+each, or transformers in --hf-range slices).
 """
 
 from __future__ import annotations
@@ -50,6 +52,54 @@ def request_range(text):
     if not 0 <= a < b:
         raise argparse.ArgumentTypeError(f"{text!r}: want 0 <= A < B")
     return a, b
+
+
+def merge(runs, command):
+    """Runs of one request set (their serve.json) as one result: their systems side by
+    side, each keeping the command that measured it. A system measured offline in
+    `--hf-range` slices becomes one offline record, provided its slices cover the set
+    exactly once: their tokens and wall times add up (each slice drains its batch at its
+    end, so the sum is a little slower than one run would be). Raises ValueError for runs
+    of different sets or devices, a system measured twice, or slices with a gap or an
+    overlap."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    keys = ("model", "requests", "prompt_tokens", "generated_tokens_each")
+    first = runs[0]
+    for r in runs[1:]:
+        for k in keys:
+            if r[k] != first[k]:
+                raise ValueError(f"runs of different request sets: {k} {r[k]!r} != {first[k]!r}")
+        if r["device"].get("device_kind") != first["device"].get("device_kind"):
+            raise ValueError(f"runs on different devices: {r['device'].get('device_kind')!r} "
+                             f"!= {first['device'].get('device_kind')!r}")
+    out = {"command": command, "device": first["device"], **{k: first[k] for k in keys},
+           "merged_from": [r["command"] for r in runs], "systems": {}}
+    slices = {}
+    for r in runs:
+        for name, rec in r["systems"].items():
+            rec = {**rec, "command": r["command"], "prefill_share": r.get("prefill_share")}
+            if "range" in rec.get("offline", {}):
+                slices.setdefault(name, []).append(rec)
+            elif name in out["systems"]:
+                raise ValueError(f"{name} is measured in two of the runs")
+            else:
+                out["systems"][name] = rec
+    for name, recs in slices.items():
+        if name in out["systems"]:
+            raise ValueError(f"{name} is measured both whole and in slices")
+        recs.sort(key=lambda rec: rec["offline"]["range"][0])
+        spans = [tuple(rec["offline"]["range"]) for rec in recs]
+        starts = [0] + [b for _, b in spans[:-1]]
+        if [a for a, _ in spans] != starts or spans[-1][1] != out["requests"]:
+            raise ValueError(f"{name}: the slices {spans} do not cover requests 0..{out['requests']} once")
+        offline = [rec["offline"] for rec in recs]
+        tokens, wall = sum(o["generated_tokens"] for o in offline), sum(o["wall_s"] for o in offline)
+        out["systems"][name] = {"offline": {"requests": sum(o["requests"] for o in offline),
+                                            "generated_tokens": tokens, "wall_s": wall,
+                                            "tokens_per_s": tokens / wall, "slices": offline},
+                                "commands": [rec["command"] for rec in recs]}
+    return out
 
 
 def pct(xs, q):
@@ -281,7 +331,24 @@ def main(argv=None):
                          "use_cuda_graph=true,max_memory_percent=0.9")
     ap.add_argument("--replot", metavar="SERVE_JSON", help="only redraw serve.png under --out "
                                                         "from an earlier run's serve.json")
+    ap.add_argument("--merge", nargs="+", metavar="SERVE_JSON",
+                    help="only write serve.json, .md and .png under --out for these runs of one "
+                         "request set as one (see `merge`)")
     args = ap.parse_args(argv)
+    if args.merge:
+        import json
+        try:
+            runs = [json.loads(open(p).read()) for p in args.merge]
+            out = merge(runs, "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]))
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--merge: {e}")
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "serve.json"), out)
+        with open(os.path.join(args.out, "serve.md"), "w") as f:
+            f.write(markdown(out))
+        plot(out, os.path.join(args.out, "serve.png"))
+        print(markdown(out))
+        return
     if args.hf_range and args.hf_range[1] > args.requests:
         ap.error(f"--hf-range ends past the {args.requests} requests")
     if args.replot:
@@ -387,6 +454,21 @@ def plot(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not any(rec.get("online") for rec in out["systems"].values()):  # offline only: one bar each
+        names = [n for n, rec in out["systems"].items() if "offline" in rec]
+        tps = [out["systems"][n]["offline"]["tokens_per_s"] for n in names]
+        fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.6))
+        bars = ax.barh(names, tps, color="tab:blue")
+        ax.bar_label(bars, [f"{t:,.0f}" for t in tps], padding=3, fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel="generated tokens/s", title=f"offline: {out['requests']} requests at once")
+        ax.set_xlim(0, 1.15 * max(tps, default=1))
+        ax.grid(alpha=0.3, axis="x")
+        fig.suptitle(f"{out['model']} (random bf16 weights), {out['device'].get('device_kind', '')}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, rec in out["systems"].items():
         on = rec.get("online") or []
@@ -417,8 +499,11 @@ def plot(out, path):
 def markdown(out) -> str:
     L = [f"# Serving: {out['model']}, {out['requests']} requests, prompts {out['prompt_tokens'][0]}–"
          f"{out['prompt_tokens'][1]} tokens, {out['generated_tokens_each']} generated each",
-         "", f"`{out['command']}` on {out['device'].get('device_kind', out['device'])}", "",
-         "| system | batch | offline tokens/s | wall s |", "|---|---|---|---|"]
+         "", f"`{out['command']}` on {out['device'].get('device_kind', out['device'])}", ""]
+    if out.get("merged_from"):
+        L += ["Merged from these runs of the same requests:", ""]
+        L += [f"- `{c}`" for c in out["merged_from"]] + [""]
+    L += ["| system | batch | offline tokens/s | wall s |", "|---|---|---|---|"]
     for name, rec in out["systems"].items():
         if "offline" in rec:
             o = rec["offline"]

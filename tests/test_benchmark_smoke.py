@@ -289,6 +289,53 @@ def test_serve_request_slices_add_up():
             request_range(bad)
 
 
+def test_serve_merge_of_slices(tmp_path):
+    """`benchmarks.serve --merge`: runs of one request set measured in several commands
+    become one result. Slices of a system add their tokens and wall times, each system keeps
+    its command, and runs that do not make one set are refused in one line (exit 2)."""
+    from benchmarks.serve import merge
+
+    def run(cmd, systems, requests=10):
+        return {"command": cmd, "device": {"device_kind": "cpu"}, "model": "tiny", "requests": requests,
+                "prompt_tokens": [8, 40], "generated_tokens_each": 4, "prefill_share": 0.4, "systems": systems}
+
+    def hf(a, b, wall):
+        return {"transformers generate_batch": {"offline": {
+            "requests": b - a, "generated_tokens": 4 * (b - a), "wall_s": wall, "tokens_per_s": 4 * (b - a) / wall,
+            "range": [a, b]}}}
+
+    tova = run("t", {"tova C=32": {"batch": 4, "offline": {"requests": 10, "generated_tokens": 40, "wall_s": 2.0,
+                                                          "tokens_per_s": 20.0}}})
+    runs = [tova, run("h2", hf(4, 10, 3.0)), run("h1", hf(0, 4, 1.0))]
+    out = merge(runs, "m")
+    assert out["merged_from"] == ["t", "h2", "h1"] and out["systems"]["tova C=32"]["command"] == "t"
+    o = out["systems"]["transformers generate_batch"]
+    assert o["commands"] == ["h1", "h2"]
+    assert (o["offline"]["requests"], o["offline"]["generated_tokens"], o["offline"]["wall_s"]) == (10, 40, 4.0)
+    assert o["offline"]["tokens_per_s"] == 10.0
+    for bad, why in [([tova, run("h", hf(0, 4, 1.0))], "do not cover"),
+                     ([run("h", hf(0, 6, 1.0)), run("h", hf(4, 10, 1.0))], "do not cover"),
+                     ([tova, tova], "measured in two"),
+                     ([tova, run("h", hf(0, 10, 1.0), requests=12)], "different request sets")]:
+        with pytest.raises(ValueError, match=why):
+            merge(bad, "m")
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        (tmp_path / f"r{i}.json").write_text(json.dumps(r))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--out", str(tmp_path / "m"), "--merge", *paths],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "m" / "serve.json").read_text())["systems"] == out["systems"]
+    assert "| transformers generate_batch |  | 10.0 | 4.0 |" in (tmp_path / "m" / "serve.md").read_text()
+    assert (tmp_path / "m" / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--out", str(tmp_path / "m2"), "--merge", paths[1]],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "do not cover" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "m2").exists()
+
+
 def test_serve_transformers_online_peer():
     """`benchmarks.serve`'s online transformers peer (its continuous-batching manager given
     each request at its Poisson arrival time) on the tiny shape on the CPU: every request
