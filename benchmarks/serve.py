@@ -342,12 +342,7 @@ def main(argv=None):
             out = merge(runs, "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]))
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--merge: {e}")
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "serve.json"), out)
-        with open(os.path.join(args.out, "serve.md"), "w") as f:
-            f.write(markdown(out))
-        plot(out, os.path.join(args.out, "serve.png"))
-        print(markdown(out))
+        write_results(out, args.out)
         return
     if args.hf_range and args.hf_range[1] > args.requests:
         ap.error(f"--hf-range ends past the {args.requests} requests")
@@ -440,11 +435,18 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
-    write_json(os.path.join(args.out, "serve.json"), out)
-    with open(os.path.join(args.out, "serve.md"), "w") as f:
-        f.write(markdown(out))
-    plot(out, os.path.join(args.out, "serve.png"))
-    print(markdown(out))
+    write_results(out, args.out)
+
+
+def write_results(out, folder):
+    """serve.json, serve.md and serve.png of `out` under `folder`; the table printed."""
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "serve.json"), out)
+    text = markdown(out)
+    with open(os.path.join(folder, "serve.md"), "w") as f:
+        f.write(text)
+    plot(out, os.path.join(folder, "serve.png"))
+    print(text)
 
 
 def plot(out, path):
