@@ -24,10 +24,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..config import ModelConfig, MsrnnError
+from ..errors import MsrnnWarning
 
 from ._common import as_dtype, cast_tree, one_line
 from .checkpoint import check_output_folder, is_converted_folder, load_converted, save_converted
-from .gguf_loader import load_gguf, load_gguf_tokenizer
+from .gguf_loader import load_gguf
+from .gguf_tokenizer import load_gguf_tokenizer
 from .hf import load_hf_folder, resolve_hub_id
 
 __all__ = [
@@ -79,7 +81,7 @@ def _load_gguf(path: Path, dtype, cache: bool, notify=None) -> LoadedModel:
             cfg, params, tok = load_converted(folder, dtype=dtype)
             return LoadedModel(cfg, params, tok, f"{path} (cached in {folder})")
         except MsrnnError as e:
-            warnings.warn(f"ignoring the broken cached conversion {folder}: {e}", stacklevel=3)
+            warnings.warn(f"ignoring the broken cached conversion {folder}: {e}", MsrnnWarning, stacklevel=3)
     message = (f"converting {path.name} (once: later runs load the copy cached in {folder})"
                if folder is not None else f"converting {path.name}")
     cfg, params, has_tokenizer = gguf_loader._load(
@@ -89,7 +91,7 @@ def _load_gguf(path: Path, dtype, cache: bool, notify=None) -> LoadedModel:
         try:
             save_converted(folder, cfg, params, tok, source=str(path), overwrite=True)
         except MsrnnError as e:  # a read-only cache must not stop the run
-            warnings.warn(f"could not cache the converted model in {folder}: {e}", stacklevel=3)
+            warnings.warn(f"could not cache the converted model in {folder}: {e}", MsrnnWarning, stacklevel=3)
     return LoadedModel(cfg, cast_tree(params, dtype), tok, str(path))
 
 

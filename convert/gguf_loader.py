@@ -262,16 +262,3 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32) -> tuple[ModelConfig, d
     """Read a GGUF file -> (config, params) in float32 (or `dtype`); needs no tokenizer."""
     cfg, params, _ = _load(path, dtype)
     return cfg, params
-
-
-def load_gguf_tokenizer(path: str | os.PathLike):
-    """The Hugging Face tokenizer that transformers builds from the GGUF's metadata."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise MsrnnError(f"GGUF file not found: {path}")
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except Exception as e:
-        raise MsrnnError(f"cannot build a tokenizer from {path}: {one_line(e)}") from e

@@ -14,7 +14,13 @@ fixed-shape `State`, driven by `jax.lax.scan`; a policy (`Tova`, `H2O`, `Window`
 The contract (state, step, policies, prefill, errors) is in docs/design.md.
 """
 
-import importlib
+import importlib as _importlib
+from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+
+try:
+    __version__ = _version("msrnn-jax")
+except _NotInstalled:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # name -> the module that defines it. Imported on first use, so that `msrnn --help` and the
 # command line's argument errors answer before JAX is loaded.
@@ -39,7 +45,7 @@ _WHERE = {
     "StepImpl": "attention", "Sampling": "sampling", "GREEDY": "sampling",
     "make_mesh": "sharding", "shard_params": "sharding", "memory_plan": "sharding",
     "PRECISIONS": "precision",
-    "MsrnnError": "errors", "InvalidArgument": "errors", "UnsupportedConfigError": "errors",
+    "MsrnnError": "errors", "MsrnnWarning": "errors", "InvalidArgument": "errors", "UnsupportedConfigError": "errors",
 }
 
 __all__ = [
@@ -61,13 +67,13 @@ __all__ = [
     # devices: a data x model mesh, and the matmul precision policy
     "make_mesh", "shard_params", "memory_plan", "PRECISIONS",
     # errors
-    "MsrnnError", "InvalidArgument", "UnsupportedConfigError",
+    "MsrnnError", "MsrnnWarning", "InvalidArgument", "UnsupportedConfigError",
 ]
 
 
 def __getattr__(name):
     if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        value = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,9 +11,11 @@ import os
 import re
 import sys
 import threading
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" banner: running needs none
 
 from .errors import MsrnnError, UsageError  # noqa: E402  (light imports only: jax loads lazily)
 
@@ -83,9 +85,10 @@ Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="msrnn", formatter_class=_Help,
-                description="Transformers as multi-state RNNs (TOVA) in JAX: generate, chat, "
-                            "perplexity and conversion with a bounded key-value state.")
+                description="Transformers as multi-state RNNs (TOVA) in JAX: generate, chat, serve, "
+                            "perplexity, long-context evaluation and conversion with a bounded key-value state.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"msrnn {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name, help):
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("task", help="passkey or niah")
     e.add_argument("--policy", required=True, help=f"comma list of: {POLICIES_HELP} (any case)")
     e.add_argument("--capacity", type=_int_list("--capacity"), help="comma list of capacities")
-    e.add_argument("--lengths", type=_int_list("--lengths"), default=[1024],
+    e.add_argument("--lengths", type=_int_list("--lengths"), default="1024",
                    help="comma list of prompt lengths in the model's tokens")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="comma list of needle depths in [0, 1]")
@@ -242,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line `msrnn: warning: ...`, written above a live progress bar
+    (tqdm clears the bar, writes the line and draws the bar again) instead of into it."""
+    from tqdm import tqdm
+
+    tqdm.write(f"msrnn: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -252,6 +269,7 @@ def main(argv=None) -> int:
         from . import api, commands  # heavy imports (jax, transformers) only once the args are good
 
         api.use_compile_cache()  # a second run of the same shapes skips XLA's compiles
+        warnings.showwarning = _show_warning
 
         run = getattr(commands, args.command)
         if args.command in OWN_SIGNALS:  # a chat reply stops, a server drains its streams

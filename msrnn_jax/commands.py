@@ -85,6 +85,8 @@ def ppl(args):
     if not policies:
         raise UsageError("--policy needs at least one policy")
     capacities = args.capacity
+    if capacities and all(p.name == "full" for p in policies):
+        _note_full_capacity()
     if any(p.name != "full" for p in policies):
         if not capacities:
             raise UsageError("--capacity C[,C...] is required by every policy but full")
@@ -369,6 +371,9 @@ def chat(args):
         # what the state has read: the prompt, the reply and (if emitted) the end-of-turn token
         consumed = full + model.tokenizer.decode(res.tokens[0], skip_special_tokens=False)
         if not ended:
+            if len(res.tokens[0]) >= args.max_new_tokens:  # cut, not finished: say so
+                print(f"[reply cut at {args.max_new_tokens} tokens: --max-new-tokens sets the limit]",
+                      file=sys.stderr, flush=True)
             state = _feed(model, pol, cap, state, eos_text, args.positions)
             consumed += eos_text
         if args.stats:

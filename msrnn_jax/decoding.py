@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
+from . import errors, sharding
 from .config import ModelConfig
 from .errors import InvalidArgument, check_choice, check_int
 from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, layer_last_logits,
@@ -50,7 +49,7 @@ def check_context(cfg: ModelConfig, policy: Policy, n_tokens: int, positions: st
                   capacity: int | None = None) -> None:
     """docs/design.md §8 past the model's trained context (`max_position_embeddings`):
     `full` there is bad input; a bounded policy runs, with one warning line on stderr
-    when its queries will sit at positions the model never saw (always under absolute;
+    (`errors.warn`) when its queries will sit at positions the model never saw (always under absolute;
     under reindex only when the capacity itself exceeds the trained context)."""
     limit = cfg.max_position_embeddings
     if n_tokens <= limit:
@@ -66,12 +65,8 @@ def check_context(cfg: ModelConfig, policy: Policy, n_tokens: int, positions: st
                 f"within the capacity)")
     elif capacity is not None and capacity > limit:
         warn = f"capacity {capacity} is beyond the model's trained context of {limit}"
-    if warn is not None and warn not in _WARNED:  # once per process: a sweep runs many
-        _WARNED.add(warn)
-        print(f"msrnn: warning: {warn}", file=sys.stderr, flush=True)
-
-
-_WARNED: set[str] = set()
+    if warn is not None:
+        errors.warn(warn)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], multiple: int = PAD):

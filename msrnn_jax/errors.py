@@ -31,6 +31,23 @@ class UnsupportedConfigError(MsrnnError, ValueError):
     """A checkpoint asks for math this implementation does not do."""
 
 
+class MsrnnWarning(UserWarning):
+    """Something the library does anyway but a user should know (through `warnings`;
+    the command line prints it as one line `msrnn: warning: ...`)."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """Warn once per process (a sweep would otherwise repeat itself run after run)."""
+    import warnings
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, MsrnnWarning, stacklevel=3)
+
+
 # The command line's historic name for InvalidArgument.
 UsageError = InvalidArgument
 

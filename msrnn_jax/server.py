@@ -24,6 +24,7 @@ With several policies (`--policy tova,window`) a request picks one with the fiel
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -162,8 +163,9 @@ def parse_request(body, chat: bool, served: set[str], name: str = "") -> dict:
 class Service:
     """The model, its engine and the HTTP app; `load()` runs on a thread at startup."""
 
-    def __init__(self, engine_factory, served_name: str, aliases=()):
+    def __init__(self, engine_factory, served_name: str, aliases=(), url: str = ""):
         self.engine_factory = engine_factory
+        self.url = url
         self.engine = None
         self.model = None
         self.name = served_name
@@ -178,7 +180,7 @@ class Service:
             self.engine.ready.wait()
             if self.engine.error is not None:
                 raise self.engine.error
-            log.info("ready: %s", self.name)
+            log.info("ready: %s at %s (OpenAI API under %s/v1)", self.name, self.url, self.url)
         except BaseException as e:  # noqa: BLE001  /health says so; the process goes on answering
             self.failed = f"{type(e).__name__}: {e}"
             log.error("loading failed: %s", self.failed)
@@ -345,16 +347,45 @@ def served_name(spec: str | None, source: str) -> str:
     return Path(str(spec).rstrip("/")).name or str(spec)
 
 
+def listen(host: str, port: int):
+    """A socket bound to host:port, or one clear error naming them (a busy port, a
+    host that is not this machine's) before anything is loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise MsrnnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = "the port is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise MsrnnError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def run(engine_factory, name: str, aliases=(), host: str = "127.0.0.1", port: int = 8000) -> int:
-    """Serve until SIGINT/SIGTERM; returns 0 after a clean shutdown."""
+    """Serve until SIGINT/SIGTERM; returns 0 after a clean shutdown. A port that cannot be
+    bound is an `MsrnnError` before the model loads; the URL is logged once it is ready."""
     import uvicorn
 
+    sock = listen(host, port)
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
     handler = logging.StreamHandler(sys.stderr)  # our lines only, not every library's
     handler.setFormatter(logging.Formatter("msrnn serve: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    svc = Service(engine_factory, name, aliases)
+    svc = Service(engine_factory, name, aliases, url=url_of(host, port))
 
     class _Server(uvicorn.Server):
         # uvicorn re-raises a captured signal after its shutdown (exit status 130/143);
@@ -374,12 +405,16 @@ def run(engine_factory, name: str, aliases=(), host: str = "127.0.0.1", port: in
                 for s, h in old.items():
                     signal.signal(s, h)
 
-    config = uvicorn.Config(svc.app(), host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(svc.app(), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10, lifespan="off")
     server = _Server(config)
+    log.info("loading %s; %s/health answers 503 until it is ready", name, svc.url)
     threading.Thread(target=svc.load, name="msrnn-load", daemon=True).start()
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     svc.shutdown()
     if not server.started:
-        raise MsrnnError(f"could not listen on {host}:{port}")
+        raise MsrnnError(f"could not serve on {host}:{port}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -187,3 +188,95 @@ def test_chat_ctrl_d_exits_cleanly(tiny):
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
+
+
+# -- the newcomer's list ------------------------------------------------------------------------
+def test_version_and_the_top_level_help_lists_every_command(capsys):
+    from msrnn_jax import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"msrnn {__version__}"
+    assert __version__ != "0+unknown"  # the installed package's own version
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("generate", "chat", "ppl", "eval", "serve", "convert"):
+        assert f"    {command} " in out, (command, out)
+
+
+def test_eval_help_shows_defaults_as_values(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1024)" in out and "(default: 0,0.25,0.5,0.75,1)" in out
+    assert "[1024]" not in out and "default: [" not in out
+
+
+def test_serve_on_a_busy_port_is_one_line(tiny):
+    """A port another process holds: one `msrnn: error:` line naming it, exit 1, at once
+    (the port is bound before the model loads)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        p = msrnn("serve", "--model", tiny, "--port", port, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = communicate_or_dump(p, 120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 1, err
+    assert lines == [f"msrnn: error: cannot listen on 127.0.0.1:{port}: the port is already in use"], err
+    assert out == ""
+
+
+def test_chat_says_when_a_reply_is_cut(tiny):
+    """A reply that reaches --max-new-tokens without its end of turn says so on stderr;
+    the chat goes on."""
+    p = msrnn("chat", "--model", tiny, "--policy", "window", "--capacity", "16", "--max-new-tokens", "3",
+              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = communicate_or_dump_input(p, "hello there\nand again\n", 180)
+    assert p.returncode == 0, err
+    cut = [line for line in err.splitlines() if line.startswith("[reply cut at 3 tokens")]
+    assert len(cut) == 2 and "--max-new-tokens" in cut[0], err
+    assert len(out.splitlines()) == 2, out  # one line of reply per turn
+
+
+def communicate_or_dump_input(p, text, timeout):
+    try:
+        return p.communicate(text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate(timeout=30)
+        pytest.fail(f"still running after {timeout} s:\n{err[-8000:]}")
+
+
+def test_a_warning_prints_above_the_progress_bar(tmp_path, text_file):
+    """On a terminal, a warning during a sweep (a bounded policy past a trained context of
+    32) is a line of its own above the live bar, not text appended to the bar's line."""
+    pexpect = pytest.importorskip("pexpect")
+    from hf_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "short", max_position_embeddings=32)
+    child = pexpect.spawn(sys.executable, ["-m", "msrnn_jax.cli", "ppl", text_file, "--model", model,
+                                           "--policy", "window,tova", "--capacity", "8,16", "--tokens", "200"],
+                          cwd=str(REPO), env=ENV, encoding="utf-8", timeout=180)
+    try:
+        child.expect(pexpect.EOF)
+        child.close()
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+    assert child.exitstatus == 0, child.before
+    segments = [s.strip() for s in re.split(r"[\r\n]", child.before) if s.strip()]
+    warned = [s for s in segments if "msrnn: warning:" in s]
+    assert warned and all(s.startswith("msrnn: warning:") for s in warned), segments
+    assert any(s.startswith("perplexity, ") for s in segments), segments  # the bar was live
+    assert "trained context of 32" in warned[0]
+
+
+def test_ppl_notes_that_full_ignores_capacity(capsys, tiny, text_file):
+    code, out, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "full", "--capacity", "64",
+                             "--tokens", "16")
+    assert code == 0, err
+    assert "msrnn: note: the full policy keeps every token and ignores --capacity" in err

@@ -390,6 +390,11 @@ def server(tiny_dir, tmp_path_factory):
 def test_health_is_503_until_ready(server):
     assert server.statuses[0] == 503, server.statuses  # the model compiles after the socket is bound
     assert server.statuses[-1] == 200
+    ready = f"ready: tiny at {server.url} (OpenAI API under {server.url}/v1)"  # the URL, once ready
+    end = time.time() + 30  # /health may answer 200 a moment before the line is logged
+    while ready not in server.text() and time.time() < end:
+        time.sleep(0.1)
+    assert ready in server.text(), server.text()
 
 
 def test_completion_and_chat_equal_generate(tiny, server):
