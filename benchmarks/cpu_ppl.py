@@ -33,7 +33,7 @@ BOOK = "data/pg_news_from_nowhere.txt"  # William Morris, News from Nowhere (Pro
 
 
 def ours(model, policy, capacity, rows):
-    from msrnn_jax.evaluate import run_policy
+    from msrnn_jax.run.evaluate import run_policy
 
     run = run_policy(model, policy, capacity, rows)
     return {"impl": "msrnn-jax", "policy": policy, "capacity": capacity, "batch": int(rows.shape[0]),
@@ -84,7 +84,7 @@ def main(argv=None):
     import transformers
 
     from msrnn_jax.convert import default_model_path
-    from msrnn_jax import api
+    from msrnn_jax.run import api
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = api.load_model()

@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 
-from msrnn_jax.policies import make_policy
-from msrnn_jax.testing import device_params, model_config, parse_variant
+from msrnn_jax.core.policies import make_policy
+from msrnn_jax.config import preset
+from msrnn_jax.testing import device_params, parse_variant
 
 from .jax_bench import DTYPE, _use_variant, compile_decode, parse_compiler_options
 
@@ -31,7 +32,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    cfg = model_config(args.model)
+    cfg = preset(args.model)
     _, impl = parse_variant(args.variant)
     params = _use_variant(args.variant, device_params(cfg, DTYPE))
     compiled, rec = compile_decode(params, cfg, make_policy(args.policy), args.batch, args.capacity, 16, impl,

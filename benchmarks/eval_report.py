@@ -17,8 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from msrnn_jax.longcontext import CSV_KEYS
-from msrnn_jax.plots import POLICY_ORDER
+from msrnn_jax.run.longcontext import CSV_KEYS
+from msrnn_jax.run.plots import POLICY_ORDER
 
 ORDER = ["full", *POLICY_ORDER]
 
@@ -74,7 +74,7 @@ def main(argv=None):
             w.writeheader()
             w.writerows(records)
     if args.plot:
-        from msrnn_jax.plots import plot_eval  # matplotlib only when asked
+        from msrnn_jax.run.plots import plot_eval  # matplotlib only when asked
         tasks = sorted({r["task"] for r in records})
         plot_eval(records, args.plot, title=f"{', '.join(tasks)}, {Path(records[0]['model'].split(' (')[0]).name}")
     print(tables(records))

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from msrnn_jax.testing import MODELS
+from msrnn_jax.config import PRESETS
 
 from .common import write_json
 
@@ -39,7 +39,7 @@ GiB = 1024 ** 3
 def build_model(name: str, device: str, dtype=None):
     import torch
     import transformers
-    spec = MODELS[name]
+    spec = PRESETS[name]
     common = dict(vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
                   intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_layers"],
                   num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
@@ -228,7 +228,7 @@ def main(argv=None):
         model = build_model(args.model, args.device if cuda else "cpu")
         res["build_s"] = time.perf_counter() - t0
         res["attn_implementation"] = model.config._attn_implementation
-        spec = MODELS[args.model]
+        spec = PRESETS[args.model]
         row = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * 2 * max(max_len, PROMPT + DECODE_LEN)
         # prefill temporaries per row at the longest prompt (hidden states, MLP activations)
         row += lens[-1] * (6 * spec["hidden_size"] + 6 * spec["intermediate_size"])

@@ -1,8 +1,8 @@
 """The JAX side of the decode benchmarks (one model per process; see decode.py).
 
 Every decode figure is the steady state of `msrnn_jax.testing.greedy_decode`: n greedy
-steps of `msrnn_jax.model.step` inside one `lax.scan`, the state donated — the per-step
-work of `msrnn_jax.decoding.decode_chunk` (which adds only [B]-sized bookkeeping), kept
+steps of `msrnn_jax.core.model.step` inside one `lax.scan`, the state donated — the per-step
+work of `msrnn_jax.run.decoding.decode_chunk` (which adds only [B]-sized bookkeeping), kept
 apart so that the benchmark does not follow that function's signature. It is compiled
 ahead of time for fixed (policy, capacity, batch) and called on a state fabricated at the
 wanted position (`msrnn_jax.testing.fabricate_state`). Step time = median wall time of a call / n steps;
@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msrnn_jax import model as msrnn_model
-from msrnn_jax.decoding import prefill
-from msrnn_jax.policies import make_policy
-from msrnn_jax.state import State
+from msrnn_jax.core import model as msrnn_model
+from msrnn_jax.run.decoding import prefill
+from msrnn_jax.core.policies import make_policy
+from msrnn_jax.core.state import State
+from msrnn_jax.config import preset as model_config
 from msrnn_jax.testing import (decode_inputs, device_params, fabricate_state, greedy_decode, hlo_large_buffers,
-                               model_config, move_state, parse_variant, state_copies)
+                               move_state, parse_variant, state_copies)
 
 from .common import (GiB, copy_bandwidth, device_info, matmul_rate, memory_stats, param_bytes,
                      state_read_bytes_per_step, state_row_bytes, step_flops, weight_bytes_per_step, write_json)
@@ -227,7 +228,7 @@ def time_prefill(params, cfg, pname, capacity, n_tokens, mode, chunk=None, batch
 def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1, layer_major=False):
     """Exact prefill, AOT-compiled, then one timed run: the token-by-token scan of the step
     (mode "exact-scan") or the same step ordered layer by layer ("exact", the default path)."""
-    from msrnn_jax.model import layer_last_logits, scan_last_logits
+    from msrnn_jax.core.model import layer_last_logits, scan_last_logits
     fn = layer_last_logits if layer_major else scan_last_logits
     policy = make_policy(pname)
     st = State.init(cfg, batch, capacity, DTYPE)
@@ -274,7 +275,7 @@ def free_bytes() -> int:
 # The decode grid in priority order (a deadline cuts the tail): policy/capacity/batch
 # [@variant], capacity F = the full cache (FULL_CAPACITY), batch max = the largest that
 # fits. Fixed batches run the section's --variant (split:einsum, XLA's own kernels); the
-# largest batches run split:pallas (msrnn_jax.kernels: custom kernels that read the state
+# largest batches run split:pallas (msrnn_jax.fast.kernels: custom kernels that read the state
 # in place, where XLA's would carry a transposed copy and need autotuning scratch the size
 # of a whole buffer). The Pallas variant is also timed at the headline fixed batches.
 _P = "@split:pallas"

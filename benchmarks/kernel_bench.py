@@ -1,5 +1,5 @@
 """The step's two products with the state, alone: XLA's einsum beside the Pallas kernels
-(`msrnn_jax.kernels`) in their variants, at the shapes of the decode benchmarks' largest
+(`msrnn_jax.fast.kernels`) in their variants, at the shapes of the decode benchmarks' largest
 batches. Reports each kernel's time per call and the state bytes it reads per second, as
 a fraction of the device-to-device copy bandwidth measured in the same run.
 
@@ -23,7 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from msrnn_jax import kernels
+from msrnn_jax.fast import kernels
 
 from .common import GiB, copy_bandwidth, device_info, median_seconds, now_tag, write_json
 from .report import markdown_path

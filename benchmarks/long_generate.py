@@ -49,7 +49,7 @@ def main(argv=None):
     import numpy as np
 
     import msrnn_jax as m
-    from msrnn_jax import decoding
+    from msrnn_jax.run import decoding
 
     model = m.load_model(args.model)
     marks = [int(x) for x in args.milestones.split(",")]

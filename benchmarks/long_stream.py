@@ -48,8 +48,8 @@ def main(argv=None):
         args.tokens, args.full_tokens, args.capacities, args.curve_every = 600, 300, "32", 100
 
     import msrnn_jax as m
-    from msrnn_jax.evaluate import sweep
-    from msrnn_jax.plots import plot_nll_curve
+    from msrnn_jax.run.evaluate import sweep
+    from msrnn_jax.run.plots import plot_nll_curve
 
     model = m.load_model(args.model)
     model_name = Path(str(model.source).split(" (")[0]).name.split(".")[0]  # e.g. SmolLM2-135M-Instruct

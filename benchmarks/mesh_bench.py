@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msrnn_jax import sharding, testing
-from msrnn_jax.model import fuse_projections, split_layers
-from msrnn_jax.policies import make_policy
+from msrnn_jax.config import preset
+from msrnn_jax.fast import sharding
+from msrnn_jax import testing
+from msrnn_jax.core.model import fuse_projections, split_layers
+from msrnn_jax.core.policies import make_policy
 
 from .common import device_info, median_seconds, write_json
 
@@ -38,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
-    cfg = testing.model_config(args.model)
+    cfg = preset(args.model)
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     policy = make_policy(args.policy)
     host = jax.tree.map(np.asarray, split_layers(jax.device_get(testing.device_params(cfg, dtype))))

@@ -55,12 +55,13 @@ def main(argv=None):
 
     from benchmarks.common import now_tag
     from benchmarks.jax_bench import profile_call
-    from msrnn_jax.attention import StepImpl
-    from msrnn_jax.model import split_layers
-    from msrnn_jax.policies import make_policy
-    from msrnn_jax.testing import device_params, fabricate_state, greedy_decode, model_config
+    from msrnn_jax.fast.attention import StepImpl
+    from msrnn_jax.core.model import split_layers
+    from msrnn_jax.core.policies import make_policy
+    from msrnn_jax.config import preset
+    from msrnn_jax.testing import device_params, fabricate_state, greedy_decode
 
-    cfg = model_config(args.model)
+    cfg = preset(args.model)
     params = device_params(cfg, jnp.bfloat16)
     if jax.default_backend() != "cpu":
         params = split_layers(params)  # unrolled layers, weights read in place (attention.py)

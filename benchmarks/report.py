@@ -199,13 +199,13 @@ def render(merged: dict) -> str:
     L.append("- implementation (`impl` column, `model.StepImpl`): `split:` = `model.split_layers(params)` "
              "(per-layer weight arrays, layers unrolled: no weight is sliced or copied per step); `:einsum` = "
              "the query meets the kept slots through XLA's `dot_general`; `:reduce` = XLA multiply + sum; "
-             "`:pallas` = `msrnn_jax.kernels`, custom kernels that read each layer's slots in place in the whole "
+             "`:pallas` = `msrnn_jax.fast.kernels`, custom kernels that read each layer's slots in place in the whole "
              "keys and values buffers (XLA's own kernels, at the largest batches, carry a transposed copy of a "
              "buffer and need autotuning scratch the size of one). Where a configuration ran several ways, the "
              "targets and Table 1 take the faster. `scan:` = `lax.scan` over the stacked layers (the library "
              "default on the CPU; XLA copies each layer's weights per step on GPU).")
     L.append("- step time: median over calls of `msrnn_jax.testing.greedy_decode` (16 greedy steps of "
-             "`msrnn_jax.model.step` in one `lax.scan`, state donated) / 16. "
+             "`msrnn_jax.core.model.step` in one `lax.scan`, state donated) / 16. "
              "Bandwidth fraction = (weight bytes + state bytes read per step) / step time / copy bandwidth.")
     L.append("")
 

@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msrnn_jax.config import preset
 from msrnn_jax import testing
-from msrnn_jax.api import Model
-from msrnn_jax.attention import StepImpl
-from msrnn_jax.engine import Engine
-from msrnn_jax.model import fuse_projections, split_layers
-from msrnn_jax.policies import make_policy
+from msrnn_jax.run.api import Model
+from msrnn_jax.fast.attention import StepImpl
+from msrnn_jax.serve.engine import Engine
+from msrnn_jax.core.model import fuse_projections, split_layers
+from msrnn_jax.core.policies import make_policy
 
 from .common import device_info, median_seconds, write_json
 
@@ -358,7 +359,7 @@ def main(argv=None):
         args.steps_per_call, args.rates, args.online_requests = 4, "50", 8
         args.no_hf = True
     os.makedirs(args.out, exist_ok=True)
-    cfg = testing.model_config(args.model)
+    cfg = preset(args.model)
     on_gpu = jax.default_backend() != "cpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     params = testing.device_params(cfg, dtype)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig, MsrnnError
-from ..files import temp_folder, temporary
+from ..io.files import temp_folder, temporary
 from ..params import check_params
 
 from ._common import as_dtype, cast_tree, dtype_name, one_line

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests and the benchmarks: named model shapes, random parameters
+"""Helpers shared by the tests and the benchmarks: random parameters
 and fabricated states made on the device, a compiled n-step greedy decode loop, and the
 inspection of its optimised HLO for copies of the state.
 
@@ -15,36 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import model as _model
+from .core import model as _model
 from .config import ModelConfig
 from .params import param_shapes
-from .state import State
-
-# Llama-2-7B (MHA) and Mistral-7B v0.2/v0.3-style (GQA, no sliding window) shapes, the
-# 70B shapes of the memory plan (`sharding.memory_plan`), and a few-MB model for tests on
-# the CPU.
-MODELS = {
-    "llama2-7b": dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, max_position_embeddings=4096),
-    "mistral-7b": dict(family="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=1e6, max_position_embeddings=32768),
-    "llama2-70b": dict(family="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                       num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, max_position_embeddings=4096),
-    "llama3-70b": dict(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                       num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, max_position_embeddings=8192),
-    "tiny": dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0),
-}
-
-
-def model_config(name: str) -> ModelConfig:
-    """The ModelConfig of a named shape in MODELS ("tiny", "llama2-7b", "mistral-7b", ...)."""
-    return ModelConfig(**MODELS[name])
-
+from .core.state import State
 
 # -- inputs made on the device ---------------------------------------------------------
 def _hash_fill(shape, seed, dtype, scale):

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import msrnn_jax as m
-from msrnn_jax import plots
+from msrnn_jax.run import plots
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, without ipywidgets
 

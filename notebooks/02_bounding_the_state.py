@@ -59,7 +59,7 @@ import numpy as np
 from IPython.display import Image, display
 
 import msrnn_jax as m
-from msrnn_jax import analysis, plots
+from msrnn_jax.run import analysis, plots
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, without ipywidgets
 
@@ -351,7 +351,7 @@ Image(buf.getvalue())
 # and let the model answer.
 
 # %%
-from msrnn_jax import decoding, longcontext
+from msrnn_jax.run import decoding, longcontext
 
 N_PROMPT = 200 if SMALL else 1024  # prompt tokens
 C_NEEDLE = 32 if SMALL else 128    # the state: an eighth of the prompt

@@ -43,7 +43,7 @@ import optax
 from IPython.display import Image
 
 import msrnn_jax as m
-from msrnn_jax import analysis, plots
+from msrnn_jax.run import analysis, plots
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, without ipywidgets
 

@@ -33,13 +33,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from msrnn_jax import sharding  # noqa: E402
-from msrnn_jax.api import Model, load_model  # noqa: E402
+from msrnn_jax.fast import sharding  # noqa: E402
+from msrnn_jax.run.api import Model, load_model  # noqa: E402
 from msrnn_jax.errors import InvalidArgument  # noqa: E402
-from msrnn_jax.evaluate import run_policy  # noqa: E402
-from msrnn_jax.model import chunk_step, prefill_oneshot, scan_logits  # noqa: E402
-from msrnn_jax.policies import PerRow, make_policy  # noqa: E402
-from msrnn_jax.state import State  # noqa: E402
+from msrnn_jax.run.evaluate import run_policy  # noqa: E402
+from msrnn_jax.core.model import chunk_step, prefill_oneshot, scan_logits  # noqa: E402
+from msrnn_jax.core.policies import PerRow, make_policy  # noqa: E402
+from msrnn_jax.core.state import State  # noqa: E402
 
 POLICIES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
 BOUNDED = POLICIES[1:]
@@ -127,7 +127,7 @@ def check_sums(cfg, host):
     the projections' sums are split too (the check can fail)."""
     import re
 
-    from msrnn_jax import model
+    from msrnn_jax.core import model
 
     mesh = mesh_of(2, 2)
     params = sharding.shard_params(host, mesh)
@@ -152,8 +152,8 @@ def check_sums(cfg, host):
 def check_api(cfg, host):
     """The Model API with a mesh: ppl (3 rows padded to 4 over data=2) and greedy
     generate (ragged prompts) equal the one-device model; the decode loop compiles once."""
-    from msrnn_jax import decoding
-    from msrnn_jax.api import generate
+    from msrnn_jax.run import decoding
+    from msrnn_jax.run.api import generate
 
     rng = np.random.default_rng(3)
     rows = rng.integers(0, cfg.vocab_size, (3, 40)).astype(np.int32)
@@ -184,8 +184,8 @@ def check_engine(cfg, host):
     """The serving engine on a 2x2 mesh: greedy outputs of six concurrent requests over
     four rows equal one-device `generate` of each prompt alone (exact and chunked
     prefill), nothing compiles while serving, and the state stays split."""
-    from msrnn_jax.api import generate
-    from msrnn_jax.engine import Engine
+    from msrnn_jax.run.api import generate
+    from msrnn_jax.serve.engine import Engine
 
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11, 3, 17, 8, 2)]

@@ -1,5 +1,5 @@
-"""msrnn_jax.analysis (retention statistics, token kinds, recordings) and the notebook
-figures in msrnn_jax.plots: synthetic position records and a tiny random model."""
+"""msrnn_jax.run.analysis (retention statistics, token kinds, recordings) and the notebook
+figures in msrnn_jax.run.plots: synthetic position records and a tiny random model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from msrnn_jax import analysis, api, evaluate, plots
+from msrnn_jax.run import analysis, api, evaluate, plots
 from msrnn_jax.config import ModelConfig
 from msrnn_jax.params import init_params
 

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from msrnn_jax.config import preset
 from msrnn_jax import testing
 from msrnn_jax.params import param_shapes
-from msrnn_jax.policies import make_policy
+from msrnn_jax.core.policies import make_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +38,7 @@ def bench(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = testing.model_config("tiny")
+    cfg = preset("tiny")
     return cfg, testing.device_params(cfg, jnp.float32)
 
 
@@ -74,7 +75,7 @@ def test_bench_decode_matches_step_by_step(tiny):
     st = testing.fabricate_state(cfg, 2, 8, 20, jnp.float32)
     ref_st = jax.tree.map(jnp.copy, st)
     toks, st = testing.greedy_decode(params, cfg, pol, 3, st, jnp.ones((2,), jnp.int32))
-    from msrnn_jax.model import step
+    from msrnn_jax.core.model import step
     tok = jnp.ones((2,), jnp.int32)
     ref = []
     for _ in range(3):
@@ -181,7 +182,7 @@ def test_largest_batch_shrinks_to_fit_the_executable(tmp_path):
     """A largest-batch job starts from the state-only estimate and shrinks the batch until
     XLA's analysis of the executable fits the budget (here the state alone fills the
     budget, so the params and temporaries force a shrink)."""
-    cfg = testing.model_config("tiny")
+    cfg = preset("tiny")
     row = cfg.num_layers * cfg.num_kv_heads * 16 * (2 * cfg.head_dim * 2 + 4 + 4) + 4  # one state row, bf16
     free = 64 << 20  # what the benchmark assumes on the CPU
     out = tmp_path / "max.json"

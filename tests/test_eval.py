@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import msrnn_jax as m
-from msrnn_jax import longcontext as lc
+from msrnn_jax.run import longcontext as lc
 from msrnn_jax.cli import main
 
 from hf_models import save_tiny_model

@@ -81,7 +81,7 @@ def test_sigint_stops_a_long_ppl_at_once(tiny, text_file, tmp_path):
 
 
 def test_output_paths_are_checked_before_the_model_loads(capsys, text_file, tmp_path, monkeypatch):
-    from msrnn_jax import api
+    from msrnn_jax.run import api
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the output paths were checked")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from msrnn_jax.convert.hf import load_hf_folder
-from msrnn_jax.decoding import decode_chunk, prefill
-from msrnn_jax.decoding import generate_tokens as generate
-from msrnn_jax.model import scan_last_logits
-from msrnn_jax.policies import make_policy
-from msrnn_jax.sampling import Sampling
+from msrnn_jax.run.decoding import decode_chunk, prefill
+from msrnn_jax.run.decoding import generate_tokens as generate
+from msrnn_jax.core.model import scan_last_logits
+from msrnn_jax.core.policies import make_policy
+from msrnn_jax.run.sampling import Sampling
 
 from hf_models import make_hf_model, save_hf_model
 
@@ -80,7 +80,7 @@ def test_decode_chunk_traces_once(tiny, monkeypatch):
     the decode chunk from one trace (nothing in it depends on a request's sizes)."""
     import chex
 
-    import msrnn_jax.decoding as g
+    import msrnn_jax.run.decoding as g
 
     _, cfg, params = tiny
     chex.clear_trace_counter()
@@ -156,7 +156,7 @@ def test_decode_rate_leaves_out_the_first_chunk(tiny, monkeypatch):
     at 40 tokens/s; the steady rate of this tiny model is far above."""
     import time
 
-    import msrnn_jax.decoding as g
+    import msrnn_jax.run.decoding as g
 
     _, cfg, params = tiny
     real, calls = g.decode_chunk, []

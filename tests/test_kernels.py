@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msrnn_jax import kernels
+from msrnn_jax.fast import kernels
 
 
 @pytest.mark.parametrize("G", [1, 3, 4])

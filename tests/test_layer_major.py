@@ -11,11 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from msrnn_jax.config import preset
 import msrnn_jax as m
-from msrnn_jax import decoding, model, testing
-from msrnn_jax.state import State
+from msrnn_jax.run import decoding
+from msrnn_jax.core import model
+from msrnn_jax import testing
+from msrnn_jax.core.state import State
 
-CFG = testing.model_config("tiny")
+CFG = preset("tiny")
 B, T, C = 3, 80, 16
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from msrnn_jax.convert.hf import load_hf_folder
-from msrnn_jax.model import forward_parallel, scan_logits
-from msrnn_jax.policies import make_policy
-from msrnn_jax.state import State
+from msrnn_jax.core.model import forward_parallel, scan_logits
+from msrnn_jax.core.policies import make_policy
+from msrnn_jax.core.state import State
 
 from hf_models import FAMILIES, hf_logits, make_hf_model, save_hf_model
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msrnn_jax.model import forward_parallel, scan_logits, scan_nll
-from msrnn_jax.state import State
+from msrnn_jax.core.model import forward_parallel, scan_logits, scan_nll
+from msrnn_jax.core.state import State
 from reference import (
     ReferenceMSRNN,
     policy_obj,

@@ -21,16 +21,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msrnn_jax import decoding
-from msrnn_jax import model as model_mod
-from msrnn_jax.api import Model
-from msrnn_jax.attention import StepImpl
+from msrnn_jax.run import decoding
+from msrnn_jax.core import model as model_mod
+from msrnn_jax.run.api import Model
+from msrnn_jax.fast.attention import StepImpl
 from msrnn_jax.convert.hf import load_hf_folder
 from msrnn_jax import errors
 from msrnn_jax.errors import InvalidArgument, MsrnnWarning
-from msrnn_jax.evaluate import nll_curve, run_policy
-from msrnn_jax.model import advance_ranks, chunk_step, scan_logits, slot_ranks, step, write_slots
-from msrnn_jax.state import State
+from msrnn_jax.run.evaluate import nll_curve, run_policy
+from msrnn_jax.core.model import advance_ranks, chunk_step, scan_logits, slot_ranks, step, write_slots
+from msrnn_jax.core.state import State
 
 from hf_models import FAMILIES, make_hf_model, save_hf_model
 from reference import (policy_obj, random_tokens, reference_chunked, reference_run, sorted_pos,
@@ -299,7 +299,7 @@ def test_reindex_step_impls_agree(impl):
 def test_rotated_scores_equal_a_rotated_copy(shared):
     """Both forms of the fused score product (`attention.rotated_scores`) equal the product
     with keys rotated first, for angles shared by the heads ([B,1,C,D]) and per head."""
-    from msrnn_jax.attention import rotated_scores
+    from msrnn_jax.fast.attention import rotated_scores
 
     rng = np.random.default_rng(3)
     B, H, G, C, D = 2, 3, 2, 7, 8

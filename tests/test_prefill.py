@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msrnn_jax.model import chunk_step, prefill_oneshot, scan_logits
-from msrnn_jax.state import State
+from msrnn_jax.core.model import chunk_step, prefill_oneshot, scan_logits
+from msrnn_jax.core.state import State
 from reference import (
     ReferenceMSRNN,
     policy_obj,

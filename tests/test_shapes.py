@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import pytest
 
 from msrnn_jax.config import ModelConfig
-from msrnn_jax.model import step
+from msrnn_jax.core.model import step
 from msrnn_jax.params import param_shapes
-from msrnn_jax.policies import make_policy
-from msrnn_jax.state import State
+from msrnn_jax.core.policies import make_policy
+from msrnn_jax.core.state import State
 
 LLAMA2_7B = ModelConfig(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,

@@ -158,8 +158,8 @@ def test_two_processes_one_mesh_equal_one_process(tmp_path):
     their sharded tova perplexity equals this process's one-device run."""
     from hf_models import save_tiny_model
 
-    from msrnn_jax.api import load_model
-    from msrnn_jax.evaluate import run_policy
+    from msrnn_jax.run.api import load_model
+    from msrnn_jax.run.evaluate import run_policy
 
     folder = save_tiny_model(tmp_path / "model", "llama-gqa")
     ids = np.random.default_rng(7).integers(0, 300, (3, 41)).astype(np.int32)
@@ -209,13 +209,13 @@ def test_fp32_params_get_highest_matmuls_bf16_the_default():
     """Every dot of the step and the scans is HIGHEST for fp32 params (also when the step
     is called outside any jit), the backend default (None) for bf16, and an explicit
     precision wins over the dtype's."""
-    from msrnn_jax.model import scan_nll, step
+    from msrnn_jax.core.model import scan_nll, step
     from msrnn_jax.params import init_params
-    from msrnn_jax.policies import make_policy
-    from msrnn_jax.state import State
-    from msrnn_jax.testing import model_config
+    from msrnn_jax.core.policies import make_policy
+    from msrnn_jax.core.state import State
+    from msrnn_jax.config import preset
 
-    cfg = model_config("tiny")
+    cfg = preset("tiny")
     pol = make_policy("tova")
     tok = jnp.zeros((2,), jnp.int32)
     for dtype, want in ((jnp.float32, "HIGHEST"), (jnp.bfloat16, "None")):
@@ -233,9 +233,9 @@ def test_fp32_params_get_highest_matmuls_bf16_the_default():
 
 
 def test_precision_argument_is_checked_and_kept():
-    from msrnn_jax.api import Model
+    from msrnn_jax.run.api import Model
     from msrnn_jax.errors import InvalidArgument
-    from msrnn_jax.precision import check_precision
+    from msrnn_jax.fast.precision import check_precision
 
     with pytest.raises(InvalidArgument) as e:
         check_precision("tf32")
@@ -251,7 +251,7 @@ def test_memory_plan_bytes_by_hand(mesh):
     """The plan's per-device bytes for Llama-2-70B equal the count from the shapes (bf16
     matrices split M ways, norms whole; the state's rows over D and KV heads over M), and
     its largest batch is the last multiple of D within the budget."""
-    from msrnn_jax import sharding
+    from msrnn_jax.fast import sharding
 
     D, M = mesh
     L, E, F, V, Hq, Hkv, Dh = 80, 8192, 28672, 32000, 64, 8, 128

@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msrnn_jax import model, testing
-from msrnn_jax.policies import make_policy
+from msrnn_jax.config import preset
+from msrnn_jax.core import model
+from msrnn_jax import testing
+from msrnn_jax.core.policies import make_policy
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = testing.model_config("tiny")
+    cfg = preset("tiny")
     return cfg, testing.device_params(cfg, jnp.float32)
 
 
@@ -39,7 +41,7 @@ def test_fused_projections_compute_the_same(kind):
     """`fuse_projections` (q|k|v and gate|up joined, what the `fused:` benchmark variant
     runs) gives the same logits and kept positions, stepped and layer by layer, with and
     without the q/k/v biases; the fused layout holds no separate wq or w_gate."""
-    cfg = testing.model_config("tiny")
+    cfg = preset("tiny")
     if kind == "qwen2":
         cfg = dataclasses.replace(cfg, family="qwen2", qkv_bias=True)
     params = testing.device_params(cfg, jnp.float32)
@@ -95,8 +97,8 @@ def test_split_layout_model_gives_the_same_results(tmp_path, layout):
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from hf_models import save_tiny_model
-    from msrnn_jax import api, evaluate
-    from msrnn_jax.decoding import generate_tokens as generate
+    from msrnn_jax.run import api, evaluate
+    from msrnn_jax.run.decoding import generate_tokens as generate
 
     folder = save_tiny_model(tmp_path / "m")
     stacked = api.load_model(folder, layers="stacked")
@@ -121,7 +123,7 @@ def test_split_layout_model_gives_the_same_results(tmp_path, layout):
 def test_generate_with_the_pallas_kernels(tiny):
     """generate(impl=StepImpl(attention="pallas")) (the largest-batch path on GPU; Pallas'
     interpreter here) emits the same tokens and state as the default step."""
-    from msrnn_jax.decoding import generate_tokens as generate
+    from msrnn_jax.run.decoding import generate_tokens as generate
     cfg, params = tiny
     prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
     ref = generate(params, cfg, make_policy("tova"), 6, prompts, 10)

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" banner: running needs none
 
-from .errors import MsrnnError, UsageError  # noqa: E402  (light imports only: jax loads lazily)
+from ..errors import MsrnnError, UsageError  # noqa: E402  (light imports only: jax loads lazily)
 
 POLICIES_HELP = "full, window, sink, tova, tova-head, h2o, h2o-head"
 
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -266,7 +266,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("a command is required: generate, chat, ppl, eval, serve or convert (see msrnn --help)")
-        from . import api, commands  # heavy imports (jax, transformers) only once the args are good
+        from ..run import api  # heavy imports (jax, transformers) only once the args are good
+        from . import commands
 
         api.use_compile_cache()  # a second run of the same shapes skips XLA's compiles
         warnings.showwarning = _show_warning
@@ -326,7 +327,7 @@ def _interruptible(run, args) -> int:
 def _interrupted():
     """Ctrl-C: remove half-written files, keep what was printed, say so in one line, and
     exit 130 now (the worker may be inside a compiled call that cannot be stopped)."""
-    from .files import remove_pending
+    from ..io.files import remove_pending
 
     remove_pending()
     try:
@@ -353,7 +354,3 @@ def _error(msg, code):
     text = " ".join(str(msg).split()) or type(msg).__name__
     sys.stdout.flush()
     print(f"msrnn: error: {text}", file=sys.stderr)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

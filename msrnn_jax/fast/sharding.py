@@ -54,9 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .config import ModelConfig
-from .errors import InvalidArgument, check_int
-from .state import State
+from ..config import ModelConfig
+from ..errors import InvalidArgument, check_int
+from ..core.state import State
 
 AXES = ("data", "model")
 
@@ -323,9 +323,9 @@ def restore_converted(folder, mesh: Mesh, dtype=None):
 
     import orbax.checkpoint as ocp
 
-    from .convert.checkpoint import read_converted_config
-    from .errors import MsrnnError
-    from .params import param_shapes
+    from ..convert.checkpoint import read_converted_config
+    from ..errors import MsrnnError
+    from ..params import param_shapes
 
     folder = Path(folder).absolute()
     cfg, marker = read_converted_config(folder)
@@ -373,7 +373,7 @@ class _SizesMesh:
 def plan_bytes(cfg: ModelConfig, data: int, model: int, batch: int, capacity: int,
                dtype=jnp.bfloat16) -> tuple[int, int]:
     """(param bytes, state bytes) per device, from `jax.eval_shape` (no allocation)."""
-    from .params import init_params
+    from ..params import init_params
 
     mesh = _SizesMesh(data, model)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
@@ -395,7 +395,7 @@ def largest_batch(cfg: ModelConfig, data: int, model: int, capacity: int, budget
     return (budget - p) // s_one * data
 
 
-PLAN_SHAPES = ("llama2-70b", "llama3-70b")  # named shapes of `testing.MODELS`
+PLAN_SHAPES = ("llama2-70b", "llama3-70b")  # named shapes of `config.PRESETS`
 
 
 @dataclasses.dataclass
@@ -413,12 +413,12 @@ def memory_plan(devices: int = 8, budget_gib: float = 80.0, capacities=(512, 102
                 meshes=((1, 8), (2, 4)), dtype=jnp.bfloat16) -> list[PlanRow]:
     """Per-device bytes for the 70B shapes on `devices` devices: `full` (capacity = the
     trained context) and `tova` at each capacity, and the largest batch within budget."""
-    from .testing import model_config
+    from ..config import preset
 
     rows = []
     budget = int(budget_gib * 2**30)
     for name in PLAN_SHAPES:
-        cfg = model_config(name)
+        cfg = preset(name)
         for data, model in meshes:
             if data * model != devices:
                 continue
@@ -441,10 +441,10 @@ def plan_markdown(rows: Sequence[PlanRow], budget_gib: float) -> str:
 
 
 def main(argv=None) -> int:
-    """python -m msrnn_jax.sharding --plan [--budget-gib 80] [--devices 8]"""
+    """python -m msrnn_jax.fast.sharding --plan [--budget-gib 80] [--devices 8]"""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m msrnn_jax.sharding")
+    ap = argparse.ArgumentParser(prog="python -m msrnn_jax.fast.sharding")
     ap.add_argument("--plan", action="store_true", help="print the 70B memory plan (no allocation)")
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--budget-gib", type=float, default=80.0)

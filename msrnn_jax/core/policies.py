@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InvalidArgument, check_int
+from ..errors import InvalidArgument, check_int
 
 _BIG = jnp.iinfo(jnp.int32).max
 

@@ -35,7 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import InvalidArgument, MsrnnError, check_float, check_int
+from ..errors import InvalidArgument, MsrnnError, check_float, check_int
 
 log = logging.getLogger("msrnn.serve")
 

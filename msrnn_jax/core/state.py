@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 @struct.dataclass

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import InvalidArgument, MsrnnError
+from ..errors import InvalidArgument, MsrnnError
 
 _LOCK = threading.Lock()
 _PENDING: set[Path] = set()

@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
+from ..fast import sharding
 from .decoding import check_context, check_prefill
-from .errors import InvalidArgument, check_int
-from .model import check_positions, chunk_step, layer_nll, scan_nll, token_nll
-from .precision import scope as precision_scope
-from .policies import PerRow, Policy, capacity_for, make_policy
-from .state import State
+from ..errors import InvalidArgument, check_int
+from ..core.model import check_positions, chunk_step, layer_nll, scan_nll, token_nll
+from ..fast.precision import scope as precision_scope
+from ..core.policies import PerRow, Policy, capacity_for, make_policy
+from ..core.state import State
 
 if TYPE_CHECKING:
     from .api import Model

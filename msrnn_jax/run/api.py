@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
-from .attention import DEFAULT_IMPL, StepImpl
-from .config import ModelConfig
+from ..fast import sharding
+from ..fast.attention import DEFAULT_IMPL, StepImpl
+from ..config import ModelConfig
 from .decoding import GenerateResult, generate_tokens
-from .errors import InvalidArgument, MsrnnError, check_choice
-from .policies import Policy, capacity_for, make_policy
+from ..errors import InvalidArgument, MsrnnError, check_choice
+from ..core.policies import Policy, capacity_for, make_policy
 from .sampling import GREEDY, Sampling
-from .state import State
+from ..core.state import State
 
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("auto", "stacked", "split", "fused")
@@ -54,7 +54,7 @@ class Model:
         """The context every computation on this model runs in: its explicit matmul
         precision, if any (`jax.default_matmul_precision`, which also keys jit's cache),
         and its mesh, if any (`sharding.use`)."""
-        from .precision import scope
+        from ..fast.precision import scope
 
         with scope(self.precision), sharding.use(self.mesh):
             yield
@@ -104,7 +104,7 @@ def use_compile_cache(folder: str | Path | None = None) -> Path | None:
     if current:
         return Path(current)
     if folder is None:
-        from .convert import cache_root
+        from ..convert import cache_root
         folder = cache_root() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return Path(folder)
@@ -134,10 +134,10 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     restores straight into its shardings), and every call on the model runs sharded."""
     from pathlib import Path
 
-    from .convert import load_model as load_converted
-    from .convert.checkpoint import is_converted_folder
-    from .model import fuse_projections, split_layers
-    from .precision import check_precision
+    from ..convert import load_model as load_converted
+    from ..convert.checkpoint import is_converted_folder
+    from ..core.model import fuse_projections, split_layers
+    from ..fast.precision import check_precision
 
     dtype = check_choice("dtype", dtype, DTYPES)
     layers = check_choice("layers layout", layers, LAYOUTS)

@@ -18,15 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import errors, sharding
-from .config import ModelConfig
-from .errors import InvalidArgument, check_choice, check_int
-from .model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, layer_last_logits,
+from .. import errors
+from ..fast import sharding
+from ..config import ModelConfig
+from ..errors import InvalidArgument, check_choice, check_int
+from ..core.model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, layer_last_logits,
                     initial_ranks, prefill_oneshot, scan_last_logits, step_ranked)
-from .policies import Policy, capacity_for
-from .precision import exact_for_f32
+from ..core.policies import Policy, capacity_for
+from ..fast.precision import exact_for_f32
 from .sampling import GREEDY, Sampling
-from .state import State
+from ..core.state import State
 
 PAD = 32  # prompt lengths are padded up to a multiple of this (padding never enters a row)
 PREFILL_MODES = ("exact", "oneshot", "chunked")

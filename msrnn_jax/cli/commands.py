@@ -11,15 +11,15 @@ import threading
 import sys
 from pathlib import Path
 
-from . import api
-from .attention import StepImpl
-from .decoding import check_context, check_prefill
-from .errors import MsrnnError, UsageError, check_float, check_int
-from .evaluate import sweep
-from .files import check_output_file, write_atomic
-from .model import check_positions
-from .policies import capacity_for, make_policy, policy_name
-from .sampling import Sampling
+from ..run import api
+from ..fast.attention import StepImpl
+from ..run.decoding import check_context, check_prefill
+from ..errors import MsrnnError, UsageError, check_float, check_int
+from ..run.evaluate import sweep
+from ..io.files import check_output_file, write_atomic
+from ..core.model import check_positions
+from ..core.policies import capacity_for, make_policy, policy_name
+from ..run.sampling import Sampling
 
 
 # -- shared ---------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def _check_outputs(args):
     if getattr(args, "plot", None):
         check_output_file(args.plot, "plot", suffix=".png")
     if getattr(args, "save_state", None):
-        from .state_io import check_state_folder
+        from ..io.state_io import check_state_folder
 
         check_state_folder(args.save_state)
 
@@ -168,7 +168,7 @@ def _csv(results, f):
 
 
 def _plot(results, path, title="", curve=False, context=None):
-    from .plots import plot_nll_curve, plot_ppl_vs_capacity
+    from ..run.plots import plot_nll_curve, plot_ppl_vs_capacity
 
     if curve:  # NLL against position (--curve-every)
         write_atomic(path, lambda f: plot_nll_curve(results, f, title=title, context=context), binary=True)
@@ -178,7 +178,7 @@ def _plot(results, path, title="", curve=False, context=None):
 
 # -- eval -----------------------------------------------------------------------------
 def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
-    from .longcontext import check_eval, evaluate_task
+    from ..run.longcontext import check_eval, evaluate_task
 
     check_int("sinks", args.sinks, minimum=0)
     names = [n.strip() for n in args.policy.split(",") if n.strip()]
@@ -218,7 +218,7 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
             print(f"{r['task']:<8} {r['policy']:<10} {r['capacity']:>8} {r['length']:>7} "
                   f"{r['depth']:>6.2f} {r['accuracy']:>9.3f}")
     if args.csv:
-        from .longcontext import CSV_KEYS as keys
+        from ..run.longcontext import CSV_KEYS as keys
 
         def write(f):
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -227,7 +227,7 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
 
         write_atomic(args.csv, write)
     if args.plot:
-        from .plots import plot_eval
+        from ..run.plots import plot_eval
 
         write_atomic(args.plot, lambda f: plot_eval(results, f, title=f"{args.task}, {model.source}"),
                      binary=True)
@@ -285,7 +285,7 @@ def generate(args):
     ids = api.prompt_ids(model, prompts, chat=args.chat)
     state = None
     if args.load_state:
-        from .state_io import load_state
+        from ..io.state_io import load_state
 
         state = load_state(args.load_state, model, pol, batch=len(ids), capacity=cap)
         cap = state.capacity
@@ -301,7 +301,7 @@ def generate(args):
                 print("---")
             print(model.decode(row))
     if args.save_state:
-        from .state_io import save_state
+        from ..io.state_io import save_state
 
         save_state(args.save_state, res.state, model, pol)
     if args.stats:
@@ -417,7 +417,7 @@ def _read_turn(interactive: bool) -> str | None:
 
 
 def _feed(model, pol, cap, state, text, positions="absolute"):
-    from .decoding import prefill
+    from ..run.decoding import prefill
 
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
@@ -437,8 +437,8 @@ def convert(args):
 
 # -- serve ------------------------------------------------------------------------------
 def serve(args):
-    from . import server
-    from .engine import Engine, check_batch, served_policies
+    from ..serve import server
+    from ..serve.engine import Engine, check_batch, served_policies
 
     # a comma list serves several policies side by side (checked here, before the server starts)
     pols = served_policies([_policy(args, n.strip()) for n in args.policy.split(",") if n.strip()], args.sinks)
@@ -455,7 +455,7 @@ def serve(args):
     impl = StepImpl(attention=args.attention)
     mesh = None
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
-        from . import sharding
+        from ..fast import sharding
         mesh = sharding.make_mesh(args.mesh)
         sharding.check_impl(impl, mesh)
     check_batch(args.max_batch, mesh, len(pols))

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
-from .policies import PerRow, Policy, capacity_for, make_policy, policy_name
+from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
+from ..core.policies import PerRow, Policy, capacity_for, make_policy, policy_name
 
 if TYPE_CHECKING:
     from .api import Model
@@ -237,7 +237,7 @@ def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, 
     command line calls this before it loads the model). Returns them normalised:
     (task, policies, capacities, depths, samples, seed, prefill, chunk, batch, positions)."""
     from .decoding import check_prefill
-    from .model import check_positions
+    from ..core.model import check_positions
 
     task = check_choice("task", task, TASKS)
     if isinstance(policies, str):

@@ -36,7 +36,7 @@ and the rows stay split like the big state's. Every array is put back in its sha
 after each call, so every call sees the same shardings and nothing recompiles either.
 
     import msrnn_jax as m
-    from msrnn_jax.engine import Engine
+    from msrnn_jax.serve.engine import Engine
     eng = Engine(m.load_model(), policy="tova", capacity=256, max_batch=4).start()
     req = eng.submit(m.load_model().encode("The capital of France is"), max_tokens=16, temperature=0)
     print(req.result().text)
@@ -60,15 +60,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
-from .api import Model
-from .attention import DEFAULT_IMPL, StepImpl
-from .config import ModelConfig
-from .decoding import check_prefill
-from .errors import InvalidArgument, MsrnnError, check_float, check_int
-from .model import check_positions, chunk_step, initial_ranks, layer_last_logits, step_ranked
-from .policies import PerRow, Policy, capacity_for, make_policy, policy_name
-from .state import State
+from ..fast import sharding
+from ..run.api import Model
+from ..fast.attention import DEFAULT_IMPL, StepImpl
+from ..config import ModelConfig
+from ..run.decoding import check_prefill
+from ..errors import InvalidArgument, MsrnnError, check_float, check_int
+from ..core.model import check_positions, chunk_step, initial_ranks, layer_last_logits, step_ranked
+from ..core.policies import PerRow, Policy, capacity_for, make_policy, policy_name
+from ..core.state import State
 
 log = logging.getLogger("msrnn.serve")
 

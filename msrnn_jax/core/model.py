@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import attention
-from .attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
-from .config import ModelConfig
-from .errors import InvalidArgument, check_choice
+from ..fast import attention
+from ..fast.attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
+from ..config import ModelConfig
+from ..errors import InvalidArgument, check_choice
 from .policies import Policy, heads_agree, select_keep, step_choice
-from .precision import exact_for_f32
-from .sharding import whole
+from ..fast.precision import exact_for_f32
+from ..fast.sharding import whole
 from .state import State
 
 F32 = jnp.float32

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import MsrnnError, UsageError
+from ..errors import MsrnnError, UsageError
 from .files import temp_folder, temporary
-from .policies import Policy, policy_name
-from .state import State
+from ..core.policies import Policy, policy_name
+from ..core.state import State
 
 FORMAT = "msrnn-state/1"
 

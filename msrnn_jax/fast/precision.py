@@ -30,7 +30,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from .errors import check_choice
+from ..errors import check_choice
 
 PRECISIONS = ("default", "high", "highest")
 

@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 from .evaluate import NLLSummary, run_inputs
-from .model import scan_logits, token_nll
-from .policies import PerRow, Policy, make_policy, policy_name
-from .state import State
+from ..core.model import scan_logits, token_nll
+from ..core.policies import PerRow, Policy, make_policy, policy_name
+from ..core.state import State
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
 QUOTE_CHARS = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"  # " ' ` ‘ ’ “ ” « »

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from . import kernels
-from .errors import InvalidArgument, check_choice
+from ..errors import InvalidArgument, check_choice
 
 F32 = jnp.float32
 

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .errors import check_float, check_int
+from ..errors import check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Files: atomic writes and temporary folders, and saved states (orbax)."""
