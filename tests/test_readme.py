@@ -109,12 +109,14 @@ def _prose(text: str) -> str:
 def anchors(path: Path) -> set[str]:
     """GitHub's anchors of the headings of a Markdown file (a repeated heading gets -1, -2, ...)."""
     seen: dict[str, int] = {}
-    for title in re.findall(r"^#{1,6}\s+(.*?)\s*#*$", re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"),
-                                                                flags=re.S | re.M), re.M):
+    out = set()
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for title in re.findall(r"^#{1,6}\s+(.*?)\s*#*$", text, re.M):
         slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
         n = seen.get(slug, 0)
         seen[slug] = n + 1
-        yield slug if n == 0 else f"{slug}-{n}"
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
 
 
 @pytest.mark.parametrize("md", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
@@ -132,6 +134,6 @@ def test_markdown_links(md):
         dest = (md.parent / path).resolve() if path else md
         if REPO.resolve() not in [dest, *dest.parents] or not dest.exists():
             bad.append(target)
-        elif anchor and dest.suffix == ".md" and anchor not in set(anchors(dest)):
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(target)
     assert not bad, f"{md.relative_to(REPO)}: broken links {bad}"
