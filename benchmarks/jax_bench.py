@@ -33,6 +33,7 @@ from msrnn_jax.core import model as msrnn_model
 from msrnn_jax.run.decoding import prefill
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.core.state import State
+from msrnn_jax.fast.attention import DEFAULT_IMPL
 from msrnn_jax.config import preset as model_config
 from msrnn_jax.testing import (decode_inputs, device_params, fabricate_state, greedy_decode, hlo_large_buffers,
                                move_state, parse_variant, state_copies)
@@ -48,7 +49,7 @@ FULL_CAPACITY = FULL_PROMPT + DECODE_LEN  # the full cache holds every token of 
 
 
 # -- decode ----------------------------------------------------------------------------
-def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=msrnn_model.DEFAULT_IMPL,
+def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=DEFAULT_IMPL,
                    options=None):
     """AOT-compile greedy_decode for these sizes (options: XLA compiler options).
     Returns (compiled, record)."""
@@ -153,7 +154,7 @@ def run_compiled(compiled, crec, params, cfg, pname, capacity, batch, positions,
 
 
 def run_decode_config(params, cfg, pname, capacity, batch, positions, n_steps, reps, bw, results,
-                      label="", extra=None, impl=msrnn_model.DEFAULT_IMPL):
+                      label="", extra=None, impl=DEFAULT_IMPL):
     """Compile + time one configuration; append one record per position to results."""
     base = {"label": label, "model": results["model"], **(extra or {})}
     try:
@@ -342,7 +343,7 @@ def parse_compiler_options(items) -> dict:
 
 
 def build_decode(params, cfg, pname, capacity, batch, n_steps, budget=None, free=None, reserve=0,
-                 cap=None, impl=msrnn_model.DEFAULT_IMPL, options=None):
+                 cap=None, impl=DEFAULT_IMPL, options=None):
     """Compile one decode configuration (options: XLA compiler options). batch="max":
     start from the largest batch whose state fits in `free` and shrink it until XLA's own
     memory analysis of the executable (arguments + outputs + temporaries - aliased) fits

@@ -75,7 +75,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     # EOS does not stop the run (eos_ids=()): every run reaches --max-new-tokens
-    res = m.generate_tokens(model.params, model.cfg, m.make_policy(args.policy), args.capacity,
+    res = decoding.generate_tokens(model.params, model.cfg, m.make_policy(args.policy), args.capacity,
                             [model.encode(args.prompt)], args.max_new_tokens, eos_ids=(),
                             on_tokens=on_tokens, positions=args.positions)
     summary = {"command": "python -m benchmarks.long_generate " + " ".join(argv or sys.argv[1:]),

@@ -196,7 +196,7 @@ def render(merged: dict) -> str:
              "(`msrnn_jax/testing.py: fabricate_state`) instead of prefilled: a step reads and masks every "
              "slot of the fixed-size buffer, so its cost does not depend on the contents (the probe section "
              "checks positions 0, 4096 and 16384).")
-    L.append("- implementation (`impl` column, `model.StepImpl`): `split:` = `model.split_layers(params)` "
+    L.append("- implementation (`impl` column, `fast.attention.StepImpl`): `split:` = `model.split_layers(params)` "
              "(per-layer weight arrays, layers unrolled: no weight is sliced or copied per step); `:einsum` = "
              "the query meets the kept slots through XLA's `dot_general`; `:reduce` = XLA multiply + sum; "
              "`:pallas` = `msrnn_jax.fast.kernels`, custom kernels that read each layer's slots in place in the whole "

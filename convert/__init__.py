@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import ModelConfig, MsrnnError
+from ..config import ModelConfig
+
+from ..errors import MsrnnError
 from ..errors import MsrnnWarning
 
 from ._common import as_dtype, cast_tree, one_line

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig, MsrnnError
+from ..config import ModelConfig
+
+from ..errors import MsrnnError
 from ..io.files import temp_folder, temporary
 from ..params import check_params
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import MsrnnError, UnsupportedConfigError
+from ..errors import MsrnnError, UnsupportedConfigError
 
 from ._common import one_line
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig, MsrnnError
+from ..config import ModelConfig
+
+from ..errors import MsrnnError
 from ..params import param_shapes
 
 from ._common import as_dtype, one_line

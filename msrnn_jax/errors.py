@@ -48,8 +48,6 @@ def warn(message: str) -> None:
         warnings.warn(message, MsrnnWarning, stacklevel=3)
 
 
-# The command line's historic name for InvalidArgument.
-UsageError = InvalidArgument
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .core import model as _model
+from .fast.attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
 from .params import param_shapes
 from .core.state import State
@@ -104,7 +105,7 @@ def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat1
 # -- the decode loop -------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl", "positions"),
                    donate_argnames=("state",))
-def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=_model.DEFAULT_IMPL,
+def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=DEFAULT_IMPL,
                   positions="absolute"):
     """n greedy decode steps of `model.step` in one lax.scan, the state donated (the
     per-step work of `decoding.decode_chunk` without its [B]-sized bookkeeping).
@@ -128,7 +129,7 @@ def parse_variant(variant: str):
     optimization barrier between layers). Returns (split, StepImpl): split is False,
     True or "fused"."""
     parts = variant.split(":")
-    impl = _model.StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split", "fused") else "scan",
+    impl = StepImpl(layer_loop="unroll" if parts[0] in ("unroll", "split", "fused") else "scan",
                            attention=parts[1] if len(parts) > 1 else "einsum",
                            unroll_barrier="nobar" not in parts[2:])
     return ("fused" if parts[0] == "fused" else parts[0] == "split"), impl

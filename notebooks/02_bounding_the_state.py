@@ -59,6 +59,7 @@ import numpy as np
 from IPython.display import Image, display
 
 import msrnn_jax as m
+from msrnn_jax.core.model import token_nll
 from msrnn_jax.run import analysis, plots
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, without ipywidgets
@@ -138,11 +139,11 @@ print(model.decode(rows[0, :60]))
 
 # %%
 logits, _, _, attn_last, _ = m.forward_parallel(model.params, cfg, jnp.asarray(rows))
-full_ppl = float(np.exp(m.token_nll(logits[:, :-1], jnp.asarray(rows[:, 1:])).mean()))
+full_ppl = float(np.exp(token_nll(logits[:, :-1], jnp.asarray(rows[:, 1:])).mean()))
 del logits
 print(f"full (unbounded): perplexity {full_ppl:.2f}")
 
-runs = {}  # (policy, capacity) -> m.Recording
+runs = {}  # (policy, capacity) -> analysis.Recording
 for c in CAPACITIES:
     t0 = time.perf_counter()
     for p, rec in m.record_policies(model, POLICIES, c, rows).items():

@@ -27,7 +27,8 @@ from msrnn_jax.convert import checkpoint as ckpt_mod
 from msrnn_jax.convert.checkpoint import MARKER, load_converted, save_converted
 from msrnn_jax.convert.gguf_loader import load_gguf
 from msrnn_jax.convert.hf import load_hf_folder, resolve_hub_id
-from msrnn_jax.config import ModelConfig, MsrnnError, UnsupportedConfigError
+from msrnn_jax.config import ModelConfig
+from msrnn_jax.errors import MsrnnError, UnsupportedConfigError
 from msrnn_jax.params import param_shapes
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -17,7 +17,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from msrnn_jax.config import MsrnnError, UnsupportedConfigError  # noqa: E402
+from msrnn_jax.errors import MsrnnError, UnsupportedConfigError  # noqa: E402
 from msrnn_jax.convert import gguf_tokenizer  # noqa: E402
 from msrnn_jax.convert.gguf_tokenizer import load_gguf_tokenizer  # noqa: E402
 

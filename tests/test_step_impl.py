@@ -14,6 +14,7 @@ from msrnn_jax.config import preset
 from msrnn_jax.core import model
 from msrnn_jax import testing
 from msrnn_jax.core.policies import make_policy
+from msrnn_jax.fast.attention import StepImpl
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_generate_with_the_pallas_kernels(tiny):
     prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
     ref = generate(params, cfg, make_policy("tova"), 6, prompts, 10)
     out = generate(model.split_layers(params), cfg, make_policy("tova"), 6, prompts, 10,
-                   impl=model.StepImpl(attention="pallas"))
+                   impl=StepImpl(attention="pallas"))
     assert out.tokens == ref.tokens
     assert (np.asarray(out.state.pos) == np.asarray(ref.state.pos)).all()
     np.testing.assert_allclose(np.asarray(out.state.keys), np.asarray(ref.state.keys), rtol=1e-5, atol=1e-6)
@@ -145,7 +146,7 @@ def test_reindex_scores_fused_equal_the_rotated_copy(tiny, attention, pname):
     st = testing.fabricate_state(cfg, 2, 8, 20, jnp.float32)
     logits, outs = {}, {}
     for how in ("copy", "fused"):
-        impl = model.StepImpl(attention=attention, reindex_scores=how)
+        impl = StepImpl(attention=attention, reindex_scores=how)
         tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
         logits[how], outs[how] = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens,
                                                    positions="reindex", impl=impl)
@@ -155,11 +156,11 @@ def test_reindex_scores_fused_equal_the_rotated_copy(tiny, attention, pname):
 
 def test_step_impl_rejects_unknown_choices():
     with pytest.raises(ValueError, match="attention"):
-        model.StepImpl(attention="palas")
+        StepImpl(attention="palas")
     with pytest.raises(ValueError, match="layer_loop"):
-        model.StepImpl(layer_loop="unrolled")
+        StepImpl(layer_loop="unrolled")
     with pytest.raises(ValueError, match="reindex_scores"):
-        model.StepImpl(reindex_scores="rotated")
+        StepImpl(reindex_scores="rotated")
 
 
 @pytest.mark.parametrize("path", ["chunk_step", "layer_nll", "forward_parallel"])

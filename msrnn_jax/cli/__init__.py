@@ -17,14 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" banner: running needs none
 
-from ..errors import MsrnnError, UsageError  # noqa: E402  (light imports only: jax loads lazily)
+from ..errors import InvalidArgument, MsrnnError  # noqa: E402  (light imports only: jax loads lazily)
 
 POLICIES_HELP = "full, window, sink, tova, tova-head, h2o, h2o-head"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        raise UsageError(message)
+        raise InvalidArgument(message)
 
 
 def _positive(name):
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("a command is required: generate, chat, ppl, eval, serve or convert (see msrnn --help)")
+            raise InvalidArgument("a command is required: generate, chat, ppl, eval, serve or convert (see msrnn --help)")
         from ..run import api  # heavy imports (jax, transformers) only once the args are good
         from . import commands
 
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         if args.command in OWN_SIGNALS:  # a chat reply stops, a server drains its streams
             return run(args) or 0
         return _interruptible(run, args)
-    except UsageError as e:
+    except InvalidArgument as e:
         if debug:
             raise
         _error(_flagged(e), 2)

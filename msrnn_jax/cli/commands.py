@@ -14,11 +14,11 @@ from pathlib import Path
 from ..run import api
 from ..fast.attention import StepImpl
 from ..run.decoding import check_context, check_prefill
-from ..errors import MsrnnError, UsageError, check_float, check_int
+from ..errors import MsrnnError, InvalidArgument, check_float, check_int
 from ..run.evaluate import sweep
 from ..io.files import check_output_file, write_atomic
 from ..core.model import check_positions
-from ..core.policies import capacity_for, make_policy, policy_name
+from ..core.policies import capacity_for, make_policies, make_policy, policy_name
 from ..run.sampling import Sampling
 
 
@@ -34,7 +34,7 @@ def _note_full_capacity():
 
 def _check_capacity(args, pol, capacity):
     """The capacity flag for one policy: `full` ignores it (with a note)."""
-    if pol.name == "full":
+    if not pol.bounded:
         if capacity is not None:
             _note_full_capacity()
         return None
@@ -46,7 +46,7 @@ def _sampling(args) -> Sampling:
     given --top-k >= 1 (on the command line, giving a flag switches its filter on)."""
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if args.greedy and sampled:
-        raise UsageError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+        raise InvalidArgument("--greedy cannot be combined with --temperature/--top-k/--top-p")
     if args.temperature is not None:
         check_float("temperature", args.temperature, low=0.0, low_open=True)
     if args.top_k is not None:
@@ -81,15 +81,14 @@ def _check_outputs(args):
 
 # -- ppl ------------------------------------------------------------------------------
 def ppl(args):
-    policies = [_policy(args, n.strip()) for n in args.policy.split(",") if n.strip()]
-    if not policies:
-        raise UsageError("--policy needs at least one policy")
+    check_int("sinks", args.sinks, minimum=0)
+    policies = make_policies(args.policy, args.sinks)
     capacities = args.capacity
-    if capacities and all(p.name == "full" for p in policies):
+    if capacities and all(not p.bounded for p in policies):
         _note_full_capacity()
-    if any(p.name != "full" for p in policies):
+    if any(p.bounded for p in policies):
         if not capacities:
-            raise UsageError("--capacity C[,C...] is required by every policy but full")
+            raise InvalidArgument("--capacity C[,C...] is required by every policy but full")
         for p in policies:
             for c in capacities:
                 capacity_for(p, c, 1)
@@ -102,7 +101,7 @@ def ppl(args):
     limit = model.cfg.max_position_embeddings
     if args.tokens is not None:  # past the trained context `full` is refused before any work
         for p in policies:
-            if p.name == "full":
+            if not p.bounded:
                 check_context(model.cfg, p, args.tokens, args.positions)
     if args.tokens is None:
         shortest = min(len(model.encode(t)) for t in texts)
@@ -115,7 +114,7 @@ def ppl(args):
 
     from tqdm.auto import tqdm
 
-    n_full = sum(p.name == "full" for p in policies)
+    n_full = sum(not p.bounded for p in policies)
     runs = n_full + (len(policies) - n_full) * len(capacities or [])
     per_run = rows.shape[0] * (rows.shape[1] - 1)
     results = []
@@ -181,7 +180,7 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     from ..run.longcontext import check_eval, evaluate_task
 
     check_int("sinks", args.sinks, minimum=0)
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    names = make_policies(args.policy, args.sinks)
     depths = [d.strip() for d in args.depths.split(",") if d.strip()]
     _check_outputs(args)
     # every value but the lengths (counted in the model's tokens) is checked before the model loads
@@ -193,13 +192,13 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
                args.chunk, args.batch, args.sinks, args.positions)
     if args.haystack is not None:
         api.read_text(args.haystack)  # a missing or empty file, before the model loads
-    if any(make_policy(n, args.sinks).name == "full" for n in names) and args.capacity and len(names) == 1:
+    if any(not p.bounded for p in names) and args.capacity and len(names) == 1:
         _note_full_capacity()
     model = _load(args)
 
     from tqdm.auto import tqdm
 
-    n_full = sum(make_policy(n, args.sinks).name == "full" for n in names)
+    n_full = sum(not p.bounded for p in names)
     runs = n_full + (len(names) - n_full) * len(args.capacity or [])
     total = runs * sum(set(args.lengths)) * len(set(map(float, depths))) * args.samples  # prompt tokens
     results = []
@@ -268,18 +267,18 @@ def generate(args):
     _prefill_args(args)
     check_int("max_new_tokens", args.max_new_tokens)
     if args.prompts and args.prompt:
-        raise UsageError("give a prompt or --prompts FILE, not both")
+        raise InvalidArgument("give a prompt or --prompts FILE, not both")
     _check_outputs(args)
     if args.prompts:
         lines = api.read_text(args.prompts).splitlines()
         for i, line in enumerate(lines, 1):
             if not line.strip():
-                raise UsageError(f"{args.prompts}: line {i} is empty")
+                raise InvalidArgument(f"{args.prompts}: line {i} is empty")
         prompts = lines
     else:
         text = " ".join(args.prompt)
         if not text.strip():
-            raise UsageError("empty prompt")
+            raise InvalidArgument("empty prompt")
         prompts = [text]
     model = _load(args)
     ids = api.prompt_ids(model, prompts, chat=args.chat)
@@ -327,7 +326,7 @@ def chat(args):
     sampling = _sampling(args)
     _prefill_args(args)
     if args.prefill == "oneshot":
-        raise UsageError("chat continues its state across turns: use --prefill exact or chunked")
+        raise InvalidArgument("chat continues its state across turns: use --prefill exact or chunked")
     model = _load(args)
     cap = capacity_for(pol, cap, model.cfg.max_position_embeddings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -335,7 +334,7 @@ def chat(args):
     interactive = sys.stdin.isatty()
     eos_text = model.tokenizer.eos_token or ""
     if interactive:
-        print(f"msrnn chat: {args.policy}" + (f", capacity {cap}" if pol.name != "full" else "")
+        print(f"msrnn chat: {args.policy}" + (f", capacity {cap}" if pol.bounded else "")
               + " — Ctrl-C stops a reply, Ctrl-D or /exit quits", file=sys.stderr)
     while True:
         line = _read_turn(interactive)
@@ -441,9 +440,10 @@ def serve(args):
     from ..serve.engine import Engine, check_batch, served_policies
 
     # a comma list serves several policies side by side (checked here, before the server starts)
-    pols = served_policies([_policy(args, n.strip()) for n in args.policy.split(",") if n.strip()], args.sinks)
+    check_int("sinks", args.sinks, minimum=0)
+    pols = served_policies(make_policies(args.policy, args.sinks), args.sinks)
     capacity = args.capacity
-    if pols[0].name != "full":
+    if pols[0].bounded:
         capacity = 512 if capacity is None else capacity
         for p in pols:
             capacity_for(p, capacity, 1)
@@ -451,7 +451,7 @@ def serve(args):
     check_int("max_queue", args.max_queue, minimum=0)
     check_float("--prefill-share", args.prefill_share, low=0.0, high=1.0, low_open=True)
     if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+        raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
     impl = StepImpl(attention=args.attention)
     mesh = None
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..fast import attention
-from ..fast.attention import DEFAULT_IMPL, StepImpl  # noqa: F401  (re-exported)
+from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..config import ModelConfig
 from ..errors import InvalidArgument, check_choice
 from .policies import Policy, heads_agree, select_keep, step_choice

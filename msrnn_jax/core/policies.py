@@ -34,6 +34,7 @@ class Policy:
     head_wise: bool = dataclasses.field(default=False, init=False)
     uses_score: bool = dataclasses.field(default=False, init=False)
     name: str = dataclasses.field(default="", init=False)
+    bounded: bool = dataclasses.field(default=True, init=False)  # False: `full`, C = the sequence
 
     def eviction_keys(self, pos, attn, score, capacity):
         """Keys, lowest evicted first. pos: int32 [..., N]; attn, score: float32 [..., N]."""
@@ -59,6 +60,7 @@ class Full(Window):
     """The unbounded MSRNN: capacity = sequence length, so nothing is ever dropped."""
 
     name: str = dataclasses.field(default="full", init=False)
+    bounded: bool = dataclasses.field(default=False, init=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +176,14 @@ def make_policy(name: str | Policy, sinks: int = 4) -> Policy:
     raise InvalidArgument(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
 
 
-def make_policies(names) -> list[Policy]:
-    """A list of policies from names (or a comma-separated string); at least one."""
+def make_policies(names, sinks: int = 4) -> list[Policy]:
+    """A list of policies from names, or from one comma-separated string ("tova,h2o");
+    at least one. The one parser of policy lists (command line, server, evaluation)."""
     if isinstance(names, (str, Policy)):
         names = [names] if isinstance(names, Policy) else [n for n in names.split(",") if n.strip()]
-    pols = [make_policy(n) for n in names]
+    pols = [make_policy(n, sinks) for n in names]
     if not pols:
-        raise InvalidArgument("need at least one policy")
+        raise InvalidArgument("need at least one policy", "policy")
     return pols
 
 
@@ -189,7 +192,7 @@ def capacity_for(policy: Policy, capacity: int | None, needed: int, bucket: int 
     token: `needed` slots, rounded up to a multiple of `bucket` (so calls of similar
     lengths share a compile), whatever `capacity` says; every other policy needs its
     capacity, validated."""
-    if policy.name == "full":
+    if not policy.bounded:
         return -(-max(needed, 1) // bucket) * bucket
     if capacity is None:
         raise InvalidArgument(f"policy {policy_name(policy)} needs capacity C (the number of slots)",

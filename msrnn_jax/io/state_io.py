@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import MsrnnError, UsageError
+from ..errors import MsrnnError, InvalidArgument
 from .files import temp_folder, temporary
 from ..core.policies import Policy, policy_name
 from ..core.state import State
@@ -72,13 +72,13 @@ def load_state(path, model, policy: Policy | None = None, batch: int | None = No
     if meta.get("format") != FORMAT:
         raise MsrnnError(f"not a saved state: {path} (format {meta.get('format')!r})")
     if meta["model"] != model_fingerprint(model):
-        raise UsageError(f"the state in {path} was made by another model than {model.source}")
+        raise InvalidArgument(f"the state in {path} was made by another model than {model.source}")
     if capacity is not None and meta["capacity"] != capacity:
-        raise UsageError(f"the state in {path} has capacity {meta['capacity']}, not {capacity}")
+        raise InvalidArgument(f"the state in {path} has capacity {meta['capacity']}, not {capacity}")
     if batch is not None and meta["batch"] != batch:
-        raise UsageError(f"the state in {path} has {meta['batch']} rows, not {batch}")
-    if policy is not None and meta["policy"] != policy_name(policy) and policy.name != "full":
-        raise UsageError(f"the state in {path} was made with policy {meta['policy']}, "
+        raise InvalidArgument(f"the state in {path} has {meta['batch']} rows, not {batch}")
+    if policy is not None and meta["policy"] != policy_name(policy) and policy.bounded:
+        raise InvalidArgument(f"the state in {path} was made with policy {meta['policy']}, "
                          f"not {policy_name(policy)}")
     try:
         with ocp.StandardCheckpointer() as ckpt:

@@ -133,7 +133,7 @@ def record_policies(model, policies: Sequence[str | Policy], capacity: int,
     tokens = np.atleast_2d(np.asarray(tokens, np.int32))
     pols = [make_policy(p, sinks) for p in policies]
     names = [policy_name(p) for p in pols]
-    if not pols or any(p.name == "full" for p in pols) or len(set(names)) < len(names):
+    if not pols or any(not p.bounded for p in pols) or len(set(names)) < len(names):
         raise InvalidArgument(f"record_policies needs distinct bounded policies, got {names}")
     if len(pols) == 1:
         return {names[0]: record_run(model, pols[0], capacity, tokens, sinks, steps_per_call)}

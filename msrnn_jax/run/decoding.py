@@ -22,8 +22,9 @@ from .. import errors
 from ..fast import sharding
 from ..config import ModelConfig
 from ..errors import InvalidArgument, check_choice, check_int
-from ..core.model import (DEFAULT_IMPL, StepImpl, check_positions, chunk_step, layer_last_logits,
-                    initial_ranks, prefill_oneshot, scan_last_logits, step_ranked)
+from ..core.model import (check_positions, chunk_step, initial_ranks, layer_last_logits, prefill_oneshot,
+                          scan_last_logits, step_ranked)
+from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..core.policies import Policy, capacity_for
 from ..fast.precision import exact_for_f32
 from .sampling import GREEDY, Sampling
@@ -56,7 +57,7 @@ def check_context(cfg: ModelConfig, policy: Policy, n_tokens: int, positions: st
     if n_tokens <= limit:
         return
     warn = None
-    if policy.name == "full":
+    if not policy.bounded:
         raise InvalidArgument(f"the full policy over {n_tokens} tokens goes beyond the model's trained "
                               f"context of {limit} tokens; use a bounded policy (with positions reindex "
                               f"to stay within it)", "policy")
@@ -206,7 +207,7 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     """Read `prompts` (token lists, one per row; ragged is fine) into a fresh state or
     continue `state`, then decode up to `max_new_tokens` per row. `on_tokens(tokens,
     emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
-    impl: how the decode step computes (`model.StepImpl`); e.g. attention="pallas" for
+    impl: how the decode step computes (`fast.attention.StepImpl`); e.g. attention="pallas" for
     the largest batches on a GPU (benchmarks/results/). positions: "absolute" or
     "reindex" (docs/design.md §8; a continued `state` must have been read with the same).
     mesh: the `sharding` mesh the params are placed on; rows are padded to a multiple of its data size with one-token

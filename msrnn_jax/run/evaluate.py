@@ -174,11 +174,11 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
     positions = check_positions(positions, prefill)
     pols = [make_policy(p, sinks) for p in policies]
     for pol in pols:
-        if pol.name == "full":
+        if not pol.bounded:
             yield SweepResult(pol, tokens.shape[1], run_policy(model, pol, None, tokens, progress=progress,
                                                                prefill=prefill, chunk=chunk,
                                                                positions=positions))
-    bounded = [p for p in pols if p.name != "full"]
+    bounded = [p for p in pols if p.bounded]
     for cap in capacities:
         if fuse and prefill == "exact" and len(bounded) > 1:
             fused = PerRow(policies=tuple(bounded))

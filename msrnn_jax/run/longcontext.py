@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
-from ..core.policies import PerRow, Policy, capacity_for, make_policy, policy_name
+from ..core.policies import PerRow, Policy, capacity_for, make_policies, policy_name
 
 if TYPE_CHECKING:
     from .api import Model
@@ -240,11 +240,9 @@ def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, 
     from ..core.model import check_positions
 
     task = check_choice("task", task, TASKS)
-    if isinstance(policies, str):
-        policies = [n for n in policies.split(",") if n.strip()]
-    pols = [make_policy(p, sinks) for p in _values(policies, "policy")]
+    pols = make_policies(policies if isinstance(policies, str) else _values(policies, "policy"), sinks)
     caps = [check_int("capacity", c) for c in capacities]
-    if any(p.name != "full" for p in pols):
+    if any(p.bounded for p in pols):
         if not caps:
             raise InvalidArgument("every policy but full needs a capacity C[,C...]", "capacity")
         for p in pols:
@@ -278,11 +276,11 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
 
     task, pols, caps, depths, samples, seed, prefill, chunk, batch, positions = check_eval(
         task, policies, capacities, depths, samples, seed, prefill, chunk, batch, sinks, positions)
-    bounded = [p for p in pols if p.name != "full"]
+    bounded = [p for p in pols if p.bounded]
     lengths = list(dict.fromkeys(check_int("lengths", n) for n in _values(lengths, "lengths")))
     max_new = ANSWER_TOKENS[task] + (CHAT_EXTRA_TOKENS if chat else 0)
     limit = model.cfg.max_position_embeddings
-    if any(p.name == "full" for p in pols):
+    if any(not p.bounded for p in pols):
         for n in lengths:
             if n + max_new > limit:
                 raise InvalidArgument(f"length {n} (+ {max_new} answer tokens) is beyond the model's "
@@ -320,7 +318,7 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
 
     for n, prompts in grid.items():
         for pol in pols:
-            if pol.name == "full":
+            if not pol.bounded:
                 answers, sec = run(pol, None, prompts)
                 yield from records("full", n, prompts, answers, 1, sec)
         for cap in caps:

@@ -103,7 +103,7 @@ def served_policies(policy, sinks: int = 4) -> tuple[Policy, ...]:
         raise InvalidArgument("no policy given", "policy")
     pols = tuple(make_policy(p, sinks) for p in names)
     if len(pols) > 1:
-        if any(p.name == "full" for p in pols):
+        if any(not p.bounded for p in pols):
             raise InvalidArgument("full cannot share the state with other policies (its rows need the "
                                   "whole context, theirs C slots): serve it alone", "policy")
         seen = [policy_name(p) for p in pols]
@@ -350,7 +350,7 @@ class Engine:
         # one policy, or several side by side as batch rows: row b follows policies[b % n]
         self.policy = self.policies[0] if len(self.policies) == 1 else PerRow(policies=self.policies)
         self.policy_names = [policy_name(p) for p in self.policies]
-        if self.policy.name == "full":
+        if not self.policy.bounded:
             # capacity_for would size `full` to one call; a server sizes it once for all
             self.capacity = (check_int("capacity", capacity) if capacity is not None
                              else int(self.cfg.max_position_embeddings))
@@ -424,7 +424,7 @@ class Engine:
         check_int("max_tokens", max_tokens)
         if max_tokens >= 2 ** 31:
             raise InvalidArgument(f"max_tokens must be < 2**31, got {max_tokens}", "max_tokens")
-        if self.policy.name == "full" and len(prompt) + max_tokens > self.capacity:
+        if not self.policy.bounded and len(prompt) + max_tokens > self.capacity:
             raise InvalidArgument(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is beyond the "
                 f"{self.capacity} slots of the full policy's state", "max_tokens")

@@ -247,7 +247,7 @@ class Service:
                 raise ApiError(400, "the prompt encodes to no tokens", "prompt")
             max_tokens = p["max_tokens"]
             if max_tokens is None:  # OpenAI: 16 for completions, "as many as fit" for chat
-                fit = (eng.capacity if eng.policy.name == "full" else model.cfg.max_position_embeddings) - len(ids)
+                fit = (eng.capacity if not eng.policy.bounded else model.cfg.max_position_embeddings) - len(ids)
                 max_tokens = 16 if not chat else max(1, min(fit, 4096))
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             loop = asyncio.get_running_loop()
