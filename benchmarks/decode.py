@@ -13,7 +13,7 @@ starting work after its deadline, listing what it skipped:
   llama    decode grid, Llama-2-7B shape (jax_bench.DEFAULT_JOBS, in priority order): full and
            tova/window/sink x C in 256..2048, batch 1, 8, 32 and the largest that fits,
            positions 4096 and 16384; its largest-batch rows are the Table 1 analog. Every
-           configuration runs `model.split_layers` params (unrolled layers: no weight is
+           configuration runs `fast.layouts.split_layers` params (unrolled layers: no weight is
            sliced); all are compiled first, in parallel, then timed one by one
   mistral  the same grid in the Mistral-7B (GQA) shape, position 4096
   hf       transformers generate: dynamic cache, and static cache + torch.compile;

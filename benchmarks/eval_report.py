@@ -2,7 +2,7 @@
 from its JSON lines (also for a run stopped before its end, whose CSV and plot `msrnn
 eval` never wrote).
 
-    python -m benchmarks.eval_report benchmarks/results/eval-passkey.jsonl [--csv F] [--plot F]
+    python -m benchmarks.eval_report benchmarks/results/eval/eval-passkey.jsonl [--csv F] [--plot F]
 
 Prints one markdown table per length: a row per policy, a column per capacity, each cell
 the depths at which the answer was right (✓ all, · none).

@@ -1,7 +1,7 @@
 """The JAX side of the decode benchmarks (one model per process; see decode.py).
 
 Every decode figure is the steady state of `msrnn_jax.testing.greedy_decode`: n greedy
-steps of `msrnn_jax.core.model.step` inside one `lax.scan`, the state donated — the per-step
+steps of `msrnn_jax.core.step.step` inside one `lax.scan`, the state donated — the per-step
 work of `msrnn_jax.run.decoding.decode_chunk` (which adds only [B]-sized bookkeeping), kept
 apart so that the benchmark does not follow that function's signature. It is compiled
 ahead of time for fixed (policy, capacity, batch) and called on a state fabricated at the
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msrnn_jax.core import model as msrnn_model
+from msrnn_jax.fast.layouts import fuse_projections, split_layers, stacked_layers
 from msrnn_jax.run.decoding import prefill
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.core.state import State
@@ -229,14 +229,15 @@ def time_prefill(params, cfg, pname, capacity, n_tokens, mode, chunk=None, batch
 def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1, layer_major=False):
     """Exact prefill, AOT-compiled, then one timed run: the token-by-token scan of the step
     (mode "exact-scan") or the same step ordered layer by layer ("exact", the default path)."""
-    from msrnn_jax.core.model import layer_last_logits, scan_last_logits
-    fn = layer_last_logits if layer_major else scan_last_logits
+    from msrnn_jax.fast.layer_major import layer_scan
+    from msrnn_jax.core.step import scan
+    fn = layer_scan if layer_major else scan
     policy = make_policy(pname)
     st = State.init(cfg, batch, capacity, DTYPE)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, n_tokens)), jnp.int32)
     active = jnp.ones(tokens.shape, bool)
     t0 = time.perf_counter()
-    compiled = fn.lower(params, cfg, policy, st, tokens, active).compile()
+    compiled = fn.lower(params, cfg, policy, st, tokens, active, emit="last").compile()
     t1 = time.perf_counter()
     last, st = compiled(params, st, tokens, active)
     jax.block_until_ready((last, st))
@@ -308,9 +309,9 @@ def _use_variant(variant, params):
     host = jax.device_get(params)
     for a in jax.tree.leaves(params):
         a.delete()
-    params = msrnn_model.split_layers(host) if split else {**host, "layers": msrnn_model.stacked_layers(host)}
+    params = split_layers(host) if split else {**host, "layers": stacked_layers(host)}
     if split == "fused":
-        params = jax.tree.map(np.asarray, msrnn_model.fuse_projections(params))  # joined on the host
+        params = jax.tree.map(np.asarray, fuse_projections(params))  # joined on the host
     params = jax.device_put(params)
     jax.block_until_ready(params)
     gc.collect()
@@ -463,7 +464,7 @@ def section_decode(args, results, save):
 def section_prefill(args, results, save):
     dl = Deadline(args.deadline)
     cfg, params = _setup(results, args.model, 0)
-    if args.variant:  # every mode reads the variant's layout (split: unrolled layers, `model.scan_layers`)
+    if args.variant:  # every mode reads the variant's layout (split: unrolled layers, `fast.layouts.scan_layers`)
         params = _use_variant(args.variant, params)
     save()
     T, C, pname = args.prefill_tokens, args.prefill_capacity, args.prefill_policy

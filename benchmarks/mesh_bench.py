@@ -24,7 +24,7 @@ import numpy as np
 from msrnn_jax.config import preset
 from msrnn_jax.fast import sharding
 from msrnn_jax import testing
-from msrnn_jax.core.model import fuse_projections, split_layers
+from msrnn_jax.fast.layouts import fuse_projections, split_layers
 from msrnn_jax.core.policies import make_policy
 
 from .common import device_info, median_seconds, write_json

@@ -56,7 +56,7 @@ def main(argv=None):
     from benchmarks.common import now_tag
     from benchmarks.jax_bench import profile_call
     from msrnn_jax.fast.attention import StepImpl
-    from msrnn_jax.core.model import split_layers
+    from msrnn_jax.fast.layouts import split_layers
     from msrnn_jax.core.policies import make_policy
     from msrnn_jax.config import preset
     from msrnn_jax.testing import device_params, fabricate_state, greedy_decode

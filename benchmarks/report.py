@@ -196,7 +196,7 @@ def render(merged: dict) -> str:
              "(`msrnn_jax/testing.py: fabricate_state`) instead of prefilled: a step reads and masks every "
              "slot of the fixed-size buffer, so its cost does not depend on the contents (the probe section "
              "checks positions 0, 4096 and 16384).")
-    L.append("- implementation (`impl` column, `fast.attention.StepImpl`): `split:` = `model.split_layers(params)` "
+    L.append("- implementation (`impl` column, `fast.attention.StepImpl`): `split:` = `fast.layouts.split_layers(params)` "
              "(per-layer weight arrays, layers unrolled: no weight is sliced or copied per step); `:einsum` = "
              "the query meets the kept slots through XLA's `dot_general`; `:reduce` = XLA multiply + sum; "
              "`:pallas` = `msrnn_jax.fast.kernels`, custom kernels that read each layer's slots in place in the whole "
@@ -205,7 +205,7 @@ def render(merged: dict) -> str:
              "targets and Table 1 take the faster. `scan:` = `lax.scan` over the stacked layers (the library "
              "default on the CPU; XLA copies each layer's weights per step on GPU).")
     L.append("- step time: median over calls of `msrnn_jax.testing.greedy_decode` (16 greedy steps of "
-             "`msrnn_jax.core.model.step` in one `lax.scan`, state donated) / 16. "
+             "`msrnn_jax.core.step.step` in one `lax.scan`, state donated) / 16. "
              "Bandwidth fraction = (weight bytes + state bytes read per step) / step time / copy bandwidth.")
     L.append("")
 
@@ -330,7 +330,7 @@ def render(merged: dict) -> str:
                  f"(Llama-2-7B shape){' — env ' + str(env) if env else ''}\n")
         L.append("Variants: `loop:attention` — scan = `lax.scan` over stacked layers; unroll = Python loop, "
                  "static slices of the stacked weights; split = Python loop over per-layer weight arrays "
-                 "(`model.split_layers`, no weight slicing); `:nobar` = no optimization barrier between "
+                 "(`fast.layouts.split_layers`, no weight slicing); `:nobar` = no optimization barrier between "
                  "unrolled layers.\n")
         L.append("| variant | policy | C | batch | position | step ms | tokens/s | bw fraction | compile s | temp GiB |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")

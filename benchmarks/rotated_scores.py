@@ -40,7 +40,7 @@ def main(argv=None):
 
     from benchmarks.common import device_info, median_seconds, now_tag, write_json
     from msrnn_jax.fast.attention import rotated_scores
-    from msrnn_jax.core.model import rope_table
+    from msrnn_jax.core.layers import rope_table
 
     F32 = jnp.float32
     L, B, H, C, D = 8, args.batch, args.heads, args.capacity, args.head_dim

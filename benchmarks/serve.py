@@ -33,7 +33,7 @@ from msrnn_jax import testing
 from msrnn_jax.run.api import Model
 from msrnn_jax.fast.attention import StepImpl
 from msrnn_jax.serve.engine import Engine
-from msrnn_jax.core.model import fuse_projections, split_layers
+from msrnn_jax.fast.layouts import fuse_projections, split_layers
 from msrnn_jax.core.policies import make_policy
 
 from .common import device_info, median_seconds, write_json

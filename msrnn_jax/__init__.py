@@ -38,7 +38,8 @@ _API = {
     "params": ("init_params",),
     "core.state": ("State",),
     "core.policies": ("make_policy", "policy_name", "POLICY_NAMES", "Policy", "PerRow"),
-    "core.model": ("step", "scan_logits", "scan_nll", "forward_parallel"),
+    "core.step": ("step", "scan"),
+    "core.parallel": ("forward_parallel",),
     # how it runs: implementation choices and devices
     "fast.attention": ("StepImpl",),
     "fast.sharding": ("make_mesh",),

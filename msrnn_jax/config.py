@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MsrnnError, UnsupportedConfigError
+from .errors import UnsupportedConfigError
 
 FAMILIES = ("llama", "mistral", "qwen2")
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import model as _model
+from .core.step import Recurrence, step
 from .fast.attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
 from .params import param_shapes
@@ -107,25 +107,24 @@ def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat1
                    donate_argnames=("state",))
 def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=DEFAULT_IMPL,
                   positions="absolute"):
-    """n greedy decode steps of `model.step` in one lax.scan, the state donated (the
+    """n greedy decode steps of `core.step.step` in one lax.scan, the state donated (the
     per-step work of `decoding.decode_chunk` without its [B]-sized bookkeeping).
     tok [B]: the token fed first. Returns (tokens [B, n], state)."""
 
     def body(carry, _):
-        st, ranks, tok = carry
-        logits, st, ranks = _model.step_ranked(params, cfg, policy, st, ranks, tok, impl=impl, positions=positions)
+        rnn, tok = carry
+        logits, rnn = step(params, cfg, policy, rnn, tok, impl=impl, positions=positions)
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        return (st, ranks, nxt), nxt
+        return (rnn, nxt), nxt
 
-    (state, _, tok), toks = jax.lax.scan(body, (state, _model.initial_ranks(state, positions, policy), tok), None,
-                                         length=n_steps)
-    return toks.T, state
+    (rnn, tok), toks = jax.lax.scan(body, (Recurrence.start(state, positions, policy), tok), None, length=n_steps)
+    return toks.T, rnn.state
 
 
 def parse_variant(variant: str):
     """'loop:attention[:nobar]', e.g. 'scan:einsum', 'unroll:reduce', 'split:pallas'
     (split = the layers passed as a list of per-layer arrays, so no weight is ever
-    sliced; fused = split, with `model.fuse_projections`; nobar = unrolled without the
+    sliced; fused = split, with `fast.layouts.fuse_projections`; nobar = unrolled without the
     optimization barrier between layers). Returns (split, StepImpl): split is False,
     True or "fused"."""
     parts = variant.split(":")

@@ -171,14 +171,14 @@ for t in range(0, T, 4):
     print(f"after {model.decode(ids[:t + 1])!r}\n    both predict {model.decode([top_rnn[t]])!r}")
 
 # %% [markdown]
-# The Python loop is only there to let us look inside. The library's `scan_logits` runs the
+# The Python loop is only there to let us look inside. The library's `scan` runs the
 # same step inside `jax.lax.scan`, one compiled loop over the tokens; it is how perplexity
 # is measured in notebook 2. It too gives the transformer's logits:
 
 # %%
-scan_out, scan_state = m.scan_logits(model.params, cfg, full, m.State.init(cfg, 1, T), jnp.asarray([ids], jnp.int32))
+scan_out, scan_state = m.scan(model.params, cfg, full, m.State.init(cfg, 1, T), jnp.asarray([ids], jnp.int32), emit="logits")
 np.testing.assert_allclose(np.asarray(scan_out[0]), par_logits, rtol=1e-4, atol=2e-3)
-print("scan_logits == forward_parallel; state length:", int(scan_state.length[0]))
+print("scan == forward_parallel; state length:", int(scan_state.length[0]))
 
 # %% [markdown]
 # So a decoder-only transformer *is* an RNN whose state is the set of all past (key, value)

@@ -59,7 +59,7 @@ import numpy as np
 from IPython.display import Image, display
 
 import msrnn_jax as m
-from msrnn_jax.core.model import token_nll
+from msrnn_jax.core.layers import token_nll
 from msrnn_jax.run import analysis, plots
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, without ipywidgets
@@ -385,6 +385,6 @@ plots.plot_per_layer(needle_kept, "share of the needle's tokens in the state",
 # of the needle (17% on average, in most layers), but not the digits the answer needs.
 # An attention-ranked policy keeps what the *current* token attends to; a fact that
 # matters only later is exactly what it forgets. `msrnn eval` measures this over
-# lengths, depths and capacities (the README has the results).
+# lengths, depths and capacities (docs/results.md has the results).
 #
 # **Notebook 3** trains a tiny transformer from scratch and runs it as a bounded MSRNN.

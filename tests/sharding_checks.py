@@ -37,7 +37,8 @@ from msrnn_jax.fast import sharding  # noqa: E402
 from msrnn_jax.run.api import Model, load_model  # noqa: E402
 from msrnn_jax.errors import InvalidArgument  # noqa: E402
 from msrnn_jax.run.evaluate import run_policy  # noqa: E402
-from msrnn_jax.core.model import chunk_step, prefill_oneshot, scan_logits  # noqa: E402
+from msrnn_jax.core.parallel import chunk_step, prefill_oneshot
+from msrnn_jax.core.step import scan  # noqa: E402
 from msrnn_jax.core.policies import PerRow, make_policy  # noqa: E402
 from msrnn_jax.core.state import State  # noqa: E402
 
@@ -70,7 +71,7 @@ def same(a, b) -> bool:
 
 def run_exact(cfg, params, state, tokens):
     pol = PerRow(policies=tuple(make_policy(n) for n in BOUNDED))  # all six, one per row
-    logits, st, pos = scan_logits(params, cfg, pol, state, tokens, record_pos=True)
+    logits, st, pos = scan(params, cfg, pol, state, tokens, emit="logits+pos")
     return logits, st.pos, pos
 
 
@@ -127,8 +128,11 @@ def check_sums(cfg, host):
     the projections' sums are split too (the check can fail)."""
     import re
 
-    from msrnn_jax.core import model
+    from msrnn_jax.core.parallel import chunk_step
 
+    from msrnn_jax.fast.layer_major import layer_major
+
+    from msrnn_jax.core.step import step
     mesh = mesh_of(2, 2)
     params = sharding.shard_params(host, mesh)
     tok = sharding.put_rows(np.zeros((2, 4), np.int32), mesh)
@@ -142,10 +146,10 @@ def check_sums(cfg, host):
     for name in ("tova", "h2o", "tova-head"):
         pol = make_policy(name)
         with sharding.use(mesh):
-            out[f"step/{name}"] = sums(lambda p, s, t: model.step(p, cfg, pol, s, t)[0], tok[:, 0])
-            out[f"layer_major/{name}"] = sums(lambda p, s, t: model.layer_major(p, cfg, pol, s, t, t >= 0)[0], tok)
-            out[f"chunk/{name}"] = sums(lambda p, s, t: model.chunk_step(p, cfg, pol, s, t)[1].pos, tok)
-        out[f"no_mesh_context/{name}"] = sums(lambda p, s, t: model.step(p, cfg, pol, s, t)[0], tok[:, 0])
+            out[f"step/{name}"] = sums(lambda p, s, t: step(p, cfg, pol, s, t)[0], tok[:, 0])
+            out[f"layer_major/{name}"] = sums(lambda p, s, t: layer_major(p, cfg, pol, s, t, t >= 0)[0], tok)
+            out[f"chunk/{name}"] = sums(lambda p, s, t: chunk_step(p, cfg, pol, s, t)[1].pos, tok)
+        out[f"no_mesh_context/{name}"] = sums(lambda p, s, t: step(p, cfg, pol, s, t)[0], tok[:, 0])
     return out
 
 

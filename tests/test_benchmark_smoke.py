@@ -69,13 +69,13 @@ def test_fabricated_state_is_well_formed(tiny):
 
 
 def test_bench_decode_matches_step_by_step(tiny):
-    """greedy_decode (what the benchmark times) is n greedy steps of model.step."""
+    """greedy_decode (what the benchmark times) is n greedy steps of core.step.step."""
     cfg, params = tiny
     pol = make_policy("tova")
     st = testing.fabricate_state(cfg, 2, 8, 20, jnp.float32)
     ref_st = jax.tree.map(jnp.copy, st)
     toks, st = testing.greedy_decode(params, cfg, pol, 3, st, jnp.ones((2,), jnp.int32))
-    from msrnn_jax.core.model import step
+    from msrnn_jax.core.step import step
     tok = jnp.ones((2,), jnp.int32)
     ref = []
     for _ in range(3):

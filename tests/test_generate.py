@@ -12,7 +12,7 @@ import torch
 from msrnn_jax.convert.hf import load_hf_folder
 from msrnn_jax.run.decoding import decode_chunk, prefill
 from msrnn_jax.run.decoding import generate_tokens as generate
-from msrnn_jax.core.model import scan_last_logits
+from msrnn_jax.fast.layer_major import layer_scan
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.run.sampling import Sampling
 
@@ -70,9 +70,9 @@ def test_compiles_once_across_chunks_and_calls(tiny):
     pol = make_policy("tova")
     ps = prompts(2, [9, 14], seed=4)
     generate(params, cfg, pol, 16, ps, 40, steps_per_call=8)  # 1 + 5 chunk calls
-    sizes = (decode_chunk._cache_size(), scan_last_logits._cache_size())
+    sizes = (decode_chunk._cache_size(), layer_scan._cache_size())
     generate(params, cfg, pol, 16, prompts(2, [12, 3], seed=5), 33, steps_per_call=8)
-    assert (decode_chunk._cache_size(), scan_last_logits._cache_size()) == sizes
+    assert (decode_chunk._cache_size(), layer_scan._cache_size()) == sizes
 
 
 def test_decode_chunk_traces_once(tiny, monkeypatch):

@@ -1,5 +1,5 @@
-"""The exact step computed layer by layer (`model.layer_major`) is the step computed token by
-token (`model.scan_nll`, `scan_last_logits`): the same kept positions, and the same NLL,
+"""The exact step computed layer by layer (`layer_major`) is the step computed token by
+token (`scan`, emit "nll" and "last"): the same kept positions, and the same NLL,
 logits, keys, values and scores up to float rounding, for every policy, side-by-side
 policies, ragged rows, a continued state and both position modes."""
 
@@ -14,7 +14,7 @@ import pytest
 from msrnn_jax.config import preset
 import msrnn_jax as m
 from msrnn_jax.run import decoding
-from msrnn_jax.core import model
+from msrnn_jax.fast.layer_major import layer_major, layer_scan
 from msrnn_jax import testing
 from msrnn_jax.core.state import State
 
@@ -46,10 +46,10 @@ POLICIES = [*(m.make_policy(n) for n in m.POLICY_NAMES if n != "full"),
 def test_nll_and_state_match_the_token_scan(params, inputs, policy, positions):
     tokens, targets, active = inputs
     # a state that has already read some tokens (and evicted some), so the call continues it
-    warm = m.scan_nll(params, CFG, policy, State.init(CFG, B, C), tokens[:, :20], targets[:, :20],
+    warm = m.scan(params, CFG, policy, State.init(CFG, B, C), tokens[:, :20], emit="nll", targets=targets[:, :20],
                       positions=positions)[1]
-    want_nll, want = m.scan_nll(params, CFG, policy, warm.copy(), tokens, targets, active, positions=positions)
-    got_nll, got = model.layer_nll(params, CFG, policy, warm.copy(), tokens, targets, active, positions=positions)
+    want_nll, want = m.scan(params, CFG, policy, warm.copy(), tokens, active, emit="nll", targets=targets, positions=positions)
+    got_nll, got = layer_scan(params, CFG, policy, warm.copy(), tokens, active, emit="nll", targets=targets, positions=positions)
     np.testing.assert_array_equal(np.asarray(got.pos), np.asarray(want.pos))
     np.testing.assert_array_equal(np.asarray(got.length), np.asarray(want.length))
     assert np.asarray(got_nll)[1, 50:].max() == 0.0  # inactive steps have no loss
@@ -74,7 +74,7 @@ def test_rows_with_no_active_token_keep_their_logits(params):
     active = jnp.asarray([[True] * 8, [False] * 8])
     before = jnp.full((2, CFG.vocab_size), 7.0)
     st = State.init(CFG, 2, C)
-    logits, out = model.layer_last_logits(params, CFG, m.make_policy("tova"), st, tokens, active, before)
+    logits, out = layer_scan(params, CFG, m.make_policy("tova"), st, tokens, active, emit="last", last_logits=before)
     assert np.all(np.asarray(logits[1]) == 7.0) and not np.all(np.asarray(logits[0]) == 7.0)
     assert np.asarray(out.length).tolist() == [8, 0] and np.asarray(out.pos)[:, 1].max() == -1
 
@@ -89,6 +89,6 @@ def test_layer_major_writes_the_slots_in_place(params, name):
     cap, rows = 256, 4
     state = State.init(CFG, rows, cap)
     tokens = jnp.ones((rows, 8), jnp.int32)
-    compiled = model.layer_nll.lower(params, CFG, m.make_policy(name), state, tokens, tokens).compile()
+    compiled = layer_scan.lower(params, CFG, m.make_policy(name), state, tokens, emit="nll", targets=tokens).compile()
     one_layer = f"f32[{rows},{CFG.num_kv_heads},{cap},{CFG.head_dim}]"
     assert [c for c in testing.state_copies(compiled, CFG, cap, rows) if c["shape"] == one_layer] == []

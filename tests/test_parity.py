@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from msrnn_jax.convert.hf import load_hf_folder
-from msrnn_jax.core.model import forward_parallel, scan_logits
+from msrnn_jax.core.parallel import forward_parallel
+from msrnn_jax.core.step import scan
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.core.state import State
 
@@ -37,8 +38,8 @@ def test_scan_matches_transformers_ragged_batch(family_model):
     tokens = rng.integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
     active = np.ones((2, T), bool)
     active[1, short:] = False
-    logits, state = scan_logits(params, cfg, make_policy("full"), State.init(cfg, 2, T),
-                                jnp.asarray(tokens), jnp.asarray(active))
+    logits, state = scan(params, cfg, make_policy("full"), State.init(cfg, 2, T),
+                                jnp.asarray(tokens), jnp.asarray(active), emit="logits")
     logits = np.asarray(logits)
     ref0 = hf_logits(model, tokens[0])[0]
     ref1 = hf_logits(model, tokens[1, :short])[0]

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msrnn_jax.core.model import forward_parallel, scan_logits, scan_nll
+from msrnn_jax.core.parallel import forward_parallel
+
+from msrnn_jax.core.step import scan
 from msrnn_jax.core.state import State
 from reference import (
     ReferenceMSRNN,
@@ -40,13 +42,13 @@ BOUNDED_IDS = [p if p != "sink" else f"sink{i}" for p, i in BOUNDED]
 
 
 def run_impl(params, cfg, name, capacity, tokens, sinks=4, active=None):
-    """scan_logits from an empty state. Returns (logits [B,T,V], final state,
+    """scan (emit="logits+pos") from an empty state. Returns (logits [B,T,V], final state,
     sorted kept positions after every step [T, L, B, Hkv, C])."""
     tokens = np.asarray(tokens, np.int32)
     state = State.init(cfg, tokens.shape[0], capacity)
     act = None if active is None else jnp.asarray(active)
-    logits, state, pos = scan_logits(params, cfg, policy_obj(name, sinks), state,
-                                     jnp.asarray(tokens), act, record_pos=True)
+    logits, state, pos = scan(params, cfg, policy_obj(name, sinks), state,
+                                     jnp.asarray(tokens), act, emit="logits+pos")
     return np.asarray(logits), state, sorted_pos(pos)
 
 
@@ -109,8 +111,8 @@ def test_nll_matches_reference(name):
     params = tiny_params(cfg)
     tokens = random_tokens(cfg, (1, T + 1), seed=7)
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    nll, state = scan_nll(params, cfg, policy_obj(name), State.init(cfg, 1, 6),
-                          jnp.asarray(inp), jnp.asarray(tgt))
+    nll, state = scan(params, cfg, policy_obj(name), State.init(cfg, 1, 6),
+                          jnp.asarray(inp), emit="nll", targets=jnp.asarray(tgt))
     ref_logits, ref_pos = reference_run(params, cfg, name, 6, inp[0])
     np.testing.assert_array_equal(sorted_pos(state.pos)[:, 0], ref_pos[-1])
     np.testing.assert_allclose(np.asarray(nll)[0], reference_nll(ref_logits, tgt[0]), atol=1e-5, rtol=1e-5)

@@ -21,15 +21,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from msrnn_jax.core import positions as pos_mod
 from msrnn_jax.run import decoding
-from msrnn_jax.core import model as model_mod
+from msrnn_jax.core.layers import rope_table, rotate
+from msrnn_jax.core.policies import heads_agree
+from msrnn_jax.core.positions import slot_ranks
 from msrnn_jax.run.api import Model
 from msrnn_jax.fast.attention import StepImpl
 from msrnn_jax.convert.hf import load_hf_folder
 from msrnn_jax import errors
 from msrnn_jax.errors import InvalidArgument, MsrnnWarning
 from msrnn_jax.run.evaluate import nll_curve, run_policy
-from msrnn_jax.core.model import advance_ranks, chunk_step, scan_logits, slot_ranks, step, write_slots
+from msrnn_jax.core.positions import advance_ranks, slot_ranks
+from msrnn_jax.core.parallel import chunk_step
+from msrnn_jax.core.step import scan, step, write_slots
 from msrnn_jax.core.state import State
 
 from hf_models import FAMILIES, make_hf_model, save_hf_model
@@ -51,7 +56,7 @@ def family(request, tmp_path_factory):
 
 def _exact(params, cfg, policy, capacity, tokens, positions):
     state = State.init(cfg, tokens.shape[0], capacity)
-    logits, state, pos = scan_logits(params, cfg, policy, state, jnp.asarray(tokens), record_pos=True,
+    logits, state, pos = scan(params, cfg, policy, state, jnp.asarray(tokens), emit="logits+pos",
                                      positions=positions)
     return np.asarray(logits), np.asarray(pos), state
 
@@ -166,7 +171,7 @@ def test_reindex_never_rotates_above_capacity(monkeypatch, name):
     under reindex the largest position any query or key is rotated by is C (the query of
     a full state); under absolute it reaches T - 1 (so the probes see the rotations)."""
     seen = []
-    rope, rotate_at, ranks = model_mod.rope, model_mod.rotate_at, model_mod.slot_ranks
+    rope, rotate_at, ranks = pos_mod.rope, pos_mod.rotate_at, pos_mod.slot_ranks
 
     def rope_probe(x, positions, inv_freq):
         seen.append(int(np.max(np.asarray(positions))))
@@ -181,9 +186,9 @@ def test_reindex_never_rotates_above_capacity(monkeypatch, name):
         seen.append(int(np.max(np.where(np.asarray(P) >= 0, np.asarray(rank), 0))))
         return rank, n
 
-    monkeypatch.setattr(model_mod, "rope", rope_probe)
-    monkeypatch.setattr(model_mod, "rotate_at", rotate_at_probe)
-    monkeypatch.setattr(model_mod, "slot_ranks", ranks_probe)
+    monkeypatch.setattr(pos_mod, "rope", rope_probe)
+    monkeypatch.setattr(pos_mod, "rotate_at", rotate_at_probe)
+    monkeypatch.setattr(pos_mod, "slot_ranks", ranks_probe)
     cfg = tiny_config("gqa")
     params = tiny_params(cfg)
     T, C = 30, 8
@@ -305,26 +310,26 @@ def test_rotated_scores_equal_a_rotated_copy(shared):
     B, H, G, C, D = 2, 3, 2, 7, 8
     q = jnp.asarray(rng.standard_normal((B, H, G, D)), jnp.float32)
     K = jnp.asarray(rng.standard_normal((B, H, C, D)), jnp.float32)
-    cos, sin = model_mod.rope_table(C, jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32))
+    cos, sin = rope_table(C, jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32))
     rank = jnp.asarray(rng.permuted(np.tile(np.arange(C), (B, 1 if shared else H, 1)), axis=-1))
-    want = jnp.einsum("bhgd,bhcd->bhgc", q, model_mod._rotate(K, cos[rank], sin[rank]), precision="highest")
+    want = jnp.einsum("bhgd,bhcd->bhgc", q, rotate(K, cos[rank], sin[rank]), precision="highest")
     for form in ("auto", "sum", "query"):
         np.testing.assert_allclose(rotated_scores(q, K, cos[rank], sin[rank], form), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["window", "sink", "tova", "h2o"])
 def test_layer_wise_policies_keep_one_slot_layout_per_layer(name):
-    """What `model.ranks_of` relies on to sort once per layer: under a layer-wise policy
+    """What `core.positions.ranks_of` relies on to sort once per layer: under a layer-wise policy
     every KV head of a layer holds the same positions in the same slots, after a chunked
     prefill and after decoding; a head-wise policy does not."""
     cfg = tiny_config("gqa")
     params = tiny_params(cfg)
     pol = policy_obj(name)
-    assert model_mod.heads_agree(pol) and not model_mod.heads_agree(policy_obj("tova-head"))
+    assert heads_agree(pol) and not heads_agree(policy_obj("tova-head"))
     tokens = random_tokens(cfg, (2, 18), seed=4)
     state = State.init(cfg, 2, 5)
     _, state = chunk_step(params, cfg, pol, state, jnp.asarray(tokens[:, :9]), positions="reindex")
-    _, state, _ = scan_logits(params, cfg, pol, state, jnp.asarray(tokens[:, 9:]), record_pos=True,
+    _, state, _ = scan(params, cfg, pol, state, jnp.asarray(tokens[:, 9:]), emit="logits+pos",
                               positions="reindex")
     P = np.asarray(state.pos)  # [L, B, Hkv, C]
     assert (P >= 0).all()

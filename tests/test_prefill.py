@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msrnn_jax.core.model import chunk_step, prefill_oneshot, scan_logits
+from msrnn_jax.core.parallel import chunk_step, prefill_oneshot
+
+from msrnn_jax.core.step import scan
 from msrnn_jax.core.state import State
 from reference import (
     ReferenceMSRNN,
@@ -81,9 +83,8 @@ def check_chunked(kind, name, capacity, seed, S=5, sinks=4, pad=True):
 def continue_exact(params, cfg, name, state, ref, tokens, sinks=4):
     """Decode `tokens` [T2] after a prefill in both the implementation and the reference;
     kept positions must agree after every step."""
-    logits, state, pos = scan_logits(params, cfg, policy_obj(name, sinks), state,
-                                     jnp.asarray(np.asarray(tokens, np.int32)[None]), None,
-                                     record_pos=True)
+    logits, state, pos = scan(params, cfg, policy_obj(name, sinks), state,
+                                     jnp.asarray(np.asarray(tokens, np.int32)[None]), None, emit="logits+pos")
     pos = sorted_pos(pos)
     for t, tok in enumerate(tokens):
         ref_logits = ref.step(tok)
@@ -218,13 +219,13 @@ def test_chunked_rows_with_padding():
                          ids=["tova", "h2o", "h2o-head", "sink2"])
 def test_chunked_S1_equals_exact(name, sinks):
     """chunk_step one token at a time is the exact step (capacity 6, 32 tokens: the shapes
-    test_policies compiles for scan_logits)."""
+    test_policies compiles for scan)."""
     cfg = tiny_config("gqa")
     params = tiny_params(cfg)
     tokens = random_tokens(cfg, (1, 32), seed=45)
     logits, kept, _ = run_chunked(params, cfg, name, 6, tokens, 1, sinks)
-    exact_logits, _, exact_pos = scan_logits(params, cfg, policy_obj(name, sinks), State.init(cfg, 1, 6),
-                                             jnp.asarray(tokens), None, record_pos=True)
+    exact_logits, _, exact_pos = scan(params, cfg, policy_obj(name, sinks), State.init(cfg, 1, 6),
+                                             jnp.asarray(tokens), None, emit="logits+pos")
     exact_pos = sorted_pos(exact_pos)
     np.testing.assert_array_equal(kept, exact_pos)
     np.testing.assert_allclose(logits, np.asarray(exact_logits), atol=ATOL, rtol=RTOL)

@@ -45,8 +45,8 @@ def test_logits_match_transformers_first_64_tokens(ours, theirs):
     ids = tok(TEXT)["input_ids"][:64]
     assert ours.encode(TEXT)[:64] == ids
     assert len(ids) == 64
-    logits, _ = m.scan_logits(ours.params, ours.cfg, m.make_policy("full"), m.State.init(ours.cfg, 1, 64),
-                            jnp.asarray([ids], jnp.int32))
+    logits, _ = m.scan(ours.params, ours.cfg, m.make_policy("full"), m.State.init(ours.cfg, 1, 64),
+                            jnp.asarray([ids], jnp.int32), emit="logits")
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits.numpy()
     np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-3, rtol=0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from msrnn_jax.config import ModelConfig
-from msrnn_jax.core.model import step
+from msrnn_jax.core.step import step
 from msrnn_jax.params import param_shapes
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.core.state import State

@@ -209,7 +209,7 @@ def test_fp32_params_get_highest_matmuls_bf16_the_default():
     """Every dot of the step and the scans is HIGHEST for fp32 params (also when the step
     is called outside any jit), the backend default (None) for bf16, and an explicit
     precision wins over the dtype's."""
-    from msrnn_jax.core.model import scan_nll, step
+    from msrnn_jax.core.step import scan, step
     from msrnn_jax.params import init_params
     from msrnn_jax.core.policies import make_policy
     from msrnn_jax.core.state import State
@@ -223,7 +223,7 @@ def test_fp32_params_get_highest_matmuls_bf16_the_default():
         st = State.init(cfg, 2, 4, dtype)
         got = _dot_precisions(lambda p, s: step(p, cfg, pol, s, tok), params, st)
         assert got and all(want in g for g in got), (dtype, got)
-        got = _dot_precisions(lambda p, s: scan_nll.__wrapped__(p, cfg, pol, s, tok[:, None], tok[:, None]),
+        got = _dot_precisions(lambda p, s: scan.__wrapped__(p, cfg, pol, s, tok[:, None], emit="nll", targets=tok[:, None]),
                               params, st)
         assert got and all(want in g for g in got), (dtype, got)
     params = init_params(cfg, jax.random.key(0), jnp.float32)

@@ -1,4 +1,4 @@
-"""The two layer loops of `model.step` (lax.scan over stacked layers, the library default;
+"""The two layer loops of `step` (lax.scan over stacked layers, the library default;
 unrolled over `split_layers` params, what the GPU benchmarks run) compute the same thing,
 and neither copies the state inside a compiled decode loop."""
 
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from msrnn_jax.config import preset
-from msrnn_jax.core import model
+from msrnn_jax.core.parallel import chunk_step, forward_parallel
+from msrnn_jax.fast.layouts import fuse_projections, split_layers
+from msrnn_jax.fast.layer_major import layer_scan
+from msrnn_jax.core.step import scan
 from msrnn_jax import testing
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.fast.attention import StepImpl
@@ -29,8 +32,8 @@ def test_split_layers_step_matches_scan(tiny, pname):
     pol = make_policy(pname)
     st = testing.fabricate_state(cfg, 3, 8, 6, jnp.float32)  # partly empty: fills, then evicts
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (3, 7)), jnp.int32)
-    logits_a, st_a = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens)
-    logits_b, st_b = model.scan_logits(model.split_layers(params), cfg, pol, st, tokens)
+    logits_a, st_a = scan(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens, emit="logits")
+    logits_b, st_b = scan(split_layers(params), cfg, pol, st, tokens, emit="logits")
     np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), rtol=1e-5, atol=1e-5)
     assert (np.asarray(st_a.pos) == np.asarray(st_b.pos)).all()
     np.testing.assert_allclose(np.asarray(st_a.keys), np.asarray(st_b.keys), rtol=1e-5, atol=1e-6)
@@ -46,18 +49,18 @@ def test_fused_projections_compute_the_same(kind):
     if kind == "qwen2":
         cfg = dataclasses.replace(cfg, family="qwen2", qkv_bias=True)
     params = testing.device_params(cfg, jnp.float32)
-    fused = model.fuse_projections(model.split_layers(params))
+    fused = fuse_projections(split_layers(params))
     assert "wqkv" in fused["layers"][0] and "wq" not in fused["layers"][0] and "w_gate" not in fused["layers"][0]
     assert ("bqkv" in fused["layers"][0]) == cfg.qkv_bias
     pol = make_policy("tova")
     st = testing.fabricate_state(cfg, 2, 8, 6, jnp.float32)
     tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
-    logits_a, st_a = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens)
-    logits_b, st_b = model.scan_logits(fused, cfg, pol, jax.tree.map(jnp.copy, st), tokens)
+    logits_a, st_a = scan(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens, emit="logits")
+    logits_b, st_b = scan(fused, cfg, pol, jax.tree.map(jnp.copy, st), tokens, emit="logits")
     np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), rtol=1e-5, atol=1e-5)
     assert (np.asarray(st_a.pos) == np.asarray(st_b.pos)).all()
-    nll_a, lm_a = model.layer_nll(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens, tokens)
-    nll_b, lm_b = model.layer_nll(model.fuse_projections(params), cfg, pol, st, tokens, tokens)
+    nll_a, lm_a = layer_scan(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens, emit="nll", targets=tokens)
+    nll_b, lm_b = layer_scan(fuse_projections(params), cfg, pol, st, tokens, emit="nll", targets=tokens)
     np.testing.assert_allclose(np.asarray(nll_a), np.asarray(nll_b), rtol=1e-5, atol=1e-5)
     assert (np.asarray(lm_a.pos) == np.asarray(lm_b.pos)).all()
 
@@ -69,7 +72,7 @@ def test_decode_loop_has_no_state_copy(tiny, split, pname):
     keys: the state is updated in place. (Unrolled layers once copied the whole keys and
     values buffers every step: the last layer's reads were not ordered before the write.)"""
     cfg, params = tiny
-    prm = model.split_layers(params) if split else params
+    prm = split_layers(params) if split else params
     st, tok = testing.decode_inputs(cfg, 64, 256, jnp.float32)
     compiled = testing.greedy_decode.lower(prm, cfg, make_policy(pname), 4, st, tok).compile()
     assert testing.state_copies(compiled, cfg, 256, 64) == []
@@ -84,7 +87,7 @@ def test_step_implementations_agree(tiny, variant):
     tok = jnp.ones((2,), jnp.int32)
     ref_toks, ref = testing.greedy_decode(params, cfg, pol, 5, jax.tree.map(jnp.copy, st), tok)
     split, impl = testing.parse_variant(variant)
-    prm = model.split_layers(params) if split else params
+    prm = split_layers(params) if split else params
     toks, out = testing.greedy_decode(prm, cfg, pol, 5, st, tok, impl)
     assert np.asarray(toks).tolist() == np.asarray(ref_toks).tolist()
     assert (np.asarray(out.pos) == np.asarray(ref.pos)).all()
@@ -128,7 +131,7 @@ def test_generate_with_the_pallas_kernels(tiny):
     cfg, params = tiny
     prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
     ref = generate(params, cfg, make_policy("tova"), 6, prompts, 10)
-    out = generate(model.split_layers(params), cfg, make_policy("tova"), 6, prompts, 10,
+    out = generate(split_layers(params), cfg, make_policy("tova"), 6, prompts, 10,
                    impl=StepImpl(attention="pallas"))
     assert out.tokens == ref.tokens
     assert (np.asarray(out.state.pos) == np.asarray(ref.state.pos)).all()
@@ -148,7 +151,7 @@ def test_reindex_scores_fused_equal_the_rotated_copy(tiny, attention, pname):
     for how in ("copy", "fused"):
         impl = StepImpl(attention=attention, reindex_scores=how)
         tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
-        logits[how], outs[how] = model.scan_logits(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens,
+        logits[how], outs[how] = scan(params, cfg, pol, jax.tree.map(jnp.copy, st), tokens, emit="logits",
                                                    positions="reindex", impl=impl)
     np.testing.assert_allclose(np.asarray(logits["fused"]), np.asarray(logits["copy"]), rtol=1e-5, atol=1e-5)
     assert (np.asarray(outs["fused"].pos) == np.asarray(outs["copy"].pos)).all()
@@ -163,10 +166,10 @@ def test_step_impl_rejects_unknown_choices():
         StepImpl(reindex_scores="rotated")
 
 
-@pytest.mark.parametrize("path", ["chunk_step", "layer_nll", "forward_parallel"])
+@pytest.mark.parametrize("path", ["chunk_step", "layer_scan", "forward_parallel"])
 def test_parallel_paths_read_split_weights_in_place(tiny, path):
     """With per-layer params (`split_layers`, the accelerator layout) the parallel paths
-    unroll their layer loop (`model.scan_layers`) instead of restacking the weights inside
+    unroll their layer loop (`scan_layers`) instead of restacking the weights inside
     the program: no instruction of the optimised HLO builds a stacked weight (for the
     Llama-2-7B shape that was a 13.5 GB copy per chunked prefill piece); the stacked
     params, scanned, do hold the stack (as a parameter), so the check can tell."""
@@ -177,11 +180,11 @@ def test_parallel_paths_read_split_weights_in_place(tiny, path):
     w = params["layers"]["wq"]
     stacked = f"f32[{','.join(map(str, w.shape))}]"
     if path == "chunk_step":
-        lower = lambda p: model.chunk_step.lower(p, cfg, pol, st, tokens)
-    elif path == "layer_nll":
-        lower = lambda p: model.layer_nll.lower(p, cfg, pol, st, tokens, tokens)
+        lower = lambda p: chunk_step.lower(p, cfg, pol, st, tokens)
+    elif path == "layer_scan":
+        lower = lambda p: layer_scan.lower(p, cfg, pol, st, tokens, emit="nll", targets=tokens)
     else:
-        lower = lambda p: model.forward_parallel.lower(p, cfg, tokens)
+        lower = lambda p: forward_parallel.lower(p, cfg, tokens)
     assert stacked in lower(params).compile().as_text()
-    text = lower(model.split_layers(params)).compile().as_text()
+    text = lower(split_layers(params)).compile().as_text()
     assert stacked not in text, [line for line in text.splitlines() if stacked in line][:3]

@@ -17,7 +17,7 @@ from ..run.decoding import check_context, check_prefill
 from ..errors import MsrnnError, InvalidArgument, check_float, check_int
 from ..run.evaluate import sweep
 from ..io.files import check_output_file, write_atomic
-from ..core.model import check_positions
+from ..core.positions import check_positions
 from ..core.policies import capacity_for, make_policies, make_policy, policy_name
 from ..run.sampling import Sampling
 

@@ -3,7 +3,7 @@
 The executable specification: plain numpy and Python lists, one batch row, one token at a
 time, float32 math, written from docs/design.md §3 (one step, every policy, ties) and §4
 (prefill modes) alone. It imports nothing from this package (only numpy), so the tests'
-agreement between it and `core.model` / `core.policies` means something. Slow by design:
+agreement between it and `core.step` / `core.policies` means something. Slow by design:
 read it to learn what a policy does; run it on tiny models only.
 
 Every layer keeps, per KV head, a Python list of `Entry(pos, k, v, score)`. A step:

@@ -1,6 +1,6 @@
 """How the decode step's query meets the kept slots, and how its layers are looped.
 
-`model.step` states *what* a step computes (docs/design.md, "One step"). This module
+`core.step.step` states *what* a step computes (docs/design.md, "One step"). This module
 holds *how*: the choices that change speed and memory, never results. They are bundled
 in `StepImpl`, a static argument, so that every choice is its own compiled program, and
 each is small and tested against the others (tests/test_step_impl.py).
@@ -10,7 +10,8 @@ each is small and tested against the others (tests/test_step_impl.py).
 * `over_layers(layer, x, params_layers, state, impl)`: run `layer` over every layer's
   slice of the state, with `lax.scan` or unrolled.
 
-The reasons for each choice were measured on an H200 (benchmarks/README.md):
+The reasons for each choice were measured on an H200; docs/performance.md ("Why the
+code is shaped this way") gives the figures:
 
 - attention "einsum" (XLA dot_general, the default), "reduce" (multiply and sum), or
   "pallas" (`kernels`: custom kernels that read the layer's slots inside the whole keys
@@ -20,15 +21,14 @@ The reasons for each choice were measured on an H200 (benchmarks/README.md):
   buffer: at the largest batches neither fits, and neither happens to a custom call. At
   small batches XLA's einsum is a little faster.
 - The softmax keeps the slots' scores and the new token's score apart: concatenating
-  them to C + 1 made XLA GPU fuse the new token's q.k into a slow concatenate kernel
-  (~6 ms per step at B=912).
+  them to C + 1 made XLA GPU fuse the new token's q.k into a slow concatenate kernel.
 - score_barrier: on GPU, the slot scores get their own kernel (XLA's kernels only).
   Without it XLA fused the product over D into the softmax, which re-read the keys with
-  poor coalescing (~3x the read time at large batch). On the CPU the barrier only costs.
+  poor coalescing. On the CPU the barrier only costs.
 - layer_loop "scan" (one compiled layer body over stacked layers: fast compiles, the
   CPU default) or "unroll" (static layer indices). Per-layer params (`split_layers`)
   are always unrolled: with stacked weights XLA GPU copied every layer's weights out of
-  the stack in each step (2.4x slower decoding at batch 1).
+  the stack in each step.
 - unroll_barrier: unrolled layers get an optimization barrier on the hidden state
   between layers, so that XLA keeps each layer's work (and its state read) in order.
 - Unrolled layers also make each row's written entries depend on that row's output
@@ -57,7 +57,7 @@ REINDEX_SCORES = ("auto", "copy", "fused")
 
 @dataclasses.dataclass(frozen=True)
 class StepImpl:
-    """How `model.step` computes (never what): see the module docstring for each field."""
+    """How `core.step.step` computes (never what): see the module docstring for each field."""
 
     layer_loop: str = "scan"
     attention: str = "einsum"
@@ -157,6 +157,22 @@ def attend(q, k, v, keys, values, visible, impl: StepImpl = DEFAULT_IMPL, layer:
     w_old, w_new = e_old / den[..., None], e_new / den
     out = _slot_mix(w_old.astype(values.dtype), values, impl, layer)
     return out + w_new[..., None] * v[:, :, None, :].astype(F32), w_old, w_new
+
+
+def layer_view(K, V, l, impl: StepImpl):
+    """A layer's keys and values [B,Hkv,C,D] and the index the kernels then read them at:
+    Pallas hands a layer the whole [L,...] buffers, the others the layer's slice."""
+    return (K[l], V[l], 0) if impl.attention == "pallas" else (K, V, l)
+
+
+def rotated_copy(K, V, l, impl: StepImpl, rotate: Callable):
+    """`reindex` keys as the attention reads them when they are not rotated inside the
+    score product: a rotated copy of the layer's keys (`rotate(K [B,Hkv,C,D])`), handed to
+    Pallas as a one-layer buffer. Returns (K, V, l)."""
+    K, V, l = layer_view(K, V, l, impl)
+    K = rotate(K)
+    K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
+    return K, V, l
 
 
 def over_layers(layer: Callable, x, layers, state, impl: StepImpl = DEFAULT_IMPL, extra=None):

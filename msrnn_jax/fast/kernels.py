@@ -1,12 +1,12 @@
 """Pallas kernels for the two products of a decode step with the state.
 
-`model.step` with `StepImpl(attention="pallas")` reads each layer's keys and values
+`core.step.step` with `StepImpl(attention="pallas")` reads each layer's keys and values
 through these instead of `jnp.einsum`. They take the *whole* keys or values buffer
 [L, B, Hkv, C, D] and a static layer index, and read that layer's slots where they lie.
 A custom call is opaque to XLA: it does not change the layout of the loop-carried state
 buffers, and XLA's autotuner does not run it on scratch copies of its operands. With
 XLA's own kernels on the Llama-2 (MHA) shape, those two things kept the largest batches
-from fitting on an H200 (benchmarks/results/decode-2026-11-29.md).
+from fitting on an H200 (docs/performance.md).
 
 Each program handles one (row, KV head, block of Cb slots); the value mix sums its
 per-block partial products afterwards (split-K), so a batch-1 step still has
@@ -62,8 +62,8 @@ def _choose(G: int, cb: int, mma: bool | None, warps: int | None) -> tuple[int, 
     """(query rows per program, tensor cores or not, num_warps). mma=None: tensor cores
     when several query heads share a KV head (GQA). With one (MHA) the product is a
     matrix-vector one: the f32 multiply-and-sum reads the slots at the copy bandwidth,
-    and padding the query to Triton's 16 rows costs ~30%; at G=4 (Mistral) the tensor-core
-    product is ~1.9x faster than the multiply-and-sum (benchmarks/results/kernels-*.md).
+    and padding the query to Triton's 16 rows costs more than it gains; with several query
+    heads per KV head (Mistral) the tensor-core product is faster (docs/performance.md).
     A tensor-core product needs 16 rows and 16 slots at least (Triton's smallest dot)."""
     mma = (G >= 2 if mma is None else mma) and cb >= 16
     if warps is None and mma:

@@ -9,7 +9,7 @@ the fast one).
 Two layers:
 
 * `exact_for_f32`, a decorator on every jitted entry point of `model` and `decoding`
-  (and on `model.step`, which callers may run eagerly). At trace time it wraps the body
+  (and on `core.step.step`, which callers may run eagerly). At trace time it wraps the body
   in `jax.default_matmul_precision("highest")` when the params hold float32 matrices and
   nobody chose a precision, so the low-level functions are exact for fp32 params however
   they are called. `jax.default_matmul_precision` inside a traced function sets the

@@ -14,7 +14,7 @@ mesh axis (or to none: replicated). Changing what is split is a change to that t
     vocab       model       embed by row, lm_head by column (the largest matrix at decode)
     embed       -           the hidden size E: replicated (norms, the residual stream)
     layers, slots, head_dim -   replicated
-    joined      -           wqkv, bqkv, w_gateup of the fused layout (`model.fuse_projections`):
+    joined      -           wqkv, bqkv, w_gateup of the fused layout (`fast.layouts.fuse_projections`):
                             replicated, so that layout loads only where the model axis is 1
 
 Heads must divide by M (a head is never split; a message says so otherwise). A `mlp` or
@@ -89,7 +89,7 @@ LAYER_AXES = {
     "bq": ("heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
     "wo": ("heads_in", "out"),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp_in", "out"),
-    # `model.fuse_projections`: q|k|v and gate|up side by side are never split by heads or
+    # `fast.layouts.fuse_projections`: q|k|v and gate|up side by side are never split by heads or
     # columns, so the fused layout is only loaded on a mesh whose model axis is 1
     "wqkv": ("embed", "joined"), "bqkv": ("joined",), "w_gateup": ("embed", "joined"),
 }

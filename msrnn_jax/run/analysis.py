@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from .evaluate import NLLSummary, run_inputs
-from ..core.model import scan_logits, token_nll
+from ..core.step import scan
+from ..core.layers import token_nll
 from ..core.policies import PerRow, Policy, make_policy, policy_name
 from ..core.state import State
 
@@ -89,7 +90,7 @@ def record_run(model, policy: str | Policy, capacity: int | None, tokens,
     """Feed token rows [B, T] (or one list) through the exact step and record everything.
 
     `capacity` is ignored by `full` (which gets one slot per token). The tokens go through
-    `scan_logits(..., record_pos=True)` in calls of at most `steps_per_call` steps (one
+    `scan(..., emit="logits+pos")` in calls of at most `steps_per_call` steps (one
     compile per policy and capacity; the last call is padded with inactive steps, which
     never touch the state), and only the NLL is kept from each call, so long texts need
     no [B, T, V] logits buffer: [B, steps_per_call, V] at a time.
@@ -112,8 +113,8 @@ def record_run(model, policy: str | Policy, capacity: int | None, tokens,
     nll, pos = [], []
     for c in range(n_calls):
         sl = slice(c * width, (c + 1) * width)
-        logits, state, p = scan_logits(params, cfg, pol, state, jnp.asarray(inputs[:, sl]),
-                                       jnp.asarray(active[:, sl]), record_pos=True)
+        logits, state, p = scan(params, cfg, pol, state, jnp.asarray(inputs[:, sl]),
+                                       jnp.asarray(active[:, sl]), emit="logits+pos")
         nll.append(np.asarray(token_nll(logits, jnp.asarray(targets[:, sl]))))
         pos.append(np.asarray(p))
     nll = np.concatenate(nll, 1)[:, : T - 1]

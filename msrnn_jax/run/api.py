@@ -7,7 +7,7 @@
     run = m.run_policy(model, "tova", 256, ids)              # NLL of every next-token prediction
     print(run.ppl, run.state.pos.shape)                      # [L, B, Hkv, C] kept positions
 
-Every function here takes a loaded `Model`. The functions underneath (`model.step`,
+Every function here takes a loaded `Model`. The functions underneath (`core.step.step`,
 `decoding.generate_tokens`, ...) take params and a config, for those who scan the step
 themselves.
 """
@@ -120,7 +120,7 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
     layers: "stacked" (layers on a leading axis: `lax.scan` runs them, quick to compile),
     "split" (one array per layer and weight: the decode step unrolls the layers and reads
     weights in place; see `attention`), "fused" (split, with each layer's q|k|v and
-    gate|up joined into one matrix: `model.fuse_projections`, fewer and larger products,
+    gate|up joined into one matrix: `fast.layouts.fuse_projections`, fewer and larger products,
     the fastest at small batches on GPU), or "auto": fused on an accelerator (split under
     a mesh with a model axis over 1, which splits the separate matrices by heads and
     columns), stacked on the CPU.
@@ -136,7 +136,7 @@ def load_model(spec: str | None = None, dtype: str = "float32", layers: str = "a
 
     from ..convert import load_model as load_converted
     from ..convert.checkpoint import is_converted_folder
-    from ..core.model import fuse_projections, split_layers
+    from ..fast.layouts import fuse_projections, split_layers
     from ..fast.precision import check_precision
 
     dtype = check_choice("dtype", dtype, DTYPES)

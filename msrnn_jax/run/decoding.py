@@ -22,8 +22,10 @@ from .. import errors
 from ..fast import sharding
 from ..config import ModelConfig
 from ..errors import InvalidArgument, check_choice, check_int
-from ..core.model import (check_positions, chunk_step, initial_ranks, layer_last_logits, prefill_oneshot,
-                          scan_last_logits, step_ranked)
+from ..core.positions import check_positions
+from ..core.parallel import chunk_step, prefill_oneshot
+from ..core.step import Recurrence, scan, step
+from ..fast.layer_major import layer_scan
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..core.policies import Policy, capacity_for
 from ..fast.precision import exact_for_f32
@@ -103,7 +105,7 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     or not accordingly).
     mesh: a `sharding` mesh the params are placed on; the new state is made in its
     shardings (B must then be a multiple of the mesh's data size).
-    layer_major (exact): compute the exact step layer by layer (`model.layer_major`: the
+    layer_major (exact): compute the exact step layer by layer (`fast.layer_major`: the
     same state, several times faster on a CPU); False runs the token-by-token scan.
     """
     mode, chunk = check_prefill(mode, chunk)
@@ -123,8 +125,9 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     if state is None:
         state = State.init(cfg, B, capacity, dtype) if mesh is None else sharding.init_state(cfg, B, capacity, dtype, mesh)
     if mode == "exact":
-        run = layer_last_logits if layer_major else scan_last_logits
-        return run(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active), positions=positions)
+        run = layer_scan if layer_major else scan
+        return run(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active), emit="last",
+                   positions=positions)
     last = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     n_chunks = -(-tokens.shape[1] // chunk)
     tokens = np.pad(tokens, ((0, 0), (0, n_chunks * chunk - tokens.shape[1])))
@@ -167,8 +170,8 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
     logits = jnp.zeros((tok.shape[0], cfg.vocab_size), jnp.float32)
 
     def body(carry, _):
-        (st, ranks), logits, tok, key, pending, finished, budget = carry
-        new_logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, pending, impl, positions)
+        rnn, logits, tok, key, pending, finished, budget = carry
+        new_logits, rnn = step(params, cfg, policy, rnn, tok, pending, impl, positions)
         logits = jnp.where(pending[:, None], new_logits, logits)
         key, sub = jax.random.split(key)
         nxt = sampling(logits, sub)
@@ -176,12 +179,12 @@ def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n
         budget = budget - emit.astype(jnp.int32)
         finished = finished | (emit & (jnp.isin(nxt, eos_ids) | (budget <= 0)))
         tok = jnp.where(emit, nxt, tok)
-        return ((st, ranks), logits, tok, key, emit, finished, budget), (nxt, emit)
+        return (rnn, logits, tok, key, emit, finished, budget), (nxt, emit)
 
-    carry = ((state, initial_ranks(state, positions, policy)), logits, tok, key, pending, finished, budget)
+    carry = (Recurrence.start(state, positions, policy), logits, tok, key, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
-    (state, _), logits, tok, key, pending, finished, budget = carry
-    return toks.T, emitted.T, state, logits, tok, key, pending, finished, budget
+    rnn, logits, tok, key, pending, finished, budget = carry
+    return toks.T, emitted.T, rnn.state, logits, tok, key, pending, finished, budget
 
 
 @dataclasses.dataclass

@@ -19,7 +19,11 @@ import numpy as np
 from ..fast import sharding
 from .decoding import check_context, check_prefill
 from ..errors import InvalidArgument, check_int
-from ..core.model import check_positions, chunk_step, layer_nll, scan_nll, token_nll
+from ..core.positions import check_positions
+from ..core.parallel import chunk_step
+from ..fast.layer_major import layer_scan
+from ..core.step import scan
+from ..core.layers import token_nll
 from ..fast.precision import scope as precision_scope
 from ..core.policies import PerRow, Policy, capacity_for, make_policy
 from ..core.state import State
@@ -96,7 +100,7 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
     one call. positions: "absolute" or "reindex" (docs/design.md §8); past the model's
     trained context `full` is refused and absolute warns (`decoding.check_context`).
     layer_major (exact): each call computes the exact step layer by layer
-    (`model.layer_major`: the same kept positions, NLLs equal up to float rounding;
+    (`fast.layer_major`: the same kept positions, NLLs equal up to float rounding;
     several times faster on a CPU); False runs the token-by-token scan.
     """
     tokens, pol, cap = run_inputs(policy, capacity, tokens, sinks)
@@ -118,8 +122,8 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
         sl = slice(c * width, (c + 1) * width)
         x, y, a = (put(v[:, sl]) for v in (inputs, targets, active))
         if prefill == "exact":
-            run = layer_nll if layer_major else scan_nll
-            return run(model.params, model.cfg, pol, state, x, y, a, positions=positions)
+            run = layer_scan if layer_major else scan
+            return run(model.params, model.cfg, pol, state, x, a, emit="nll", targets=y, positions=positions)
         logits, state = chunk_step(model.params, model.cfg, pol, state, x, a, positions=positions)
         return jnp.where(a, token_nll(logits, y), 0.0), state
 

@@ -237,7 +237,7 @@ def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, 
     command line calls this before it loads the model). Returns them normalised:
     (task, policies, capacities, depths, samples, seed, prefill, chunk, batch, positions)."""
     from .decoding import check_prefill
-    from ..core.model import check_positions
+    from ..core.positions import check_positions
 
     task = check_choice("task", task, TASKS)
     pols = make_policies(policies if isinstance(policies, str) else _values(policies, "policy"), sinks)

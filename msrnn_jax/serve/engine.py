@@ -3,7 +3,7 @@
 B batch rows of one `State` are B requests. A loop on its own thread alternates
 
 1. admission: the oldest waiting request takes a free row; its prompt is read into a
-   1-row state in fixed-size pieces (exact: `layer_last_logits` over P tokens; chunked:
+   1-row state in fixed-size pieces (exact: `layer_scan` over P tokens; chunked:
    `chunk_step` over S tokens); once read, the row is written into the B-row state
    (`insert_row`, jitted, the row index traced) and its first token sampled. While other
    rows decode, a turn reads pieces for as long as `prefill_share` allows (below), so
@@ -66,7 +66,10 @@ from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..config import ModelConfig
 from ..run.decoding import check_prefill
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
-from ..core.model import check_positions, chunk_step, initial_ranks, layer_last_logits, step_ranked
+from ..core.positions import check_positions
+from ..core.parallel import chunk_step
+from ..core.step import Recurrence, step
+from ..fast.layer_major import layer_scan
 from ..core.policies import PerRow, Policy, capacity_for, make_policy, policy_name
 from ..core.state import State
 
@@ -162,20 +165,20 @@ def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: S
     [B, n], state, tok, keys, pending, finished, budget)."""
 
     def body(carry, _):
-        (st, ranks), tok, keys, pending, finished, budget = carry
-        logits, st, ranks = step_ranked(params, cfg, policy, st, ranks, tok, pending, impl, positions)
+        rnn, tok, keys, pending, finished, budget = carry
+        logits, rnn = step(params, cfg, policy, rnn, tok, pending, impl, positions)
         keys, sub = _split_rows(keys)
         nxt = sample_rows(logits, sub, temperature, top_k, top_p)
         emit = pending & ~finished
         budget = budget - emit.astype(jnp.int32)
         finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
         tok = jnp.where(emit, nxt, tok)
-        return ((st, ranks), tok, keys, emit, finished, budget), (nxt, emit)
+        return (rnn, tok, keys, emit, finished, budget), (nxt, emit)
 
-    carry = ((state, initial_ranks(state, positions, policy)), tok, keys, pending, finished, budget)
+    carry = (Recurrence.start(state, positions, policy), tok, keys, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
-    (state, _), tok, keys, pending, finished, budget = carry
-    return toks.T, emitted.T, state, tok, keys, pending, finished, budget
+    rnn, tok, keys, pending, finished, budget = carry
+    return toks.T, emitted.T, rnn.state, tok, keys, pending, finished, budget
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
@@ -192,10 +195,10 @@ def chunk_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
 def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
                 positions: str = "absolute"):
-    """One exact-prefill piece: `layer_last_logits` over tokens [R, P] (the exact step,
+    """One exact-prefill piece: `layer_scan(emit="last")` over tokens [R, P] (the exact step,
     computed layer by layer; the engine's own compiled copy, so that its compile count is
     the engine's alone)."""
-    return layer_last_logits(params, cfg, policy, state, tokens, active, last_logits, positions=positions)
+    return layer_scan(params, cfg, policy, state, tokens, active, emit="last", last_logits=last_logits, positions=positions)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
