@@ -69,20 +69,23 @@ def main(argv=None):
             dt = now - t_last[0]
             rows.append({"new_tokens": mark, "tokens_per_s_since_last": (n[0] - n_last[0]) / dt if dt > 0 else None,
                          "rss_mib": rss_mib(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                         "device_mib": device_mib(), "compiled_decode_programs": decoding.decode_chunk._cache_size()})
+                         "device_mib": device_mib(), "compiled_decode_programs": decoding.decode_rows._cache_size()})
             print(json.dumps(rows[-1]), flush=True)
             t_last[0], n_last[0] = now, n[0]
 
     t0 = time.perf_counter()
     # EOS does not stop the run (eos_ids=()): every run reaches --max-new-tokens
-    res = decoding.generate_tokens(model.params, model.cfg, m.make_policy(args.policy), args.capacity,
+    policy = m.make_policy(args.policy)
+    res = decoding.generate_tokens(model.params, model.cfg, policy, args.capacity,
                             [model.encode(args.prompt)], args.max_new_tokens, eos_ids=(),
                             on_tokens=on_tokens, positions=args.positions)
     summary = {"command": "python -m benchmarks.long_generate " + " ".join(argv or sys.argv[1:]),
                "policy": args.policy, "capacity": args.capacity, "positions": args.positions,
                "new_tokens": sum(len(t) for t in res.tokens), "seconds": time.perf_counter() - t0,
                "decode_tokens_per_s": res.decode_tokens_per_s,
-               "last_logits_finite": bool(np.isfinite(np.asarray(res.logits)).all()),
+               "last_logits_finite": bool(np.isfinite(np.asarray(m.step(
+                   model.params, model.cfg, policy, res.state, np.asarray([res.tokens[0][-1]]),
+                   positions=args.positions)[0])).all()),
                "state_mib": res.state.nbytes() / 2**20, "milestones": rows,
                "backend": jax.default_backend()}
     print(json.dumps(summary, indent=1))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core.step import Recurrence, step
+from .run.decoding import decode_rows
 from .fast.attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
 from .params import param_shapes
@@ -107,18 +107,16 @@ def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat1
                    donate_argnames=("state",))
 def greedy_decode(params, cfg, policy, n_steps, state, tok, impl=DEFAULT_IMPL,
                   positions="absolute"):
-    """n greedy decode steps of `core.step.step` in one lax.scan, the state donated (the
-    per-step work of `decoding.decode_chunk` without its [B]-sized bookkeeping).
-    tok [B]: the token fed first. Returns (tokens [B, n], state)."""
-
-    def body(carry, _):
-        rnn, tok = carry
-        logits, rnn = step(params, cfg, policy, rnn, tok, impl=impl, positions=positions)
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        return (rnn, nxt), nxt
-
-    (rnn, tok), toks = jax.lax.scan(body, (Recurrence.start(state, positions, policy), tok), None, length=n_steps)
-    return toks.T, rnn.state
+    """n greedy steps of the decode loop (`run.decoding.decode_rows`) in one compiled
+    call, the state donated, every row running to its budget (no EOS): what the decode
+    benchmarks time. tok [B]: the token fed first. Returns (tokens [B, n], state)."""
+    B = tok.shape[0]
+    zeros = jnp.zeros((B,), jnp.float32)
+    toks, _, state, *_ = decode_rows(params, cfg, policy, n_steps, state, tok, jnp.zeros((B, 2), jnp.uint32),
+                                     jnp.ones((B,), bool), jnp.zeros((B,), bool), jnp.full((B,), n_steps + 1),
+                                     zeros, jnp.zeros((B,), jnp.int32), zeros + 1.0, jnp.asarray([-1]),
+                                     jnp.ones((B,), bool), impl, positions)
+    return toks, state
 
 
 def parse_variant(variant: str):

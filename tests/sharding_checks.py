@@ -173,7 +173,7 @@ def check_api(cfg, host):
                               "rows": int(r2.nll.shape[0])}
     prompts = [list(rows[0, :9]), list(rows[1, :15]), list(rows[2, :4])]
     g1 = generate(one, prompts, 40, policy="tova", capacity=16, steps_per_call=8)
-    compiles = _CompileCounter("decode_chunk")
+    compiles = _CompileCounter("decode_rows")
     g2 = generate(sharded, prompts, 40, policy="tova", capacity=16, steps_per_call=8)
     first = compiles.n
     g3 = generate(sharded, prompts, 40, policy="tova", capacity=16, steps_per_call=8)

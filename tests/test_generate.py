@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from msrnn_jax.convert.hf import load_hf_folder
-from msrnn_jax.run.decoding import decode_chunk, prefill
+from msrnn_jax.run.decoding import decode_rows, prefill
 from msrnn_jax.run.decoding import generate_tokens as generate
 from msrnn_jax.fast.layer_major import layer_scan
 from msrnn_jax.core.policies import make_policy
-from msrnn_jax.run.sampling import Sampling
+from msrnn_jax.run.sampling import Sampling, sample_rows
 
 from hf_models import make_hf_model, save_hf_model
 
@@ -70,12 +70,12 @@ def test_compiles_once_across_chunks_and_calls(tiny):
     pol = make_policy("tova")
     ps = prompts(2, [9, 14], seed=4)
     generate(params, cfg, pol, 16, ps, 40, steps_per_call=8)  # 1 + 5 chunk calls
-    sizes = (decode_chunk._cache_size(), layer_scan._cache_size())
+    sizes = (decode_rows._cache_size(), layer_scan._cache_size())
     generate(params, cfg, pol, 16, prompts(2, [12, 3], seed=5), 33, steps_per_call=8)
-    assert (decode_chunk._cache_size(), layer_scan._cache_size()) == sizes
+    assert (decode_rows._cache_size(), layer_scan._cache_size()) == sizes
 
 
-def test_decode_chunk_traces_once(tiny, monkeypatch):
+def test_decode_loop_traces_once(tiny, monkeypatch):
     """chex counts the traces: two generations with other prompt lengths and budgets run
     the decode chunk from one trace (nothing in it depends on a request's sizes)."""
     import chex
@@ -84,10 +84,10 @@ def test_decode_chunk_traces_once(tiny, monkeypatch):
 
     _, cfg, params = tiny
     chex.clear_trace_counter()
-    counted = jax.jit(chex.assert_max_traces(g.decode_chunk.__wrapped__, n=1),
-                      static_argnames=("cfg", "policy", "sampling", "n_steps", "impl", "positions"),
+    counted = jax.jit(chex.assert_max_traces(g.decode_rows.__wrapped__, n=1),
+                      static_argnames=("cfg", "policy", "n_steps", "impl", "positions"),
                       donate_argnames=("state",))
-    monkeypatch.setattr(g, "decode_chunk", counted)
+    monkeypatch.setattr(g, "decode_rows", counted)
     pol = make_policy("tova")
     generate(params, cfg, pol, 16, prompts(2, [9, 14], seed=4), 40, steps_per_call=8)
     generate(params, cfg, pol, 16, prompts(2, [30, 3], seed=5), 17, steps_per_call=8)
@@ -110,7 +110,12 @@ def test_sampling_seed_topk_topp(tiny):
 def test_top_k_and_top_p_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
-    draw = lambda s: {int(s(logits, k)[0]) for k in keys}
+
+    def draw(s):  # 400 draws of one row under the settings s, in one compiled call
+        t, k, p = (jnp.asarray(a) for a in s.rows(1))
+        one = jax.jit(jax.vmap(lambda key: sample_rows(logits, key[None], t, k, p)[0]))
+        return set(np.asarray(one(jax.random.key_data(keys))).tolist())
+
     assert draw(Sampling(temperature=1.0, top_k=2)) == {0, 1}
     assert draw(Sampling(temperature=1.0, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert draw(Sampling(temperature=1.0, top_p=0.81)) == {0, 1, 2}
@@ -159,7 +164,7 @@ def test_decode_rate_leaves_out_the_first_chunk(tiny, monkeypatch):
     import msrnn_jax.run.decoding as g
 
     _, cfg, params = tiny
-    real, calls = g.decode_chunk, []
+    real, calls = g.decode_rows, []
 
     def stalled_first(*a, **k):
         calls.append(1)
@@ -167,7 +172,7 @@ def test_decode_rate_leaves_out_the_first_chunk(tiny, monkeypatch):
             time.sleep(1.0)
         return real(*a, **k)
 
-    monkeypatch.setattr(g, "decode_chunk", stalled_first)
+    monkeypatch.setattr(g, "decode_rows", stalled_first)
     res = g.generate_tokens(params, cfg, make_policy("window"), 16, prompts(1, [5]), 40, steps_per_call=4)
     assert len(calls) == 10 and sum(len(t) for t in res.tokens) == 40
     assert res.decode_tokens_per_s > 80

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 import msrnn_jax as m
-from msrnn_jax.serve.engine import Engine, QueueFull, chunk_piece, exact_piece, sample_rows, seed_key
+from msrnn_jax.run.sampling import sample_rows
+from msrnn_jax.serve.engine import Engine, QueueFull
+from msrnn_jax.serve.programs import chunk_piece, exact_piece
 from msrnn_jax.errors import InvalidArgument
 
 from hf_models import save_tiny_model

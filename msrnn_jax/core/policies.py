@@ -44,6 +44,14 @@ class Policy:
         """Raise InvalidArgument unless this policy can run with `capacity` slots."""
         check_int("capacity", capacity)
 
+    def spread(self, tokens):
+        """The token rows [N, T] a run of this policy reads (`PerRow` repeats them)."""
+        return np.asarray(tokens)
+
+    def rows_of(self, i: int, batch: int) -> np.ndarray:
+        """The batch rows of a run of this policy that answer for its i-th member policy."""
+        return np.arange(batch)
+
 
 @dataclasses.dataclass(frozen=True)
 class Window(Policy):
@@ -142,6 +150,18 @@ class PerRow(Policy):
     def rows_of(self, i: int, batch: int) -> np.ndarray:
         """The batch rows that follow policies[i], one per text, in text order."""
         return np.arange(i, batch, len(self.policies))
+
+
+def side_by_side(policies, fuse: bool = True) -> list[tuple[Policy, tuple[Policy, ...]]]:
+    """The runs that serve several bounded policies of one capacity: one run of all of them
+    side by side as batch rows (`PerRow`) with `fuse` and more than one, else one run each.
+    Each run: (the policy it runs, its member policies; member i's rows: `rows_of(i, B)`,
+    its inputs: `spread(tokens)`). The one helper of every fused loop (perplexity sweeps,
+    long-context tasks, recordings)."""
+    pols = tuple(policies)
+    if fuse and len(pols) > 1:
+        return [(PerRow(policies=pols), pols)]
+    return [(p, (p,)) for p in pols]
 
 
 def heads_agree(policy: Policy) -> bool:

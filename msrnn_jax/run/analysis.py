@@ -31,7 +31,7 @@ from ..errors import InvalidArgument
 from .evaluate import NLLSummary, run_inputs
 from ..core.step import scan
 from ..core.layers import token_nll
-from ..core.policies import PerRow, Policy, make_policy, policy_name
+from ..core.policies import Policy, make_policy, policy_name, side_by_side
 from ..core.state import State
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
@@ -136,11 +136,11 @@ def record_policies(model, policies: Sequence[str | Policy], capacity: int,
     names = [policy_name(p) for p in pols]
     if not pols or any(not p.bounded for p in pols) or len(set(names)) < len(names):
         raise InvalidArgument(f"record_policies needs distinct bounded policies, got {names}")
-    if len(pols) == 1:
-        return {names[0]: record_run(model, pols[0], capacity, tokens, sinks, steps_per_call)}
-    fused = PerRow(policies=tuple(pols))
-    both = record_run(model, fused, capacity, fused.spread(tokens), sinks, steps_per_call)
-    rows = [fused.rows_of(i, both.nll.shape[0]) for i in range(len(pols))]
+    [(pol, members)] = side_by_side(pols)
+    if len(members) == 1:
+        return {names[0]: record_run(model, pol, capacity, tokens, sinks, steps_per_call)}
+    both = record_run(model, pol, capacity, pol.spread(tokens), sinks, steps_per_call)
+    rows = [pol.rows_of(i, both.nll.shape[0]) for i in range(len(members))]
     return {name: Recording(name, both.capacity, tokens, both.nll[r], both.pos[:, :, r])
             for name, r in zip(names, rows)}
 

@@ -29,7 +29,7 @@ from ..fast.layer_major import layer_scan
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..core.policies import Policy, capacity_for
 from ..fast.precision import exact_for_f32
-from .sampling import GREEDY, Sampling
+from .sampling import GREEDY, Sampling, row_keys, sample_rows, split_rows
 from ..core.state import State
 
 PAD = 32  # prompt lengths are padded up to a multiple of this (padding never enters a row)
@@ -143,55 +143,53 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     return last, state
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def first_token(sampling: Sampling, logits, key, budget, eos_ids):
-    """Sample each row's first new token from the prompt's logits (no model step: cheap
-    to compile, and the time to first token is the prompt's time)."""
-    key, sub = jax.random.split(key)
-    tok = sampling(logits, sub)
-    budget = budget - 1
-    finished = jnp.isin(tok, eos_ids) | (budget <= 0)
-    return tok, key, finished, budget
+@jax.jit
+def first_rows(logits, keys, temperature, top_k, top_p):
+    """Each row's first token from its prompt's logits [B, V] (no model step: cheap to
+    compile, and the time to first token is the prompt's): (tokens [B], next keys)."""
+    keys, sub = split_rows(keys)
+    return sample_rows(logits, sub, temperature, top_k, top_p), keys
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "n_steps", "impl", "positions"),
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl", "positions"),
                    donate_argnames=("state",))
 @exact_for_f32
-def decode_chunk(params, cfg: ModelConfig, policy: Policy, sampling: Sampling, n_steps: int,
-                 state: State, tok, key, pending, finished, budget, eos_ids,
-                 impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
-    """n_steps of the RNN: feed each row's pending token, sample the next one.
+def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: State, tok, keys,
+                pending, finished, budget, temperature, top_k, top_p, eos_ids, ignore_eos,
+                impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
+    """The decode loop: n_steps of the RNN over B rows, feeding each row's pending token
+    and sampling the next one with the row's own settings (`sampling.sample_rows`), so
+    greedy and sampled rows share one program (`generate_tokens` and the serving engine).
 
-    tok [B]: the last emitted token; pending [B]: it has not been fed yet; finished [B]:
-    it was the row's last (an EOS, or the budget [B] ran out). Every emitted token is fed,
-    EOS included, so the state can continue a chat; finished rows then stop.
-    Returns (tokens [B, n], emitted [B, n], state, logits, tok, key, pending, finished, budget).
-    """
-    logits = jnp.zeros((tok.shape[0], cfg.vocab_size), jnp.float32)
+    tok [B]: each row's last emitted token; pending [B]: it has not been fed yet;
+    finished [B]: it was the row's last (an EOS, or the budget ran out); budget [B]:
+    tokens the row may still emit; keys uint32 [B, 2]; temperature/top_k/top_p [B];
+    eos_ids [E]; ignore_eos [B]: the row runs to its budget whatever it emits. Every
+    emitted token is fed, EOS included, so the state can continue a chat; a row with
+    pending False and finished True (a free or finished row) is left untouched.
+    Returns (tokens [B, n], emitted [B, n], state, tok, keys, pending, finished, budget)."""
 
     def body(carry, _):
-        rnn, logits, tok, key, pending, finished, budget = carry
-        new_logits, rnn = step(params, cfg, policy, rnn, tok, pending, impl, positions)
-        logits = jnp.where(pending[:, None], new_logits, logits)
-        key, sub = jax.random.split(key)
-        nxt = sampling(logits, sub)
+        rnn, tok, keys, pending, finished, budget = carry
+        logits, rnn = step(params, cfg, policy, rnn, tok, pending, impl, positions)
+        keys, sub = split_rows(keys)
+        nxt = sample_rows(logits, sub, temperature, top_k, top_p)
         emit = pending & ~finished
         budget = budget - emit.astype(jnp.int32)
-        finished = finished | (emit & (jnp.isin(nxt, eos_ids) | (budget <= 0)))
+        finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
         tok = jnp.where(emit, nxt, tok)
-        return (rnn, logits, tok, key, emit, finished, budget), (nxt, emit)
+        return (rnn, tok, keys, emit, finished, budget), (nxt, emit)
 
-    carry = (Recurrence.start(state, positions, policy), logits, tok, key, pending, finished, budget)
+    carry = (Recurrence.start(state, positions, policy), tok, keys, pending, finished, budget)
     carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
-    rnn, logits, tok, key, pending, finished, budget = carry
-    return toks.T, emitted.T, rnn.state, logits, tok, key, pending, finished, budget
+    rnn, tok, keys, pending, finished, budget = carry
+    return toks.T, emitted.T, rnn.state, tok, keys, pending, finished, budget
 
 
 @dataclasses.dataclass
 class GenerateResult:
     tokens: list[list[int]]  # emitted tokens per row (EOS included when reached)
     state: State             # the state after the last emitted token: keep it, fork it
-    logits: jax.Array        # next-token logits [B, V], to continue from the state
     time_to_first_token: float
     decode_tokens_per_s: float   # steady state, compilation excluded (NaN: nothing to time)
     prefill_s: float
@@ -241,8 +239,11 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    budget = jnp.full((B,), max_new_tokens, jnp.int32)
-    tok, key, finished, budget = first_token(sampling, logits, jax.random.key(seed), budget, eos)
+    temperature, top_k, top_p = (jnp.asarray(a) for a in sampling.rows(B))
+    tok, keys = first_rows(logits, jnp.asarray(row_keys(seed, B)), temperature, top_k, top_p)
+    budget = jnp.full((B,), max_new_tokens - 1, jnp.int32)
+    finished = jnp.isin(tok, eos) | (budget <= 0)
+    ignore_eos = jnp.zeros((B,), bool)
     if B > n_real:  # the padding rows stop here: never pending, so they never step
         real = jnp.arange(B) < n_real
         finished = finished | ~real
@@ -254,17 +255,18 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     pending = jnp.ones((B,), bool) if B == n_real else real
     # The decode rate never counts compilation: a first chunk whose call compiled (or may
     # have: a wrapped function cannot tell) is timed as compile_s and left out of the rate.
-    cache_size = getattr(decode_chunk, "_cache_size", None)
+    cache_size = getattr(decode_rows, "_cache_size", None)
     before = cache_size() if cache_size else None
     t_start, t_rate, n_rate, compile_s = time.perf_counter(), None, 0, 0.0
     while True:
         if mesh is not None:  # the same input shardings at every call: one compile
             state = sharding.place_state(state, mesh)
-            tok, key, pending, finished, budget = sharding.place_rows(mesh, tok, key, pending, finished, budget)
+            tok, keys, pending, finished, budget, temperature, top_k, top_p, ignore_eos = sharding.place_rows(
+                mesh, tok, keys, pending, finished, budget, temperature, top_k, top_p, ignore_eos)
             eos = sharding.replicate(mesh, eos)
-        toks, emitted, state, logits, tok, key, pending, finished, budget = decode_chunk(
-            params, cfg, policy, sampling, steps_per_call, state, tok, key, pending, finished,
-            budget, eos, impl, positions)
+        toks, emitted, state, tok, keys, pending, finished, budget = decode_rows(
+            params, cfg, policy, steps_per_call, state, tok, keys, pending, finished, budget,
+            temperature, top_k, top_p, eos, ignore_eos, impl, positions)
         toks, emitted = sharding.to_host(toks)[:n_real], sharding.to_host(emitted)[:n_real]
         if t_rate is None:  # the first chunk has returned
             if before is not None and cache_size() == before:  # warm: it counts
@@ -283,5 +285,5 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
     end = time.perf_counter()
     rate = n_rate / (end - t_rate) if n_rate and end > t_rate else float("nan")
     if B > n_real:
-        state, logits = state.take_rows(np.arange(n_real)), logits[:n_real]
-    return GenerateResult(out, state, logits, ttft, rate, prefill_s, compile_s=compile_s)
+        state = state.take_rows(np.arange(n_real))
+    return GenerateResult(out, state, ttft, rate, prefill_s, compile_s=compile_s)

@@ -25,7 +25,7 @@ from ..fast.layer_major import layer_scan
 from ..core.step import scan
 from ..core.layers import token_nll
 from ..fast.precision import scope as precision_scope
-from ..core.policies import PerRow, Policy, capacity_for, make_policy
+from ..core.policies import Policy, capacity_for, make_policy, side_by_side
 from ..core.state import State
 
 if TYPE_CHECKING:
@@ -184,16 +184,11 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
                                                                positions=positions))
     bounded = [p for p in pols if p.bounded]
     for cap in capacities:
-        if fuse and prefill == "exact" and len(bounded) > 1:
-            fused = PerRow(policies=tuple(bounded))
-            run = run_policy(model, fused, cap, fused.spread(tokens), progress=progress,
-                             positions=positions)
-            for i, pol in enumerate(bounded):
-                rows = fused.rows_of(i, run.nll.shape[0])
-                part = PolicyRun(run.nll[rows], run.state.take_rows(rows), run.seconds, run.compile_seconds)
-                yield SweepResult(pol, cap, part, shared_with=len(bounded))
-        else:
-            for pol in bounded:
-                yield SweepResult(pol, cap, run_policy(model, pol, cap, tokens, progress=progress,
-                                                       prefill=prefill, chunk=chunk,
-                                                       positions=positions))
+        for pol, members in side_by_side(bounded, fuse and prefill == "exact"):
+            run = run_policy(model, pol, cap, pol.spread(tokens), progress=progress, prefill=prefill,
+                             chunk=chunk, positions=positions)
+            for i, member in enumerate(members):
+                rows = pol.rows_of(i, run.nll.shape[0])
+                part = run if len(members) == 1 else PolicyRun(run.nll[rows], run.state.take_rows(rows),
+                                                               run.seconds, run.compile_seconds)
+                yield SweepResult(member, cap, part, shared_with=len(members))

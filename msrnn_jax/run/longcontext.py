@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
-from ..core.policies import PerRow, Policy, capacity_for, make_policies, policy_name
+from ..core.policies import Policy, capacity_for, make_policies, policy_name, side_by_side
 
 if TYPE_CHECKING:
     from .api import Model
@@ -291,11 +291,11 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
     grid = {n: [make_prompt(model, task, n, d, s, seed, hay, chat) for d in depths for s in range(samples)]
             for n in lengths}
 
-    def run(pol, cap, prompts):
-        """Greedy answers of `prompts` under `pol` (a PerRow spreads them), in runs of `batch`."""
+    def run(pol, cap, prompts, per=1):
+        """Greedy answers of `prompts` under `pol`, each prompt in `per` consecutive rows
+        (one per member policy of a side-by-side run), in runs of `batch` prompts."""
         import time
 
-        per = len(pol.policies) if isinstance(pol, PerRow) else 1
         step = batch or len(prompts)
         texts, t0 = [], time.perf_counter()
         for i in range(0, len(prompts), step):
@@ -322,13 +322,8 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
                 answers, sec = run(pol, None, prompts)
                 yield from records("full", n, prompts, answers, 1, sec)
         for cap in caps:
-            if fuse and prefill == "exact" and len(bounded) > 1:
-                fused = PerRow(policies=tuple(bounded))
-                answers, sec = run(fused, cap, prompts)
-                for i, pol in enumerate(bounded):
-                    yield from records(policy_name(pol), cap, prompts, answers[i::len(bounded)],
-                                       len(bounded), sec)
-            else:
-                for pol in bounded:
-                    answers, sec = run(pol, cap, prompts)
-                    yield from records(policy_name(pol), cap, prompts, answers, 1, sec)
+            for pol, members in side_by_side(bounded, fuse and prefill == "exact"):
+                answers, sec = run(pol, cap, prompts, len(members))
+                for i, member in enumerate(members):
+                    mine = [answers[r] for r in pol.rows_of(i, len(answers))]
+                    yield from records(policy_name(member), cap, prompts, mine, len(members), sec)

@@ -1,4 +1,6 @@
-"""Sampling strategies: small frozen dataclasses, static under jit."""
+"""Sampling: the settings (`Sampling`, validated once) and the one sampler (`sample_rows`),
+which takes the settings per batch row as arrays so that one compiled program serves
+greedy and sampled rows side by side (generation and the serving engine alike)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import check_float, check_int
 
@@ -38,24 +41,52 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def __call__(self, logits, key):
-        """logits: [B, V] float32 -> token ids [B] int32."""
-        if self.greedy:
-            return jnp.argmax(logits, -1).astype(jnp.int32)
-        logits = logits.astype(jnp.float32) / self.temperature
-        if self.top_k:
-            kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][..., -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        if self.top_p < 1.0:
-            # keep the smallest set of most likely tokens whose mass reaches top_p
-            order = jnp.argsort(-logits, -1)
-            sorted_logits = jnp.take_along_axis(logits, order, -1)
-            probs = jax.nn.softmax(sorted_logits, -1)
-            before = jnp.cumsum(probs, -1) - probs  # mass strictly above each token
-            sorted_logits = jnp.where(before < self.top_p, sorted_logits, -jnp.inf)
-            inv = jnp.argsort(order, -1)
-            logits = jnp.take_along_axis(sorted_logits, inv, -1)
-        return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+    def rows(self, batch: int):
+        """These settings for every one of `batch` rows, as `sample_rows` takes them:
+        (temperature [B] f32, top_k [B] int32, top_p [B] f32)."""
+        return (np.full((batch,), self.temperature, np.float32), np.full((batch,), self.top_k, np.int32),
+                np.full((batch,), self.top_p, np.float32))
 
 
 GREEDY = Sampling()
+
+
+def row_keys(seed: int, batch: int) -> np.ndarray:
+    """Per-row PRNG keys (raw uint32 [B, 2]) of one seed: row b's stream is the b-th
+    split of `seed` (a batch of one is the seed's own key)."""
+    key = jax.random.key(seed)
+    keys = key[None] if batch == 1 else jax.random.split(key, batch)
+    return np.asarray(jax.random.key_data(keys), np.uint32)
+
+
+def split_rows(keys):
+    """Per-row PRNG keys (raw uint32 [B, 2]) -> (next keys, subkeys), each [B, 2]."""
+    both = jax.vmap(lambda k: jax.random.split(k))(keys)  # [B, 2, 2]
+    return both[:, 0], both[:, 1]
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One token per row, each row with its own settings: logits [B, V]; keys uint32
+    [B, 2]; temperature [B] f32 (0 = greedy); top_k [B] int32 (0 = off); top_p [B] f32
+    in (0, 1] (1 = off). Top-k first, then the smallest most-likely set whose mass
+    reaches top_p, then a draw at the temperature. Returns tokens [B] int32."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+    def sampled():
+        B, V = logits.shape
+        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        srt = -jnp.sort(-x, -1)  # descending
+        rank = jnp.arange(V)[None]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
+        probs = jax.nn.softmax(jnp.where(rank < k, srt, -jnp.inf), -1)
+        before = jnp.cumsum(probs, -1) - probs  # mass strictly above each token
+        keep = (rank < k) & (before < top_p[:, None])  # a prefix of the sorted tokens
+        n_keep = jnp.maximum(keep.sum(-1), 1)
+        threshold = jnp.take_along_axis(srt, (n_keep - 1)[:, None], -1)
+        x = jnp.where(x < threshold, -jnp.inf, x)
+        tok = jax.vmap(lambda key, row: jax.random.categorical(jax.random.wrap_key_data(key), row))(keys, x)
+        return jnp.where(temperature > 0, tok.astype(jnp.int32), greedy)
+
+    # an all-greedy batch skips the sort over the vocabulary
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)

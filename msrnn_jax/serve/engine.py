@@ -47,11 +47,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Callable, Sequence
@@ -60,22 +57,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..fast import sharding
-from ..run.api import Model
-from ..fast.attention import DEFAULT_IMPL, StepImpl
-from ..config import ModelConfig
-from ..run.decoding import check_prefill
-from ..errors import InvalidArgument, MsrnnError, check_float, check_int
-from ..core.positions import check_positions
-from ..core.parallel import chunk_step
-from ..core.step import Recurrence, step
-from ..fast.layer_major import layer_scan
 from ..core.policies import PerRow, Policy, capacity_for, make_policy, policy_name
+from ..core.positions import check_positions
 from ..core.state import State
+from ..errors import InvalidArgument, MsrnnError, check_float, check_int
+from ..fast import sharding
+from ..fast.attention import DEFAULT_IMPL, StepImpl
+from ..run.api import Model
+from ..run.decoding import check_prefill
+from ..run.sampling import row_keys
+from .programs import chunk_piece, decode_rows, exact_piece, first_rows, insert_row
+from .requests import FINISH_ABORT, Request, Result, request_ids  # noqa: F401  (Result: the API)
+
 
 log = logging.getLogger("msrnn.serve")
 
-FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
 
 
 class QueueFull(MsrnnError):
@@ -115,115 +111,6 @@ def served_policies(policy, sinks: int = 4) -> tuple[Policy, ...]:
     return pols
 
 
-# -- the jitted programs ---------------------------------------------------------------
-def _split_rows(keys):
-    """Per-row PRNG keys (raw uint32 [B, 2]) -> (next keys, subkeys), each [B, 2]."""
-    both = jax.vmap(lambda k: jax.random.split(k))(keys)  # [B, 2, 2]
-    return both[:, 0], both[:, 1]
-
-
-def sample_rows(logits, keys, temperature, top_k, top_p):
-    """One token per row, each row with its own settings: logits [B, V]; keys uint32
-    [B, 2]; temperature [B] f32 (0 = greedy); top_k [B] int32 (0 = off); top_p [B] f32
-    in (0, 1] (1 = off). The filters are those of `sampling.Sampling` (top-k, then the
-    smallest most-likely set whose mass reaches top_p), written with arrays so one
-    compiled program serves every mix of settings. Returns tokens [B] int32."""
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
-
-    def sampled():
-        B, V = logits.shape
-        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        srt = -jnp.sort(-x, -1)  # descending
-        rank = jnp.arange(V)[None]
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
-        probs = jax.nn.softmax(jnp.where(rank < k, srt, -jnp.inf), -1)
-        before = jnp.cumsum(probs, -1) - probs  # mass strictly above each token
-        keep = (rank < k) & (before < top_p[:, None])  # a prefix of the sorted tokens
-        n_keep = jnp.maximum(keep.sum(-1), 1)
-        threshold = jnp.take_along_axis(srt, (n_keep - 1)[:, None], -1)
-        x = jnp.where(x < threshold, -jnp.inf, x)
-        tok = jax.vmap(lambda key, row: jax.random.categorical(jax.random.wrap_key_data(key), row))(keys, x)
-        return jnp.where(temperature > 0, tok.astype(jnp.int32), greedy)
-
-    # an all-greedy batch skips the sort over the vocabulary
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl", "positions"),
-                   donate_argnames=("state",))
-def decode_rows(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: State, tok, keys,
-                pending, finished, budget, temperature, top_k, top_p, eos_ids, ignore_eos,
-                impl: StepImpl = DEFAULT_IMPL, positions: str = "absolute"):
-    """n_steps of the RNN over B rows, `decoding.decode_chunk` with per-row sampling.
-
-    tok [B]: each row's last emitted token; pending [B]: not fed yet; finished [B]: it was
-    the row's last; budget [B]: tokens the row may still emit; keys uint32 [B, 2];
-    temperature/top_k/top_p [B] (see `sample_rows`); ignore_eos [B]: the row runs to its
-    budget whatever it emits (fixed lengths, for benchmarks). A free row has pending = False and
-    finished = True: the step leaves it untouched. Returns (tokens [B, n], emitted
-    [B, n], state, tok, keys, pending, finished, budget)."""
-
-    def body(carry, _):
-        rnn, tok, keys, pending, finished, budget = carry
-        logits, rnn = step(params, cfg, policy, rnn, tok, pending, impl, positions)
-        keys, sub = _split_rows(keys)
-        nxt = sample_rows(logits, sub, temperature, top_k, top_p)
-        emit = pending & ~finished
-        budget = budget - emit.astype(jnp.int32)
-        finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
-        tok = jnp.where(emit, nxt, tok)
-        return (rnn, tok, keys, emit, finished, budget), (nxt, emit)
-
-    carry = (Recurrence.start(state, positions, policy), tok, keys, pending, finished, budget)
-    carry, (toks, emitted) = jax.lax.scan(body, carry, None, length=n_steps)
-    rnn, tok, keys, pending, finished, budget = carry
-    return toks.T, emitted.T, rnn.state, tok, keys, pending, finished, budget
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
-def chunk_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
-                positions: str = "absolute"):
-    """One chunked-prefill piece: `chunk_step` over tokens [R, S], keeping each row's
-    logits after its last active token ([R, V]; rows with none keep `last_logits`)."""
-    logits, state = chunk_step(params, cfg, policy, state, tokens, active, positions=positions)
-    n = active.sum(1)
-    here = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
-    return jnp.where((n > 0)[:, None], here, last_logits), state
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))
-def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
-                positions: str = "absolute"):
-    """One exact-prefill piece: `layer_scan(emit="last")` over tokens [R, P] (the exact step,
-    computed layer by layer; the engine's own compiled copy, so that its compile count is
-    the engine's alone)."""
-    return layer_scan(params, cfg, policy, state, tokens, active, emit="last", last_logits=last_logits, positions=positions)
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def insert_row(state: State, row: State, b) -> State:
-    """Write the 1-row state `row` into row b (a traced int) of `state`, in place."""
-    def put(s, r, axis):
-        return jax.lax.dynamic_update_index_in_dim(s, jnp.take(r, 0, axis), b, axis)
-
-    return State(put(state.keys, row.keys, 1), put(state.values, row.values, 1),
-                 put(state.pos, row.pos, 1), put(state.score, row.score, 1),
-                 put(state.length, row.length, 0))
-
-
-@jax.jit
-def first_rows(logits, keys, temperature, top_k, top_p):
-    """Each row's first token from its prompt's logits [R, V]: (tokens [R], next keys)."""
-    keys, sub = _split_rows(keys)
-    return sample_rows(logits, sub, temperature, top_k, top_p), keys
-
-
-def seed_key(seed: int) -> np.ndarray:
-    """A request's PRNG key (raw uint32 [2]) from its seed."""
-    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
-
-
 def prefill_seconds(share: float, chunk_seconds: float | None) -> float:
     """How long a turn may read prompts while rows decode: share / (1 - share) of the last
     decode chunk's time (inf at share 1; 0, i.e. one piece, before any chunk was timed)."""
@@ -232,89 +119,12 @@ def prefill_seconds(share: float, chunk_seconds: float | None) -> float:
     return 0.0 if chunk_seconds is None else share / (1.0 - share) * chunk_seconds
 
 
-# -- requests --------------------------------------------------------------------------
-_ids = itertools.count(1)
-
-
-@dataclasses.dataclass
-class Result:
-    tokens: list[int]         # generated tokens (the EOS or the stop string's last included)
-    text: str                 # their text, cut before a stop string ("" without a tokenizer)
-    finish_reason: str        # "stop" (EOS or a stop string), "length" or "abort"
-    prompt_tokens: int
-    time_to_first_token: float | None
-    seconds: float
-
-
-class Request:
-    """One request's life in the engine. Events (dicts) reach `listener(event)` (called
-    on the engine's thread) or, without one, `events()`:
-    {"type": "delta", "text": str, "tokens": [int]} as tokens arrive (text held back
-    while it could still turn into a stop string), then one {"type": "done",
-    "finish_reason": str, "result": Result}."""
-
-    def __init__(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
-                 top_p: float, seed: int, stop: Sequence[str], listener, rid: str,
-                 ignore_eos: bool = False, policy_index: int = 0):
-        self.id = rid
-        self.prompt = list(prompt)
-        self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
-        self.seed, self.stop, self.ignore_eos = seed, tuple(stop), bool(ignore_eos)
-        self.policy_index = policy_index  # which of the engine's policies its row follows
-        self.tokens: list[int] = []
-        self.text_sent = 0        # characters of the decoded text already streamed
-        self.final_text: str | None = None
-        self.finish_reason: str | None = None
-        self.t_submit = time.perf_counter()
-        self.t_first: float | None = None
-        self.t_done: float | None = None
-        self.row: int | None = None
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._listener = listener
-        self._queue: queue.Queue | None = None if listener else queue.Queue()
-        self._result: Result | None = None
-
-    def cancel(self):
-        """Give the row back (a client that disconnected); the engine ends it as "abort"."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> Result:
-        """Block until the request ends (TimeoutError after `timeout` seconds)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
-        return self._result
-
-    def events(self, timeout: float | None = None):
-        """The request's events as they come (without a listener)."""
-        if self._queue is None:
-            raise MsrnnError("this request delivers its events to its listener")
-        while True:
-            ev = self._queue.get(timeout=timeout)
-            yield ev
-            if ev["type"] == "done":
-                return
-
-    def _emit(self, ev):
-        if self._listener is not None:
-            self._listener(ev)
-        else:
-            self._queue.put(ev)
-
-
 @dataclasses.dataclass
 class _Prefill:
     """A request whose prompt is being read into a 1-row state, piece by piece."""
     req: Request
     row: int
+    prompt: list[int]
     state: State
     logits: jax.Array
     next_piece: int = 0
@@ -457,7 +267,7 @@ class Engine:
         if any(not isinstance(s, str) or not s for s in stop):
             raise InvalidArgument("stop must be non-empty strings", "stop")
         req = Request(prompt, max_tokens, temperature, top_k, top_p, seed, stop, listener,
-                      rid or f"req-{next(_ids)}", ignore_eos, which)
+                      rid or f"req-{next(request_ids)}", ignore_eos, which)
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -558,9 +368,8 @@ class Engine:
         return state if self.mesh is None else sharding.place_state(state, self.mesh)
 
     def _new_prefill(self, req, row, prompt) -> _Prefill:
-        pf = _Prefill(req, row, self._empty_state(self.R), jnp.zeros((self.R, self.cfg.vocab_size), jnp.float32))
-        pf.prompt = prompt
-        return pf
+        return _Prefill(req, row, prompt, self._empty_state(self.R),
+                        jnp.zeros((self.R, self.cfg.vocab_size), jnp.float32))
 
     def _insert(self, pf: _Prefill, b: int):
         """pf's first row into row b of the state."""
@@ -682,7 +491,7 @@ class Engine:
         req, b = pf.req, pf.row
         self._insert(pf, b)
         R = self.R  # the first of R rows is the request's
-        key = np.repeat(seed_key(req.seed)[None], R, 0)
+        key = np.repeat(row_keys(req.seed, 1), R, 0)
         temp = np.full(R, req.temperature, np.float32)
         tk, tp = np.full(R, req.top_k, np.int32), np.full(R, req.top_p, np.float32)
         first, key = first_rows(*sharding.place_rows(self.mesh, pf.logits, key, temp, tk, tp))
@@ -707,47 +516,14 @@ class Engine:
 
     def _add_tokens(self, req: Request, new: list[int]):
         """New tokens of a decoding request: stream their text, end it on EOS, a stop
-        string or max_tokens."""
-        b = req.row
-        req.tokens.extend(new)
-        reason = None
-        if req.tokens[-1] in self._eos_set and not req.ignore_eos:
-            reason = FINISH_STOP
-        elif len(req.tokens) >= req.max_tokens:
-            reason = FINISH_LENGTH
-        tokzr = self.model.tokenizer
-        text, cut = "", None
-        if tokzr is not None:
-            text = self.model.decode(req.tokens)
-            if req.stop:
-                start = max(0, req.text_sent - max(map(len, req.stop)))
-                hits = [i for i in (text.find(s, start) for s in req.stop) if i >= 0]
-                if hits:
-                    cut, reason = min(hits), FINISH_STOP
-                    # the tokens end with the one that completed the stop string
-                    n = len(req.tokens) - len(new) + 1
-                    while n < len(req.tokens) and not any(
-                            s in self.model.decode(req.tokens[:n])[start:] for s in req.stop):
-                        n += 1
-                    del req.tokens[n:]
-        if reason is None:
-            # hold back what could still become a stop string, and an unfinished character
-            safe = len(text) - (max(map(len, req.stop)) - 1 if req.stop else 0)
-            while safe > req.text_sent and text[safe - 1] == "\ufffd":
-                safe -= 1
-            self._send(req, text[req.text_sent:max(safe, req.text_sent)], new)
-            return
-        end = len(text) if cut is None else cut
-        self._send(req, text[req.text_sent:max(end, req.text_sent)], new)
-        req.final_text = text[:end]
-        if b is not None:
-            self._release(b)
-        self._finish(req, reason)
-
-    def _send(self, req, delta, new):
-        if delta or new:
-            req.text_sent += len(delta)
-            req._emit({"type": "delta", "text": delta, "tokens": list(new)})
+        string or max_tokens (`Request.add_tokens`)."""
+        decode = self.model.decode if self.model.tokenizer is not None else None
+        delta, reason = req.add_tokens(new, decode, self._eos_set)
+        req.send(delta, new)
+        if reason is not None:
+            if req.row is not None:
+                self._release(req.row)
+            self._finish(req, reason)
 
     def _release(self, b):
         with self._lock:
@@ -773,7 +549,7 @@ class Engine:
         if req.final_text is None:
             req.final_text = self.model.decode(req.tokens) if (self.model.tokenizer is not None and req.tokens) else ""
             if reason == FINISH_ABORT and req.text_sent < len(req.final_text):
-                self._send(req, req.final_text[req.text_sent:], [])
+                req.send(req.final_text[req.text_sent:], [])
         ttft = None if req.t_first is None else req.t_first - req.t_submit
         req._result = Result(list(req.tokens), req.final_text, reason, len(req.prompt), ttft,
                              req.t_done - req.t_submit)
