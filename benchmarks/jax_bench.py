@@ -1,9 +1,8 @@
 """The JAX side of the decode benchmarks (one model per process; see decode.py).
 
 Every decode figure is the steady state of `msrnn_jax.testing.greedy_decode`: n greedy
-steps of `msrnn_jax.core.step.step` inside one `lax.scan`, the state donated — the per-step
-work of `msrnn_jax.run.decoding.decode_chunk` (which adds only [B]-sized bookkeeping), kept
-apart so that the benchmark does not follow that function's signature. It is compiled
+steps of the decode loop (`msrnn_jax.run.decoding.decode_rows`, the one that generation
+and the serving engine run) inside one `lax.scan`, the state donated. It is compiled
 ahead of time for fixed (policy, capacity, batch) and called on a state fabricated at the
 wanted position (`msrnn_jax.testing.fabricate_state`). Step time = median wall time of a call / n steps;
 a call is followed by `block_until_ready`.

@@ -8,7 +8,7 @@ is `msrnn generate --max-new-tokens 20000 --policy tova --capacity 256 --positio
 on the embedded SmolLM2 (greedy), with, at each milestone: the decode rate over the
 tokens since the previous milestone, the process's current and peak resident memory,
 the device memory in use where the backend reports it, and the number of compiled
-`decode_chunk` programs (it must not grow after the first chunk). At the end: whether the
+`decode_rows` programs (it must not grow after the first chunk). At the end: whether the
 last logits are finite. EOS does not end the run. --quick: 300 tokens, milestones 100,200,300.
 """
 

@@ -1,8 +1,9 @@
 """Prompt prefill and streaming generation: the model run as an RNN.
 
 A prompt is read into the state (`prefill`: exact, oneshot or chunked), then tokens are
-emitted by `decode_chunk`, a `lax.scan` over a fixed number of steps compiled once and
-called repeatedly from the host, which streams what each chunk produced. Shapes are
+emitted by `decode_rows`, the one decode loop (a `lax.scan` over a fixed number of steps,
+each row with its own sampling settings, compiled once and called repeatedly from the
+host, which streams what each chunk produced; the serving engine runs it too). Shapes are
 bucketed (prompt lengths padded to a multiple of `PAD`, batch and capacity fixed per
 call) so nothing recompiles between chunks or between calls of the same sizes.
 """
