@@ -66,6 +66,7 @@ def assert_one_line_error(code, out, err, status, needle=""):
     (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["generate", "hi", "--temperature", "0"], "--temperature must be > 0"),
     (["generate", "hi", "--temperature", "-1"], "--temperature must be > 0"),
+    (["generate", "hi", "--temperature", "2.5"], "--temperature must be in [0.0, 2.0]"),  # the one rule
     (["generate", "hi", "--top-p", "1.5"], "--top-p"),
     (["generate", "hi", "--top-p", "0"], "--top-p"),
     (["generate", "hi", "--top-k", "0"], "--top-k must be >= 1"),

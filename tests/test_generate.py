@@ -107,6 +107,19 @@ def test_sampling_seed_topk_topp(tiny):
     assert generate(params, cfg, FULL, 40, ps, 16, Sampling(temperature=1.0, top_p=1e-6), seed=9).tokens == greedy
 
 
+def test_one_temperature_rule():
+    """Sampling, the engine and the server share `sampling.check_settings`: [0, 2]."""
+    from msrnn_jax.errors import InvalidArgument
+    from msrnn_jax.run.sampling import check_settings
+
+    assert Sampling(temperature=2.0).temperature == 2.0 and Sampling(temperature=0.0).greedy
+    for bad in (2.5, -0.1, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument, match="temperature must be"):
+            Sampling(temperature=bad)
+        with pytest.raises(InvalidArgument, match="temperature must be"):
+            check_settings(bad, 0, 1.0)
+
+
 def test_top_k_and_top_p_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)

@@ -638,3 +638,14 @@ def test_benchmark_quick_runs(tmp_path):
     tova = next(r for r in out["systems"].values() if r["policy"] == "tova")
     assert tova["overhead"]["engine_tokens_per_s"] > 0 and tova["online"]
     assert "| system |" in (tmp_path / "serve.md").read_text()
+
+
+def test_engine_takes_the_one_temperature_rule(tiny, engine):
+    """The engine refuses what `Sampling` refuses (`sampling.check_settings`), before queueing."""
+    from msrnn_jax.errors import InvalidArgument
+
+    ids = tiny.encode(TEXTS[0])
+    for bad in (2.5, -1.0, float("nan")):
+        with pytest.raises(InvalidArgument, match="temperature must be"):
+            engine.submit(ids, 4, temperature=bad)
+    assert engine.generate(ids, 2, temperature=2.0, seed=1).finish_reason in ("length", "stop")

@@ -42,8 +42,10 @@ def _check_capacity(args, pol, capacity):
 
 
 def _sampling(args) -> Sampling:
-    """Greedy unless a sampling flag is given; a given --temperature must be > 0 and a
-    given --top-k >= 1 (on the command line, giving a flag switches its filter on)."""
+    """Greedy unless a sampling flag is given. The settings follow `sampling.check_settings`
+    (the one rule); on the command line a given --temperature must also be > 0 and a given
+    --top-k >= 1, because giving a flag switches sampling (or its filter) on: greedy is
+    --greedy, not --temperature 0."""
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if args.greedy and sampled:
         raise InvalidArgument("--greedy cannot be combined with --temperature/--top-k/--top-p")

@@ -13,6 +13,21 @@ import numpy as np
 from ..errors import check_float, check_int
 
 
+MAX_TEMPERATURE = 2.0  # OpenAI's range, [0, 2]
+
+
+def check_temperature(value) -> float:
+    """The one temperature rule: a finite number in [0, 2] (0 = greedy)."""
+    return check_float("temperature", value, low=0.0, high=MAX_TEMPERATURE)
+
+
+def check_settings(temperature, top_k, top_p) -> tuple[float, int, float]:
+    """Sampling settings checked once, for every caller (Python API, engine, server,
+    command line): temperature in [0, 2], top_k >= 0 (0 = off), top_p in (0, 1]."""
+    return (check_temperature(temperature), check_int("top_k", top_k, minimum=0),
+            check_float("top_p", top_p, low=0.0, high=1.0, low_open=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """temperature == 0 means greedy. top_k == 0 and top_p == 1 switch those filters off."""
@@ -22,9 +37,7 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        check_float("temperature", self.temperature, low=0.0)
-        check_int("top_k", self.top_k, minimum=0)
-        check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_settings(self.temperature, self.top_k, self.top_p)
 
     @classmethod
     def of(cls, temperature: float | None = None, top_k: int | None = None,

@@ -65,7 +65,7 @@ from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..run.api import Model
 from ..run.decoding import check_prefill
-from ..run.sampling import row_keys
+from ..run.sampling import check_settings, row_keys
 from .programs import chunk_piece, decode_rows, exact_piece, first_rows, insert_row
 from .requests import FINISH_ABORT, Request, Result, request_ids  # noqa: F401  (Result: the API)
 
@@ -253,9 +253,7 @@ class Engine:
         prompt = [int(t) for t in prompt]
         self.check_request(prompt, max_tokens)
         which = self.policy_index(policy)
-        temperature = check_float("temperature", temperature, low=0.0)
-        top_k = check_int("top_k", top_k, minimum=0)
-        top_p = check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
+        temperature, top_k, top_p = check_settings(temperature, top_k, top_p)
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         seed = check_int("seed", seed, minimum=0)

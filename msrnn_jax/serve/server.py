@@ -27,7 +27,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -36,6 +35,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
+from ..run.sampling import check_temperature
 
 log = logging.getLogger("msrnn.serve")
 
@@ -94,8 +94,7 @@ def parse_request(body, chat: bool, served: set[str], name: str = "") -> dict:
     num = (int, float)
     out = {
         "max_tokens": None if max_tokens is None else _checked(lambda: check_int("max_tokens", max_tokens)),
-        "temperature": _checked(lambda: check_float("temperature", _field(body, "temperature", num, 1.0),
-                                                    low=0.0, high=2.0)),
+        "temperature": _checked(lambda: check_temperature(_field(body, "temperature", num, 1.0))),
         "top_p": _checked(lambda: check_float("top_p", _field(body, "top_p", num, 1.0), low=0.0, high=1.0,
                                               low_open=True)),
         "top_k": _field(body, "top_k", int, 0),
