@@ -198,6 +198,10 @@ def test_version_and_the_top_level_help_lists_every_command(capsys):
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"msrnn {__version__}"
     assert __version__ != "0+unknown"  # the installed package's own version
+    import msrnn_jax
+
+    assert "importlib" not in dir(msrnn_jax) and not hasattr(msrnn_jax, "importlib")
+    assert len(msrnn_jax.__all__) == len(set(msrnn_jax.__all__)) <= 30  # a curated API
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out

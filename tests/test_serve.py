@@ -642,8 +642,6 @@ def test_benchmark_quick_runs(tmp_path):
 
 def test_engine_takes_the_one_temperature_rule(tiny, engine):
     """The engine refuses what `Sampling` refuses (`sampling.check_settings`), before queueing."""
-    from msrnn_jax.errors import InvalidArgument
-
     ids = tiny.encode(TEXTS[0])
     for bad in (2.5, -1.0, float("nan")):
         with pytest.raises(InvalidArgument, match="temperature must be"):
