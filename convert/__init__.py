@@ -24,10 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..config import ModelConfig
-
-from ..errors import MsrnnError
-from ..errors import MsrnnWarning
-
+from ..errors import MsrnnError, MsrnnWarning
 from ._common import as_dtype, cast_tree, one_line
 from .checkpoint import check_output_folder, is_converted_folder, load_converted, save_converted
 from .gguf_loader import load_gguf

@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-
 from ..errors import MsrnnError
 from ..io.files import temp_folder, temporary
 from ..params import check_params
-
 from ._common import as_dtype, cast_tree, dtype_name, one_line
 
 MARKER = "msrnn.json"

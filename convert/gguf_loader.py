@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-
-
 from ..errors import MsrnnError, UnsupportedConfigError
 from ._common import as_dtype, one_line
 from .hf import assemble, expected_tensors

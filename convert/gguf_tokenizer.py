@@ -24,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MsrnnError, UnsupportedConfigError
-
 from ._common import one_line
 
 CONTROL, USER_DEFINED = 3, 4

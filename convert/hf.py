@@ -17,10 +17,8 @@ import ml_dtypes
 import numpy as np
 
 from ..config import ModelConfig
-
 from ..errors import MsrnnError
 from ..params import param_shapes
-
 from ._common import as_dtype, one_line
 
 SINGLE_FILE = "model.safetensors"

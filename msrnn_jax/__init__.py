@@ -15,7 +15,8 @@ The contract (state, step, policies, prefill, errors) is in docs/design.md.
 """
 
 import importlib as _importlib
-from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("msrnn-jax")

@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-
-
-
 from .errors import MsrnnError
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """The expected shape of every parameter, as the same nested dict as the params."""
     E, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers

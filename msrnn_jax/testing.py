@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .run.decoding import decode_rows
-from .fast.attention import DEFAULT_IMPL, StepImpl
 from .config import ModelConfig
-from .params import param_shapes
 from .core.state import State
+from .fast.attention import DEFAULT_IMPL, StepImpl
+from .params import param_shapes
+from .run.decoding import decode_rows
+
 
 # -- inputs made on the device ---------------------------------------------------------
 def _hash_fill(shape, seed, dtype, scale):

@@ -7,18 +7,18 @@ import csv
 import json
 import math
 import signal
-import threading
 import sys
+import threading
 from pathlib import Path
 
-from ..run import api
-from ..fast.attention import StepImpl
-from ..run.decoding import check_context, check_prefill
-from ..errors import MsrnnError, InvalidArgument, check_float, check_int
-from ..run.evaluate import sweep
-from ..io.files import check_output_file, write_atomic
-from ..core.positions import check_positions
 from ..core.policies import capacity_for, make_policies, make_policy, policy_name
+from ..core.positions import check_positions
+from ..errors import InvalidArgument, MsrnnError, check_float, check_int
+from ..fast.attention import StepImpl
+from ..io.files import check_output_file, write_atomic
+from ..run import api
+from ..run.decoding import check_context, check_prefill
+from ..run.evaluate import sweep
 from ..run.sampling import Sampling
 
 

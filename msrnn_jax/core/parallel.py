@@ -15,7 +15,17 @@ from ..config import ModelConfig
 from ..fast.layouts import scan_layers
 from ..fast.precision import exact_for_f32
 from ..fast.sharding import whole
-from .layers import F32, finish_layer, logits_from_hidden, project, qkv, rms_norm, rope_table, rotate_at, visible
+from .layers import (
+    F32,
+    finish_layer,
+    logits_from_hidden,
+    project,
+    qkv,
+    rms_norm,
+    rope_table,
+    rotate_at,
+    visible,
+)
 from .policies import Policy, select_keep
 from .positions import check_positions, reindex_slots
 from .state import State

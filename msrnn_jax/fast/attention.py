@@ -45,8 +45,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from . import kernels
 from ..errors import InvalidArgument, check_choice
+from . import kernels
 
 F32 = jnp.float32
 

@@ -46,7 +46,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import math
 from typing import Sequence
 
 import jax
@@ -55,8 +54,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import ModelConfig
-from ..errors import InvalidArgument, check_int
 from ..core.state import State
+from ..errors import InvalidArgument, check_int
 
 AXES = ("data", "model")
 

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import MsrnnError, InvalidArgument
-from .files import temp_folder, temporary
 from ..core.policies import Policy, policy_name
 from ..core.state import State
+from ..errors import InvalidArgument, MsrnnError
+from .files import temp_folder, temporary
 
 FORMAT = "msrnn-state/1"
 

@@ -27,12 +27,12 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import InvalidArgument
-from .evaluate import NLLSummary, run_inputs
-from ..core.step import scan
 from ..core.layers import token_nll
 from ..core.policies import Policy, make_policy, policy_name, side_by_side
 from ..core.state import State
+from ..core.step import scan
+from ..errors import InvalidArgument
+from .evaluate import NLLSummary, run_inputs
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
 QUOTE_CHARS = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"  # " ' ` ‘ ’ “ ” « »

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..config import ModelConfig
+from ..core.policies import Policy, capacity_for, make_policy
+from ..core.state import State
+from ..errors import InvalidArgument, MsrnnError, check_choice
 from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
-from ..config import ModelConfig
 from .decoding import GenerateResult, generate_tokens
-from ..errors import InvalidArgument, MsrnnError, check_choice
-from ..core.policies import Policy, capacity_for, make_policy
 from .sampling import GREEDY, Sampling
-from ..core.state import State
 
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("auto", "stacked", "split", "fused")

@@ -20,18 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import errors
-from ..fast import sharding
 from ..config import ModelConfig
-from ..errors import InvalidArgument, check_choice, check_int
-from ..core.positions import check_positions
 from ..core.parallel import chunk_step, prefill_oneshot
-from ..core.step import Recurrence, scan, step
-from ..fast.layer_major import layer_scan
-from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..core.policies import Policy, capacity_for
+from ..core.positions import check_positions
+from ..core.state import State
+from ..core.step import Recurrence, scan, step
+from ..errors import InvalidArgument, check_choice, check_int
+from ..fast import sharding
+from ..fast.attention import DEFAULT_IMPL, StepImpl
+from ..fast.layer_major import layer_scan
 from ..fast.precision import exact_for_f32
 from .sampling import GREEDY, Sampling, row_keys, sample_rows, split_rows
-from ..core.state import State
 
 PAD = 32  # prompt lengths are padded up to a multiple of this (padding never enters a row)
 PREFILL_MODES = ("exact", "oneshot", "chunked")

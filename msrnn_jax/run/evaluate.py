@@ -16,17 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..fast import sharding
-from .decoding import check_context, check_prefill
-from ..errors import InvalidArgument, check_int
-from ..core.positions import check_positions
-from ..core.parallel import chunk_step
-from ..fast.layer_major import layer_scan
-from ..core.step import scan
 from ..core.layers import token_nll
-from ..fast.precision import scope as precision_scope
+from ..core.parallel import chunk_step
 from ..core.policies import Policy, capacity_for, make_policy, side_by_side
+from ..core.positions import check_positions
 from ..core.state import State
+from ..core.step import scan
+from ..errors import InvalidArgument, check_int
+from ..fast import sharding
+from ..fast.layer_major import layer_scan
+from ..fast.precision import scope as precision_scope
+from .decoding import check_context, check_prefill
 
 if TYPE_CHECKING:
     from .api import Model

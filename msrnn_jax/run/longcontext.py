@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
 from ..core.policies import Policy, capacity_for, make_policies, policy_name, side_by_side
+from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
 
 if TYPE_CHECKING:
     from .api import Model
@@ -236,8 +236,8 @@ def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, 
     """Every argument of `evaluate_task` that does not need the model, checked once (the
     command line calls this before it loads the model). Returns them normalised:
     (task, policies, capacities, depths, samples, seed, prefill, chunk, batch, positions)."""
-    from .decoding import check_prefill
     from ..core.positions import check_positions
+    from .decoding import check_prefill
 
     task = check_choice("task", task, TASKS)
     pols = make_policies(policies if isinstance(policies, str) else _values(policies, "policy"), sinks)

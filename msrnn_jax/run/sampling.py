@@ -12,7 +12,6 @@ import numpy as np
 
 from ..errors import check_float, check_int
 
-
 MAX_TEMPERATURE = 2.0  # OpenAI's range, [0, 2]
 
 

@@ -20,7 +20,6 @@ from ..fast.layer_major import layer_scan
 from ..run import decoding
 
 
-
 def _own(fn):
     """A function object of the engine's own around `fn` (jit caches by function)."""
     return functools.wraps(fn)(lambda *args, **kwargs: fn(*args, **kwargs))
