@@ -83,9 +83,7 @@ def _load_gguf(path: Path, dtype, cache: bool, notify=None) -> LoadedModel:
             warnings.warn(f"ignoring the broken cached conversion {folder}: {e}", MsrnnWarning, stacklevel=3)
     message = (f"converting {path.name} (once: later runs load the copy cached in {folder})"
                if folder is not None else f"converting {path.name}")
-    cfg, params, has_tokenizer = gguf_loader._load(
-        path, dtype=np.float32, notify=notify and (lambda: notify(message)))
-    tok = load_gguf_tokenizer(path) if has_tokenizer else None
+    cfg, params, tok = gguf_loader._load(path, dtype=np.float32, notify=notify and (lambda: notify(message)))
     if folder is not None:
         try:
             save_converted(folder, cfg, params, tok, source=str(path), overwrite=True)

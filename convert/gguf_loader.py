@@ -21,6 +21,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import MsrnnError, UnsupportedConfigError
 from ._common import as_dtype, one_line
+from .gguf_tokenizer import build_tokenizer, tokenizer_metadata
 from .hf import assemble, expected_tensors
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -213,8 +214,10 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         raise type(e)(f"{path}: {e}") from e
 
 
-def _load(path, dtype=np.float32, notify=None):
-    """(cfg, params, has_tokenizer): one parse of the file for both. `notify()` is called
+def _load(path, dtype=np.float32, notify=None, tokenizer: bool = True):
+    """(cfg, params, tokenizer): one parse of the file for all three (the tokenizer is None
+    when the file carries none or `tokenizer` is False; `gguf_tokenizer` builds it, no
+    PyTorch). `notify()` is called
     once the file's header reads well, before the slow part, which then shows a bar over
     the tensors on stderr when that is a terminal."""
     import gguf
@@ -255,10 +258,11 @@ def _load(path, dtype=np.float32, notify=None):
         display[hf] = t.name
     with bar:
         params = assemble(cfg, tensors, str(path), dt, display=display)
-    return cfg, params, "tokenizer.ggml.model" in reader.fields
+    meta = tokenizer_metadata(reader, path) if tokenizer else {}
+    return cfg, params, build_tokenizer(meta, path) if "tokenizer.ggml.model" in meta else None
 
 
 def load_gguf(path: str | os.PathLike, dtype=np.float32) -> tuple[ModelConfig, dict]:
     """Read a GGUF file -> (config, params) in float32 (or `dtype`); needs no tokenizer."""
-    cfg, params, _ = _load(path, dtype)
+    cfg, params, _ = _load(path, dtype, tokenizer=False)
     return cfg, params

@@ -46,12 +46,10 @@ PRE_TOKENIZERS = {
 }
 
 
-def read_metadata(path: Path) -> dict:
-    """The `tokenizer.*` metadata of a GGUF file as plain Python values."""
-    import gguf
-
+def tokenizer_metadata(reader, path: Path) -> dict:
+    """The `tokenizer.*` metadata of a parsed GGUF file (a `gguf.GGUFReader`) as plain
+    Python values; empty when the file carries no tokenizer."""
     try:
-        reader = gguf.GGUFReader(str(path))
         return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     except Exception as e:
         raise MsrnnError(f"cannot read the tokenizer of {path}: {one_line(e)}") from e
@@ -96,7 +94,7 @@ def _sentencepiece(meta: dict, path: Path):
     if "tokenizer.ggml.merges" in meta:
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     else:
-        merges = _merges_from_scores(tokens, meta.get("tokenizer.ggml.scores"), path)
+        merges = _merges_from_scores(tokens, vocab, meta.get("tokenizer.ggml.scores"), path)
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
@@ -111,12 +109,11 @@ def _sentencepiece(meta: dict, path: Path):
     return tok, None
 
 
-def _merges_from_scores(tokens, scores, path: Path) -> list[tuple[str, str]]:
-    """SentencePiece merges implied by the vocabulary: every split of a piece into two
-    pieces of the vocabulary, best-scored piece first (what sentencepiece's own BPE does)."""
+def _merges_from_scores(tokens, vocab, scores, path: Path) -> list[tuple[str, str]]:
+    """SentencePiece merges implied by the vocabulary ({piece: id}): every split of a piece
+    into two pieces of the vocabulary, best-scored piece first (sentencepiece's own BPE)."""
     if scores is None:
         raise MsrnnError(f"{path}: a sentencepiece GGUF vocabulary needs merges or scores")
-    vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for piece, score in zip(tokens, scores):
         pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece))
@@ -137,7 +134,17 @@ _BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
 
 
 def build_tokenizer(meta: dict, path: Path):
-    """A transformers fast tokenizer from a GGUF file's `tokenizer.*` metadata."""
+    """A transformers fast tokenizer from a GGUF file's `tokenizer.*` metadata (errors:
+    one `MsrnnError` line naming the file)."""
+    try:
+        return _build(meta, path)
+    except MsrnnError:
+        raise
+    except Exception as e:
+        raise MsrnnError(f"cannot build a tokenizer from {path}: {one_line(e)}") from e
+
+
+def _build(meta: dict, path: Path):
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -179,13 +186,7 @@ def build_tokenizer(meta: dict, path: Path):
 
 def load_gguf_tokenizer(path) -> object:
     """The tokenizer of a GGUF file (a transformers fast tokenizer), without PyTorch."""
+    from .gguf_loader import _reader
+
     path = Path(path)
-    if not path.is_file():
-        raise MsrnnError(f"GGUF file not found: {path}")
-    meta = read_metadata(path)
-    try:
-        return build_tokenizer(meta, path)
-    except MsrnnError:
-        raise
-    except Exception as e:
-        raise MsrnnError(f"cannot build a tokenizer from {path}: {one_line(e)}") from e
+    return build_tokenizer(tokenizer_metadata(_reader(path), path), path)
