@@ -1,4 +1,4 @@
-"""The bodies of the `msrnn` subcommands (argument parsing lives in cli.py)."""
+"""The bodies of the `msrnn` subcommands (argument parsing lives in `cli/__init__.py`)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,15 @@ from ..run.sampling import Sampling
 
 
 # -- shared ---------------------------------------------------------------------------
-def _policy(args, name=None):
+def _policy(args):
     check_int("sinks", args.sinks, minimum=0)
-    return make_policy(name or args.policy, args.sinks)  # raises on an unknown name
+    return make_policy(args.policy, args.sinks)  # raises on an unknown name
+
+
+def _policies(args):
+    """--policy as a comma list (at least one), with --sinks checked as for one."""
+    check_int("sinks", args.sinks, minimum=0)
+    return make_policies(args.policy, args.sinks)
 
 
 def _note_full_capacity():
@@ -83,8 +89,7 @@ def _check_outputs(args):
 
 # -- ppl ------------------------------------------------------------------------------
 def ppl(args):
-    check_int("sinks", args.sinks, minimum=0)
-    policies = make_policies(args.policy, args.sinks)
+    policies = _policies(args)
     capacities = args.capacity
     if capacities and all(not p.bounded for p in policies):
         _note_full_capacity()
@@ -181,8 +186,7 @@ def _plot(results, path, title="", curve=False, context=None):
 def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     from ..run.longcontext import check_eval, evaluate_task
 
-    check_int("sinks", args.sinks, minimum=0)
-    names = make_policies(args.policy, args.sinks)
+    names = _policies(args)
     depths = [d.strip() for d in args.depths.split(",") if d.strip()]
     _check_outputs(args)
     # every value but the lengths (counted in the model's tokens) is checked before the model loads
@@ -442,8 +446,7 @@ def serve(args):
     from ..serve.engine import Engine, check_batch, served_policies
 
     # a comma list serves several policies side by side (checked here, before the server starts)
-    check_int("sinks", args.sinks, minimum=0)
-    pols = served_policies(make_policies(args.policy, args.sinks), args.sinks)
+    pols = served_policies(_policies(args), args.sinks)
     capacity = args.capacity
     if pols[0].bounded:
         capacity = 512 if capacity is None else capacity
