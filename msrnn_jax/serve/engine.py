@@ -67,7 +67,7 @@ from ..run.api import Model
 from ..run.decoding import check_prefill
 from ..run.sampling import check_settings, row_keys
 from .programs import chunk_piece, decode_rows, exact_piece, first_rows, insert_row
-from .requests import FINISH_ABORT, Request, Result, request_ids  # noqa: F401  (Result: the API)
+from .requests import FINISH_ABORT, Request, Result, request_ids
 
 log = logging.getLogger("msrnn.serve")
 
