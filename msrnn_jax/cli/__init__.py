@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" banner: running needs none
 
 from ..errors import InvalidArgument, MsrnnError  # noqa: E402  (light imports only: jax loads lazily)
+from .ruler import DefaultLengths, add_ruler_args  # noqa: E402
 
 POLICIES_HELP = "full, window, sink, tova, tova-head, h2o, h2o-head"
 
@@ -76,7 +77,8 @@ Ctrl-C stops a reply and returns to the prompt; Ctrl-D or /exit ends the chat.""
        -d '{"prompt": "The sea", "max_tokens": 16, "policy": "window"}'""",
     "eval": """examples:
   msrnn eval passkey --policy full,window,tova --capacity 64,128 --lengths 1024 --samples 2
-  msrnn eval niah --haystack data/pg_news_from_nowhere.txt --policy tova --capacity 256 --json --plot niah.png""",
+  msrnn eval niah --haystack data/pg_news_from_nowhere.txt --policy tova --capacity 256 --json --plot niah.png
+  msrnn eval ruler --policy full,window,tova --ratio 0.5,0.75 --lengths 4096 --samples 4 --out results/""",
     "convert": """examples:
   msrnn convert default smollm2/                 # the embedded model as an orbax folder
   msrnn convert path/to/hf-folder out/ --dtype bfloat16 --overwrite""",
@@ -209,16 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(w), mesh_arg(w)
 
     e = command("eval", "long-context tasks: does the bounded state keep the needle?")
-    e.add_argument("task", help="passkey or niah")
+    e.add_argument("task", help="passkey, niah or ruler (RULER in kvpress's result format: docs/ruler.md)")
     e.add_argument("--policy", required=True, help=f"comma list of: {POLICIES_HELP} (any case)")
     e.add_argument("--capacity", type=_int_list("--capacity"), help="comma list of capacities")
-    e.add_argument("--lengths", type=_int_list("--lengths"), default="1024",
-                   help="comma list of prompt lengths in the model's tokens")
+    e.add_argument("--lengths", type=_int_list("--lengths"), default=DefaultLengths([1024]),
+                   help="comma list of prompt lengths in the model's tokens (default: 1024; ruler: 4096, "
+                        "prompt and answer)")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="comma list of needle depths in [0, 1]")
     e.add_argument("--samples", type=int, default=4, help="samples per length and depth")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated keys, needles and haystack offsets")
-    e.add_argument("--haystack", help="niah: a UTF-8 text to hide the needle in (default: the filler)")
+    e.add_argument("--haystack", help="niah: a UTF-8 text to hide the needle in (default: the filler); "
+                                      "ruler: a folder of .txt files (default: the repository's data/)")
     e.add_argument("--prefill", default="exact", choices=["exact", "chunked"],
                    help="token by token (exact) or --chunk tokens at a time (chunked)")
     e.add_argument("--chunk", type=_positive("--chunk"), help="tokens per chunk for --prefill chunked")
@@ -234,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--csv", help="also write the results as CSV to this path")
     e.add_argument("--plot", help="also draw accuracy heat maps (length x depth) to this PNG")
     model_args(e)
+    add_ruler_args(e)
 
     v = command("convert", "convert a checkpoint into an orbax folder that loads fast")
     v.add_argument("src", help="HF folder, .gguf file, hub id in the local cache, or 'default'")

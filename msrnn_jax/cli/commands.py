@@ -185,6 +185,11 @@ def _plot(results, path, title="", curve=False, context=None):
 # -- eval -----------------------------------------------------------------------------
 def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     from ..run.longcontext import check_eval, evaluate_task
+    from .ruler import eval_ruler, reject_ruler_flags
+
+    if args.task.strip().lower() == "ruler":  # RULER in kvpress's format (cli/ruler.py)
+        return eval_ruler(args)
+    reject_ruler_flags(args)
 
     names = _policies(args)
     depths = [d.strip() for d in args.depths.split(",") if d.strip()]

@@ -119,10 +119,12 @@ def check_ruler(policies, ratios=(), capacities=(), lengths=(4096,), samples=4, 
     lengths, samples, tasks, skipped: {task: why})."""
     pols = make_policies(policies if isinstance(policies, str) else list(policies), sinks)
     mode = check_choice("mode", mode, MODES)
-    ratios = [check_float("ratio", r, 0.0, 1.0) for r in ratios]
-    if any(r >= 1.0 for r in ratios):
-        raise InvalidArgument("ratio must be < 1 (the fraction of the context removed)", "ratio")
-    capacities = [check_int("capacity", c) for c in capacities]
+    ratios = list(dict.fromkeys(check_float("ratio", r) for r in ([ratios] if isinstance(ratios, float) else ratios)))
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            raise InvalidArgument(f"ratio must be in [0, 1) (the fraction of the context removed), got {r}",
+                                  "ratio")
+    capacities = list(dict.fromkeys(check_int("capacity", c) for c in capacities))
     bounded = [p for p in pols if p.bounded]
     if ratios and capacities:
         raise InvalidArgument("give --ratio or --capacity, not both", "ratio")
@@ -272,11 +274,13 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
               lengths: Sequence[int] = (4096,), samples: int = 4, tasks=None, mode: str = "once",
               query_aware: bool = False, haystack: str | Path | None = None, seed: int = 0,
               out: str | Path = "ruler", squad=None, hotpotqa=None, sinks: int = 4,
-              model_name: str | None = None, bar=None, log=None) -> list[Path]:
+              model_name: str | None = None, bar=None, log=None, fuse: bool = True) -> list[Path]:
     """RULER at every length for every policy and ratio (or capacity), written under `out`
     in kvpress's format (see the module's docstring); complete directories are skipped.
     `bar`: a tqdm-like progress bar (its total is set here, in samples x settings);
-    `log(line)`: told what is skipped and why. Returns every setting's directory."""
+    `log(line)`: told what is skipped and why. `fuse`: the bounded policies of one
+    capacity side by side as batch rows (else one run each). Returns every setting's
+    directory."""
     pols, settings, lengths, samples, tasks, skipped = check_ruler(
         policies, ratios, capacities, lengths, samples, tasks, mode, seed, sinks, squad, hotpotqa, query_aware)
     log = log or (lambda line: None)
@@ -330,7 +334,7 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
                     caps = {members[0]: None}
                 else:
                     answers, caps = {}, {}
-                    for pol, group_pols in side_by_side([by_pol[s.policy] for s in members]):
+                    for pol, group_pols in side_by_side([by_pol[s.policy] for s in members], fuse):
                         names = [policy_name(p) for p in group_pols]
                         if mode == "once":
                             toks = answer_once(model, group_pols, cap, compressed, rest, max_new)
