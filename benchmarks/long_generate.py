@@ -50,6 +50,7 @@ def main(argv=None):
 
     import msrnn_jax as m
     from msrnn_jax.run import decoding
+    from msrnn_jax.run.spec import RunSpec
 
     model = m.load_model(args.model)
     marks = [int(x) for x in args.milestones.split(",")]
@@ -76,9 +77,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     # EOS does not stop the run (eos_ids=()): every run reaches --max-new-tokens
     policy = m.make_policy(args.policy)
-    res = decoding.generate_tokens(model.params, model.cfg, policy, args.capacity,
-                            [model.encode(args.prompt)], args.max_new_tokens, eos_ids=(),
-                            on_tokens=on_tokens, positions=args.positions)
+    spec = RunSpec(policy, args.capacity, positions=args.positions)
+    res = decoding.generate_tokens(model.params, model.cfg, spec, [model.encode(args.prompt)],
+                                   args.max_new_tokens, eos_ids=(), on_tokens=on_tokens)
     summary = {"command": "python -m benchmarks.long_generate " + " ".join(argv or sys.argv[1:]),
                "policy": args.policy, "capacity": args.capacity, "positions": args.positions,
                "new_tokens": sum(len(t) for t in res.tokens), "seconds": time.perf_counter() - t0,

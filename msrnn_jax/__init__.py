@@ -31,6 +31,7 @@ _API = {
     # loading a model, and what runs on it
     "run.api": ("load_model", "Model", "generate", "use_compile_cache"),
     "run.sampling": ("Sampling",),
+    "run.spec": ("RunSpec",),
     "run.evaluate": ("run_policy", "sweep"),
     "run.longcontext": ("evaluate_task",),
     "run.analysis": ("record_policies", "record_run"),

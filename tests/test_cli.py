@@ -303,3 +303,19 @@ def test_chat_state_carries_across_turns(capsys, tiny, monkeypatch):
     stats = [line for line in err.splitlines() if line.startswith("[stats]")]
     assert len(stats) == 2  # two turns (the blank line is skipped)
     assert all("capacity 24" in s for s in stats)
+
+
+def test_chat_under_full_keeps_the_whole_conversation(capsys, tiny, monkeypatch):
+    """`full` never drops a token: the chat's state has the trained context's slots from
+    the first turn on (a state sized to the first turn would have to drop tokens later)."""
+    import io
+    import json
+    from pathlib import Path
+
+    limit = json.loads((Path(tiny) / "config.json").read_text())["max_position_embeddings"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\nonce more\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", tiny, "--policy", "full", "--max-new-tokens", "40",
+                             "--stats")
+    assert code == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[stats]")]
+    assert len(stats) == 3 and all(f"capacity {limit})" in s for s in stats), stats

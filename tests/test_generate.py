@@ -15,6 +15,7 @@ from msrnn_jax.run.decoding import generate_tokens as generate
 from msrnn_jax.fast.layer_major import layer_scan
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.run.sampling import Sampling, sample_rows
+from msrnn_jax.run.spec import RunSpec
 
 from hf_models import make_hf_model, save_hf_model
 
@@ -39,7 +40,7 @@ def test_greedy_matches_transformers_generate(tiny):
         with torch.no_grad():
             ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-        out = generate(params, cfg, FULL, None, [ids], 20)
+        out = generate(params, cfg, RunSpec(FULL, None), [ids], 20)
         assert out.tokens[0] == ref
 
 
@@ -47,18 +48,18 @@ def test_ragged_batch_rows_equal_their_single_runs(tiny):
     _, cfg, params = tiny
     ps = prompts(3, [5, 19, 11], seed=2)
     for pol, cap in [(FULL, None), (make_policy("tova"), 8), (make_policy("sink", 2), 8)]:
-        batch = generate(params, cfg, pol, cap or 40, ps, 12)
+        batch = generate(params, cfg, RunSpec(pol, cap or 40), ps, 12)
         for i, p in enumerate(ps):
-            alone = generate(params, cfg, pol, cap or 40, [p], 12)
+            alone = generate(params, cfg, RunSpec(pol, cap or 40), [p], 12)
             assert batch.tokens[i] == alone.tokens[0], (pol, i)
 
 
 def test_eos_stops_each_row(tiny):
     _, cfg, params = tiny
     ps = prompts(2, [6, 9], seed=3)
-    free = generate(params, cfg, FULL, 40, ps, 10)
+    free = generate(params, cfg, RunSpec(FULL, 40), ps, 10)
     eos = free.tokens[0][3]  # row 0 emits this as its 4th token
-    stopped = generate(params, cfg, FULL, 40, ps, 10, eos_ids=[eos])
+    stopped = generate(params, cfg, RunSpec(FULL, 40), ps, 10, eos_ids=[eos])
     first = free.tokens[0].index(eos)
     assert stopped.tokens[0] == free.tokens[0][: first + 1]
     row1 = free.tokens[1]
@@ -69,9 +70,9 @@ def test_compiles_once_across_chunks_and_calls(tiny):
     _, cfg, params = tiny
     pol = make_policy("tova")
     ps = prompts(2, [9, 14], seed=4)
-    generate(params, cfg, pol, 16, ps, 40, steps_per_call=8)  # 1 + 5 chunk calls
+    generate(params, cfg, RunSpec(pol, 16), ps, 40, steps_per_call=8)  # 1 + 5 chunk calls
     sizes = (decode_rows._cache_size(), layer_scan._cache_size())
-    generate(params, cfg, pol, 16, prompts(2, [12, 3], seed=5), 33, steps_per_call=8)
+    generate(params, cfg, RunSpec(pol, 16), prompts(2, [12, 3], seed=5), 33, steps_per_call=8)
     assert (decode_rows._cache_size(), layer_scan._cache_size()) == sizes
 
 
@@ -89,22 +90,22 @@ def test_decode_loop_traces_once(tiny, monkeypatch):
                       donate_argnames=("state",))
     monkeypatch.setattr(g, "decode_rows", counted)
     pol = make_policy("tova")
-    generate(params, cfg, pol, 16, prompts(2, [9, 14], seed=4), 40, steps_per_call=8)
-    generate(params, cfg, pol, 16, prompts(2, [30, 3], seed=5), 17, steps_per_call=8)
+    generate(params, cfg, RunSpec(pol, 16), prompts(2, [9, 14], seed=4), 40, steps_per_call=8)
+    generate(params, cfg, RunSpec(pol, 16), prompts(2, [30, 3], seed=5), 17, steps_per_call=8)
 
 
 def test_sampling_seed_topk_topp(tiny):
     _, cfg, params = tiny
     ps = prompts(1, [8], seed=6)
     hot = Sampling(temperature=1.5)
-    a = generate(params, cfg, FULL, 40, ps, 16, hot, seed=7).tokens
-    b = generate(params, cfg, FULL, 40, ps, 16, hot, seed=7).tokens
-    c = generate(params, cfg, FULL, 40, ps, 16, hot, seed=8).tokens
+    a = generate(params, cfg, RunSpec(FULL, sampling=hot), ps, 16, seed=7).tokens
+    b = generate(params, cfg, RunSpec(FULL, sampling=hot), ps, 16, seed=7).tokens
+    c = generate(params, cfg, RunSpec(FULL, sampling=hot), ps, 16, seed=8).tokens
     assert a == b and a != c
-    greedy = generate(params, cfg, FULL, 40, ps, 16).tokens
-    assert generate(params, cfg, FULL, 40, ps, 16, Sampling(temperature=2.0, top_k=1), seed=9).tokens == greedy
+    greedy = generate(params, cfg, RunSpec(FULL, 40), ps, 16).tokens
+    assert generate(params, cfg, RunSpec(FULL, sampling=Sampling(temperature=2.0, top_k=1)), ps, 16, seed=9).tokens == greedy
     # a tiny nucleus keeps only the most likely token: greedy again
-    assert generate(params, cfg, FULL, 40, ps, 16, Sampling(temperature=1.0, top_p=1e-6), seed=9).tokens == greedy
+    assert generate(params, cfg, RunSpec(FULL, sampling=Sampling(temperature=1.0, top_p=1e-6)), ps, 16, seed=9).tokens == greedy
 
 
 def test_one_temperature_rule():
@@ -144,15 +145,15 @@ def test_forked_state_answers_like_a_fresh_read(tiny, policy, cap):
     context, q1, q2 = prompts(3, [20, 5, 7], seed=10)
     _, state = prefill(params, cfg, pol, None, cap, [context])
     for q in (q1, q2):
-        forked = generate(params, cfg, pol, cap, [q], 10, state=state)  # state is not consumed
-        fresh = generate(params, cfg, pol, cap, [context + q], 10)
+        forked = generate(params, cfg, RunSpec(pol, cap), [q], 10, state=state)  # state is not consumed
+        fresh = generate(params, cfg, RunSpec(pol, cap), [context + q], 10)
         assert forked.tokens == fresh.tokens
     assert int(state.length[0]) == len(context)
 
 
 def test_state_shape_constant_through_generation(tiny):
     _, cfg, params = tiny
-    out = generate(params, cfg, make_policy("window"), 8, prompts(1, [30], seed=11), 25)
+    out = generate(params, cfg, RunSpec(make_policy("window"), 8), prompts(1, [30], seed=11), 25)
     assert out.state.keys.shape == (cfg.num_layers, 1, cfg.num_kv_heads, 8, cfg.head_dim)
     assert int(out.state.length[0]) == 30 + 25
     assert sorted(np.asarray(out.state.pos)[0, 0, 0].tolist()) == list(range(47, 55))
@@ -163,8 +164,8 @@ def test_prefill_modes_generate(tiny, mode, chunk):
     """With capacity above the prompt, every prefill mode reads the same state."""
     _, cfg, params = tiny
     ps = prompts(2, [9, 15], seed=12)
-    ref = generate(params, cfg, make_policy("tova"), 32, ps, 8)
-    out = generate(params, cfg, make_policy("tova"), 32, ps, 8, prefill_mode=mode, chunk=chunk)
+    ref = generate(params, cfg, RunSpec(make_policy("tova"), 32), ps, 8)
+    out = generate(params, cfg, RunSpec(make_policy("tova"), 32, mode, chunk), ps, 8)
     assert out.tokens == ref.tokens
 
 
@@ -186,6 +187,18 @@ def test_decode_rate_leaves_out_the_first_chunk(tiny, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(g, "decode_rows", stalled_first)
-    res = g.generate_tokens(params, cfg, make_policy("window"), 16, prompts(1, [5]), 40, steps_per_call=4)
+    res = g.generate_tokens(params, cfg, RunSpec(make_policy("window"), 16), prompts(1, [5]), 40, steps_per_call=4)
     assert len(calls) == 10 and sum(len(t) for t in res.tokens) == 40
     assert res.decode_tokens_per_s > 80
+
+
+def test_full_refuses_to_continue_a_state_too_small_for_the_run(tiny):
+    """full never drops a token: continuing a state without slots for the whole run is
+    refused, not run as a window."""
+    from msrnn_jax.errors import InvalidArgument
+
+    _, cfg, params = tiny
+    _, state = prefill(params, cfg, FULL, None, 16, [list(range(1, 11))])
+    with pytest.raises(InvalidArgument, match="16 slots"):
+        generate(params, cfg, RunSpec(FULL), [[3, 4]], 8, state=state)
+    assert len(generate(params, cfg, RunSpec(FULL), [[3, 4]], 4, state=state).tokens[0]) == 4  # 10 + 2 + 4 fit

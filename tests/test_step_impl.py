@@ -18,6 +18,7 @@ from msrnn_jax.core.step import scan
 from msrnn_jax import testing
 from msrnn_jax.core.policies import make_policy
 from msrnn_jax.fast.attention import StepImpl
+from msrnn_jax.run.spec import RunSpec
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_split_layout_model_gives_the_same_results(tmp_path, layout):
         assert (np.asarray(a.state.pos) == np.asarray(b.state.pos)).all()
     pol = make_policy("tova")
     for mode in ("exact", "oneshot"):
-        ga = generate(stacked.params, stacked.cfg, pol, 16, [ids[:30], ids[:5]], 10, prefill_mode=mode)
-        gb = generate(split.params, split.cfg, pol, 16, [ids[:30], ids[:5]], 10, prefill_mode=mode)
+        ga = generate(stacked.params, stacked.cfg, RunSpec(pol, 16, mode), [ids[:30], ids[:5]], 10)
+        gb = generate(split.params, split.cfg, RunSpec(pol, 16, mode), [ids[:30], ids[:5]], 10)
         assert ga.tokens == gb.tokens
     with pytest.raises(api.MsrnnError):
         api.load_model(folder, layers="diagonal")
@@ -130,8 +131,8 @@ def test_generate_with_the_pallas_kernels(tiny):
     from msrnn_jax.run.decoding import generate_tokens as generate
     cfg, params = tiny
     prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
-    ref = generate(params, cfg, make_policy("tova"), 6, prompts, 10)
-    out = generate(split_layers(params), cfg, make_policy("tova"), 6, prompts, 10,
+    ref = generate(params, cfg, RunSpec(make_policy("tova"), 6), prompts, 10)
+    out = generate(split_layers(params), cfg, RunSpec(make_policy("tova"), 6), prompts, 10,
                    impl=StepImpl(attention="pallas"))
     assert out.tokens == ref.tokens
     assert (np.asarray(out.state.pos) == np.asarray(ref.state.pos)).all()

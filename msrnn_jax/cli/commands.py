@@ -11,15 +11,15 @@ import sys
 import threading
 from pathlib import Path
 
-from ..core.policies import capacity_for, make_policies, make_policy, policy_name
-from ..core.positions import check_positions
+from ..core.policies import make_policies, make_policy, policy_name
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
 from ..fast.attention import StepImpl
 from ..io.files import check_output_file, write_atomic
 from ..run import api
-from ..run.decoding import check_context, check_prefill
-from ..run.evaluate import sweep
+from ..run.decoding import check_context
+from ..run.evaluate import PPL_PREFILL_MODES, run_grid
 from ..run.sampling import Sampling
+from ..run.spec import RunSpec, grid
 
 
 # -- shared ---------------------------------------------------------------------------
@@ -38,13 +38,15 @@ def _note_full_capacity():
     print("msrnn: note: the full policy keeps every token and ignores --capacity", file=sys.stderr)
 
 
-def _check_capacity(args, pol, capacity):
-    """The capacity flag for one policy: `full` ignores it (with a note)."""
-    if not pol.bounded:
-        if capacity is not None:
-            _note_full_capacity()
-        return None
-    return capacity_for(pol, capacity, 1)
+def _spec(args, capacity: int | None = None) -> RunSpec:
+    """The run of generate and chat as the flags say (policy, capacity, prefill, chunk,
+    positions, sampling), checked before any work; `full` ignores --capacity, with a note.
+    `capacity` stands in for --capacity when it is not given (a saved state's)."""
+    pol = _policy(args)
+    if not pol.bounded and args.capacity is not None:
+        _note_full_capacity()
+    return RunSpec(pol, args.capacity if args.capacity is not None else capacity, args.prefill, args.chunk,
+                   args.positions, _sampling(args))
 
 
 def _sampling(args) -> Sampling:
@@ -60,11 +62,6 @@ def _sampling(args) -> Sampling:
     if args.top_k is not None:
         check_int("top_k", args.top_k, minimum=1)
     return Sampling.of(args.temperature, args.top_k, args.top_p)
-
-
-def _prefill_args(args):
-    check_prefill(args.prefill, args.chunk)
-    check_positions(getattr(args, "positions", "absolute"), args.prefill)  # oneshot cannot reindex
 
 
 def _load(args):
@@ -93,15 +90,12 @@ def ppl(args):
     capacities = args.capacity
     if capacities and all(not p.bounded for p in policies):
         _note_full_capacity()
-    if any(p.bounded for p in policies):
-        if not capacities:
-            raise InvalidArgument("--capacity C[,C...] is required by every policy but full")
-        for p in policies:
-            for c in capacities:
-                capacity_for(p, c, 1)
+    if any(p.bounded for p in policies) and not capacities:
+        raise InvalidArgument("--capacity C[,C...] is required by every policy but full")
+    specs = grid(policies, capacities or [], args.sinks, args.prefill, args.chunk, args.positions,
+                 PPL_PREFILL_MODES)
     if args.tokens is not None:
         check_int("tokens", args.tokens, minimum=2)
-    _prefill_args(args)
     _check_outputs(args)
     texts = [api.read_text(f) for f in args.files]
     model = _load(args)
@@ -127,8 +121,7 @@ def ppl(args):
     results = []
     with tqdm(total=runs * per_run, unit="tok", disable=None, file=sys.stderr, leave=False,
               desc=f"perplexity, {runs} runs x {per_run} tokens") as bar:
-        for res in sweep(model, policies, capacities or [], rows, prefill=args.prefill, chunk=args.chunk,
-                         fuse=not args.no_fuse, progress=bar.update, positions=args.positions):
+        for res in run_grid(model, specs, rows, fuse=not args.no_fuse, progress=bar.update):
             run, pol = res.run, res.policy
             rec = {"policy": policy_name(pol), "capacity": res.capacity, "tokens": int(rows.shape[1]),
                    "batch": int(rows.shape[0]), "mean_nll": run.mean_nll, "ppl": run.ppl,
@@ -271,11 +264,13 @@ class _Streamer:
 
 
 def generate(args):
-    pol = _policy(args)
     # a saved state brings its own capacity; --capacity, if given, must agree with it
-    cap = args.capacity if args.load_state else _check_capacity(args, pol, args.capacity)
-    sampling = _sampling(args)
-    _prefill_args(args)
+    saved = None
+    if args.load_state:
+        from ..io.state_io import state_meta
+
+        saved = state_meta(args.load_state)
+    spec = _spec(args, saved["capacity"] if saved else None)
     check_int("max_new_tokens", args.max_new_tokens)
     if args.prompts and args.prompt:
         raise InvalidArgument("give a prompt or --prompts FILE, not both")
@@ -297,12 +292,10 @@ def generate(args):
     if args.load_state:
         from ..io.state_io import load_state
 
-        state = load_state(args.load_state, model, pol, batch=len(ids), capacity=cap)
-        cap = state.capacity
+        state = load_state(args.load_state, model, spec.policy, batch=len(ids), capacity=args.capacity)
     streamer = _Streamer(model) if len(ids) == 1 else None
-    res = api.generate(model, ids, args.max_new_tokens, policy=pol, capacity=cap, sampling=sampling,
-                       seed=args.seed, prefill=args.prefill, chunk=args.chunk, state=state,
-                       on_tokens=streamer, positions=args.positions)
+    res = api.generate(model, ids, args.max_new_tokens, spec=spec, seed=args.seed, state=state,
+                       on_tokens=streamer)
     if streamer is not None:
         streamer.finish()
     else:
@@ -313,7 +306,7 @@ def generate(args):
     if args.save_state:
         from ..io.state_io import save_state
 
-        save_state(args.save_state, res.state, model, pol)
+        save_state(args.save_state, res.state, model, spec.policy)
     if args.stats:
         _print_stats(res, [len(i) for i in ids])
     return 0
@@ -332,16 +325,14 @@ def _print_stats(res, prompt_lengths):
 
 
 def chat(args):
-    pol = _policy(args)
-    cap = _check_capacity(args, pol, args.capacity)
-    sampling = _sampling(args)
-    _prefill_args(args)
-    if args.prefill == "oneshot":
+    spec = _spec(args)
+    if spec.prefill == "oneshot":
         raise InvalidArgument("chat continues its state across turns: use --prefill exact or chunked")
     model = _load(args)
-    cap = capacity_for(pol, cap, model.cfg.max_position_embeddings)
+    pol, cap = spec.policy, spec.state_size(model.cfg.max_position_embeddings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    state, consumed = None, ""
+    # `full` keeps the whole conversation: its state has the trained context's slots from the start
+    state, consumed = (None if pol.bounded else model.empty_state(1, cap)), ""
     interactive = sys.stdin.isatty()
     eos_text = model.tokenizer.eos_token or ""
     if interactive:
@@ -364,10 +355,8 @@ def chat(args):
         streamer = _Streamer(model)
         try:
             with _ctrl_c_stops(streamer):
-                res = api.generate(model, [new_ids], args.max_new_tokens, policy=pol, capacity=cap,
-                                   sampling=sampling, seed=args.seed + len(messages),
-                                   prefill=args.prefill, chunk=args.chunk, state=state,
-                                   on_tokens=streamer, positions=args.positions)
+                res = api.generate(model, [new_ids], args.max_new_tokens, spec=spec,
+                                   seed=args.seed + len(messages), state=state, on_tokens=streamer)
         except _ReplyStopped:  # drop this turn: the state is the one before it (generate copies)
             streamer.finish()
             print("[reply interrupted]", file=sys.stderr)
@@ -448,16 +437,15 @@ def convert(args):
 # -- serve ------------------------------------------------------------------------------
 def serve(args):
     from ..serve import server
-    from ..serve.engine import Engine, check_batch, served_policies
+    from ..serve.engine import SERVE_PREFILL_MODES, Engine, check_batch, served_policies
 
     # a comma list serves several policies side by side (checked here, before the server starts)
     pols = served_policies(_policies(args), args.sinks)
     capacity = args.capacity
     if pols[0].bounded:
         capacity = 512 if capacity is None else capacity
-        for p in pols:
-            capacity_for(p, capacity, 1)
-    _prefill_args(args)
+    for p in pols:
+        RunSpec(p, capacity, args.prefill, args.chunk, args.positions).require_prefill(SERVE_PREFILL_MODES)
     check_int("max_queue", args.max_queue, minimum=0)
     check_float("--prefill-share", args.prefill_share, low=0.0, high=1.0, low_open=True)
     if not 0 <= args.port <= 65535:

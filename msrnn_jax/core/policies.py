@@ -88,7 +88,7 @@ class Sink(Policy):
         super().validate(capacity)
         if capacity <= self.sinks:
             raise InvalidArgument(f"the sink policy needs capacity > sinks, got capacity {capacity} "
-                                  f"and sinks {self.sinks}")
+                                  f"and sinks {self.sinks}", "capacity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,7 @@ def make_policy(name: str | Policy, sinks: int = 4) -> Policy:
         return Tova(head_wise=key.endswith("-head"))
     if key in ("h2o", "h2o-head"):
         return H2O(head_wise=key.endswith("-head"))
-    raise InvalidArgument(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+    raise InvalidArgument(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})", "policy")
 
 
 def make_policies(names, sinks: int = 4) -> list[Policy]:

@@ -57,10 +57,9 @@ def save_state(path, state: State, model, policy: Policy) -> None:
         os.replace(tmp, path)
 
 
-def load_state(path, model, policy: Policy | None = None, batch: int | None = None,
-               capacity: int | None = None) -> State:
-    import orbax.checkpoint as ocp
-
+def state_meta(path) -> dict:
+    """What `state.json` of a saved state says (model, policy, capacity, batch, dtype,
+    length), read without the model, so that a command can check it before loading one."""
     path = Path(path).absolute()
     meta_file = path / "state.json"
     if not meta_file.is_file():
@@ -69,8 +68,18 @@ def load_state(path, model, policy: Policy | None = None, batch: int | None = No
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise MsrnnError(f"corrupt saved state {path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise MsrnnError(f"not a saved state: {path} (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = meta.get("format") if isinstance(meta, dict) else None
+        raise MsrnnError(f"not a saved state: {path} (format {what!r})")
+    return meta
+
+
+def load_state(path, model, policy: Policy | None = None, batch: int | None = None,
+               capacity: int | None = None) -> State:
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta = state_meta(path)
     if meta["model"] != model_fingerprint(model):
         raise InvalidArgument(f"the state in {path} was made by another model than {model.source}")
     if capacity is not None and meta["capacity"] != capacity:

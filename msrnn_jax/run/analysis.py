@@ -32,7 +32,8 @@ from ..core.policies import Policy, make_policy, policy_name, side_by_side
 from ..core.state import State
 from ..core.step import scan
 from ..errors import InvalidArgument
-from .evaluate import NLLSummary, run_inputs
+from .evaluate import NLLSummary, token_rows
+from .spec import RunSpec
 
 TOKEN_KINDS = ("punctuation", "newline", "quote", "capitalised", "digit", "other")
 QUOTE_CHARS = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"  # " ' ` ‘ ’ “ ” « »
@@ -98,8 +99,10 @@ def record_run(model, policy: str | Policy, capacity: int | None, tokens,
     `Model` (or anything with `params` and `cfg`).
     """
     params, cfg = model.params, model.cfg
-    tokens, pol, capacity = run_inputs(policy, capacity, tokens, sinks)
-    B, T = tokens.shape
+    tokens = token_rows(tokens)
+    spec = RunSpec.of(policy, capacity, sinks=sinks)
+    pol, (B, T) = spec.policy, tokens.shape
+    capacity = spec.state_size(T)
     n_calls = -(-T // steps_per_call)
     width = -(-T // n_calls)  # as even as possible: little padding in the last call
     inputs = np.zeros((B, n_calls * width), np.int32)

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..core.policies import Policy, capacity_for, make_policy
+from ..core.policies import Policy
 from ..core.state import State
 from ..errors import InvalidArgument, MsrnnError, check_choice
 from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from .decoding import GenerateResult, generate_tokens
-from .sampling import GREEDY, Sampling
+from .sampling import Sampling
+from .spec import RunSpec
 
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("auto", "stacked", "split", "fused")
@@ -58,6 +59,14 @@ class Model:
 
         with scope(self.precision), sharding.use(self.mesh):
             yield
+
+    def empty_state(self, batch: int, capacity: int) -> State:
+        """An empty state of `batch` rows and `capacity` slots in this model's dtype (made
+        in the mesh's shardings when the model has one)."""
+        dtype = self.params["embed"].dtype
+        if self.mesh is None:
+            return State.init(self.cfg, batch, capacity, dtype)
+        return sharding.init_state(self.cfg, batch, capacity, dtype, self.mesh)
 
     def _tok(self):
         if self.tokenizer is None:
@@ -191,28 +200,32 @@ def prompt_ids(model: Model, prompts, chat: bool = False) -> list[list[int]]:
 
 def generate(model: Model, prompts, max_new_tokens: int = 128, *, policy: str | Policy = "full",
              capacity: int | None = None, sinks: int = 4, sampling: Sampling | None = None,
-             seed: int = 0, chat: bool = False, prefill: str = "exact", chunk: int | None = None,
-             state: State | None = None,
+             prefill: str = "exact", chunk: int | None = None, positions: str = "absolute",
+             spec: RunSpec | None = None, seed: int = 0, chat: bool = False, state: State | None = None,
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL,
-             positions: str = "absolute") -> GenerateResult:
+             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL) -> GenerateResult:
     """Continue each prompt (a string, a list of strings, or token lists: one batch row
     each, ragged is fine) by up to `max_new_tokens`, streaming chunks of tokens to
     `on_tokens(tokens [B, n], emitted [B, n])` as they arrive. Greedy unless `sampling`
     says otherwise. `state` continues a kept state (it is not consumed). The result has
-    the tokens, their `texts`, the state after them, and timings. `positions`:
-    "absolute" (the paper's) or "reindex" (positions within the state, for streams past
-    the trained context; docs/design.md §8)."""
-    pol = make_policy(policy, sinks)
+    the tokens, their `texts`, the state after them, and timings.
+
+    How the run keeps and reads its tokens is a `RunSpec`: give one as `spec`, or its
+    fields by name (`policy`, `capacity`, `sinks`, `sampling`, `prefill`, `chunk`,
+    `positions`: "absolute", the paper's, or "reindex", positions within the state for
+    streams past the trained context; docs/design.md §8). Everything is checked before
+    any work."""
+    if spec is None:
+        spec = RunSpec.of(policy, capacity, sinks=sinks, prefill=prefill, chunk=chunk, positions=positions,
+                          sampling=sampling)
+    elif (policy, capacity, sinks, sampling, prefill, chunk, positions) != ("full", None, 4, None, "exact", None,
+                                                                           "absolute"):
+        raise InvalidArgument("give either spec or its fields (policy, capacity, ...), not both", "spec")
     rows = prompt_ids(model, prompts, chat)
-    if state is None:
-        capacity_for(pol, capacity, 1)  # validate before any work
     with model.scope():
-        res = generate_tokens(model.params, model.cfg, pol, capacity, rows, max_new_tokens,
-                              GREEDY if sampling is None else sampling, seed=seed, prefill_mode=prefill,
-                              chunk=chunk, state=state, eos_ids=model.eos_ids, on_tokens=on_tokens,
-                              steps_per_call=steps_per_call, impl=impl, mesh=model.mesh,
-                              positions=positions)
+        res = generate_tokens(model.params, model.cfg, spec, rows, max_new_tokens, seed=seed, state=state,
+                              eos_ids=model.eos_ids, on_tokens=on_tokens, steps_per_call=steps_per_call,
+                              impl=impl, mesh=model.mesh)
     if model.tokenizer is not None:
         res.texts = [model.decode(t) for t in res.tokens]
     return res

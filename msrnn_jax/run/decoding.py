@@ -22,34 +22,19 @@ import numpy as np
 from .. import errors
 from ..config import ModelConfig
 from ..core.parallel import chunk_step, prefill_oneshot
-from ..core.policies import Policy, capacity_for
+from ..core.policies import Policy
 from ..core.positions import check_positions
 from ..core.state import State
 from ..core.step import Recurrence, scan, step
-from ..errors import InvalidArgument, check_choice, check_int
+from ..errors import InvalidArgument, check_int
 from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..fast.layer_major import layer_scan
 from ..fast.precision import exact_for_f32
-from .sampling import GREEDY, Sampling, row_keys, sample_rows, split_rows
+from .sampling import row_keys, sample_rows, split_rows
+from .spec import RunSpec, check_prefill
 
 PAD = 32  # prompt lengths are padded up to a multiple of this (padding never enters a row)
-PREFILL_MODES = ("exact", "oneshot", "chunked")
-
-
-def check_prefill(mode: str, chunk: int | None, modes=PREFILL_MODES) -> tuple[str, int | None]:
-    """(mode, chunk) checked once for every caller: a known mode, and a chunk size
-    S >= 1 exactly when the mode is chunked."""
-    mode = check_choice("prefill mode", mode, modes, "prefill")
-    if mode == "chunked":
-        if chunk is None:
-            raise InvalidArgument("chunked prefill needs chunk (the chunk size S)", "chunk")
-        return mode, check_int("chunk", chunk)
-    if chunk is not None:
-        raise InvalidArgument(f"chunk applies to chunked prefill only, not {mode}", "chunk")
-    return mode, None
-
-
 def check_context(cfg: ModelConfig, policy: Policy, n_tokens: int, positions: str = "absolute",
                   capacity: int | None = None) -> None:
     """docs/design.md §8 past the model's trained context (`max_position_embeddings`):
@@ -199,24 +184,23 @@ class GenerateResult:
 
 
 @sharding.within_mesh
-def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | None,
-             prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
-             seed: int = 0, prefill_mode: str = "exact", chunk: int | None = None,
-             state: State | None = None, eos_ids: Sequence[int] = (),
-             on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL,
-             positions: str = "absolute", mesh=None) -> GenerateResult:
+def generate_tokens(params, cfg: ModelConfig, spec: RunSpec, prompts: Sequence[Sequence[int]],
+                    max_new_tokens: int, seed: int = 0, state: State | None = None,
+                    eos_ids: Sequence[int] = (),
+                    on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                    steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL, mesh=None) -> GenerateResult:
     """Read `prompts` (token lists, one per row; ragged is fine) into a fresh state or
-    continue `state`, then decode up to `max_new_tokens` per row. `on_tokens(tokens,
-    emitted)` is called with each chunk of [B, steps_per_call] tokens as they arrive.
+    continue `state`, then decode up to `max_new_tokens` per row, as `spec` says (policy,
+    capacity, prefill, positions, sampling: a `RunSpec`, already validated). A continued
+    `state` must have been read with the same positions. `on_tokens(tokens, emitted)` is
+    called with each chunk of [B, steps_per_call] tokens as they arrive.
     impl: how the decode step computes (`fast.attention.StepImpl`); e.g. attention="pallas" for
-    the largest batches on a GPU (benchmarks/results/). positions: "absolute" or
-    "reindex" (docs/design.md §8; a continued `state` must have been read with the same).
+    the largest batches on a GPU (docs/performance.md).
     mesh: the `sharding` mesh the params are placed on; rows are padded to a multiple of its data size with one-token
     rows that never decode, and dropped from the result."""
     check_int("max_new_tokens", max_new_tokens)
-    positions = check_positions(positions, prefill_mode)
     sharding.check_impl(impl, mesh)
+    policy, capacity, positions = spec.policy, spec.capacity, spec.positions
     n_real = len(prompts)
     if state is not None and state.batch != n_real:
         raise InvalidArgument(f"the state has {state.batch} rows but {n_real} prompts were given")
@@ -227,20 +211,24 @@ def generate_tokens(params, cfg: ModelConfig, policy: Policy, capacity: int | No
         prompts += [prompts[0][:1]] * (sharding.padded_rows(n_real, mesh) - n_real)
     B = len(prompts)
     if state is None:
-        capacity = capacity_for(policy, capacity, max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
+        capacity = spec.state_size(max(len(p) for p in prompts) + max_new_tokens, 2 * PAD)
     else:
         state = state.copy()  # the caller's state stays valid (the calls below donate theirs)
         if mesh is not None:
             state = sharding.place_state(state, mesh)
     start = 0 if state is None else int(np.asarray(state.length).max())
-    check_context(cfg, policy, start + max(len(p) for p in prompts) + max_new_tokens, positions, capacity)
+    needed = start + max(len(p) for p in prompts) + max_new_tokens
+    if not policy.bounded and state is not None and needed > state.capacity:
+        raise InvalidArgument(f"the full policy keeps every token, but the state has {state.capacity} slots "
+                              f"and this run needs up to {needed}", "max_new_tokens")
+    check_context(cfg, policy, needed, positions, capacity)
     t0 = time.perf_counter()
-    logits, state = prefill(params, cfg, policy, state, capacity, prompts, prefill_mode, chunk,
+    logits, state = prefill(params, cfg, policy, state, capacity, prompts, spec.prefill, spec.chunk,
                             positions=positions, mesh=mesh)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    temperature, top_k, top_p = (jnp.asarray(a) for a in sampling.rows(B))
+    temperature, top_k, top_p = (jnp.asarray(a) for a in spec.sampling.rows(B))
     tok, keys = first_rows(logits, jnp.asarray(row_keys(seed, B)), temperature, top_k, top_p)
     budget = jnp.full((B,), max_new_tokens - 1, jnp.int32)
     finished = jnp.isin(tok, eos) | (budget <= 0)

@@ -18,31 +18,21 @@ import numpy as np
 
 from ..core.layers import token_nll
 from ..core.parallel import chunk_step
-from ..core.policies import Policy, capacity_for, make_policy, side_by_side
-from ..core.positions import check_positions
+from ..core.policies import Policy
 from ..core.state import State
 from ..core.step import scan
 from ..errors import InvalidArgument, check_int
 from ..fast import sharding
 from ..fast.layer_major import layer_scan
 from ..fast.precision import scope as precision_scope
-from .decoding import check_context, check_prefill
+from .decoding import check_context
+from .spec import RunSpec, fused_runs, grid
 
 if TYPE_CHECKING:
     from .api import Model
 
 STEPS_PER_CALL = 256  # tokens per compiled scan call in perplexity runs (progress, memory)
 PPL_PREFILL_MODES = ("exact", "chunked")
-
-
-def run_inputs(policy: str | Policy, capacity: int | None, tokens, sinks: int = 4):
-    """What a run over token rows needs: (tokens int32 [B, T] with T >= 2, the policy,
-    the state size)."""
-    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
-    if tokens.shape[1] < 2:
-        raise InvalidArgument(f"need at least 2 tokens, got {tokens.shape[1]}")
-    pol = make_policy(policy, sinks)
-    return tokens, pol, capacity_for(pol, capacity, tokens.shape[1])
 
 
 class NLLSummary:
@@ -103,10 +93,24 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
     (`fast.layer_major`: the same kept positions, NLLs equal up to float rounding;
     several times faster on a CPU); False runs the token-by-token scan.
     """
-    tokens, pol, cap = run_inputs(policy, capacity, tokens, sinks)
+    spec = RunSpec.of(policy, capacity, sinks=sinks, prefill=prefill, chunk=chunk, positions=positions)
+    return run_spec(model, spec.require_prefill(PPL_PREFILL_MODES), token_rows(tokens), steps_per_call, progress,
+                    layer_major)
+
+
+def token_rows(tokens) -> np.ndarray:
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    if tokens.shape[1] < 2:
+        raise InvalidArgument(f"need at least 2 tokens, got {tokens.shape[1]}")
+    return tokens
+
+
+def run_spec(model: Model, spec: RunSpec, tokens: np.ndarray, steps_per_call: int = STEPS_PER_CALL,
+             progress: Callable[[int], None] | None = None, layer_major: bool = True) -> PolicyRun:
+    """`run_policy` of a validated `RunSpec` (exact or chunked) over int32 rows [B, T >= 2]."""
+    pol, prefill, chunk, positions = spec.policy, spec.prefill, spec.chunk, spec.positions
     B, T = tokens.shape
-    prefill, chunk = check_prefill(prefill, chunk, PPL_PREFILL_MODES)
-    positions = check_positions(positions, prefill)
+    cap = spec.state_size(T)
     check_context(model.cfg, pol, T, positions, cap)
     mesh = getattr(model, "mesh", None)
     Bp = sharding.padded_rows(B, mesh)  # rows beyond B are inactive: they never touch the state
@@ -174,21 +178,19 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
     of batched matmuls (~1e-5); the weights are read once per step for all of them.
     Their `tokens_per_s` is then each policy's own rate while sharing the run. Results are
     yielded as soon as each run ends. `positions` applies to every run (`run_policy`)."""
-    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
-    positions = check_positions(positions, prefill)
-    pols = [make_policy(p, sinks) for p in policies]
-    for pol in pols:
-        if not pol.bounded:
-            yield SweepResult(pol, tokens.shape[1], run_policy(model, pol, None, tokens, progress=progress,
-                                                               prefill=prefill, chunk=chunk,
-                                                               positions=positions))
-    bounded = [p for p in pols if p.bounded]
-    for cap in capacities:
-        for pol, members in side_by_side(bounded, fuse and prefill == "exact"):
-            run = run_policy(model, pol, cap, pol.spread(tokens), progress=progress, prefill=prefill,
-                             chunk=chunk, positions=positions)
-            for i, member in enumerate(members):
-                rows = pol.rows_of(i, run.nll.shape[0])
-                part = run if len(members) == 1 else PolicyRun(run.nll[rows], run.state.take_rows(rows),
-                                                               run.seconds, run.compile_seconds)
-                yield SweepResult(member, cap, part, shared_with=len(members))
+    specs = grid(policies, capacities, sinks, prefill, chunk, positions, PPL_PREFILL_MODES)
+    return run_grid(model, specs, tokens, fuse, progress)
+
+
+def run_grid(model: Model, specs: Sequence[RunSpec], tokens, fuse: bool = True,
+             progress: Callable[[int], None] | None = None) -> Iterator[SweepResult]:
+    """`sweep` over validated specs (`spec.grid`), fused as `spec.fused_runs` says."""
+    tokens = token_rows(tokens)
+    for spec, members in fused_runs(specs, fuse):
+        run = run_spec(model, spec, spec.policy.spread(tokens), progress=progress)
+        cap = spec.capacity if spec.policy.bounded else tokens.shape[1]
+        for i, member in enumerate(members):
+            rows = spec.policy.rows_of(i, run.nll.shape[0])
+            part = run if len(members) == 1 else PolicyRun(run.nll[rows], run.state.take_rows(rows),
+                                                           run.seconds, run.compile_seconds)
+            yield SweepResult(member, cap, part, shared_with=len(members))

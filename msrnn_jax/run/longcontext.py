@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.policies import Policy, capacity_for, make_policies, policy_name, side_by_side
+from ..core.policies import Policy, policy_name
 from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
+from .spec import fused_runs, grid
 
 if TYPE_CHECKING:
     from .api import Model
@@ -235,26 +236,17 @@ def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, 
                chunk=None, batch=None, sinks=4, positions="absolute"):
     """Every argument of `evaluate_task` that does not need the model, checked once (the
     command line calls this before it loads the model). Returns them normalised:
-    (task, policies, capacities, depths, samples, seed, prefill, chunk, batch, positions)."""
-    from ..core.positions import check_positions
-    from .decoding import check_prefill
-
+    (task, the runs as validated `RunSpec`s (`spec.grid`), depths, samples, seed, batch)."""
     task = check_choice("task", task, TASKS)
-    pols = make_policies(policies if isinstance(policies, str) else _values(policies, "policy"), sinks)
-    caps = [check_int("capacity", c) for c in capacities]
-    if any(p.bounded for p in pols):
-        if not caps:
-            raise InvalidArgument("every policy but full needs a capacity C[,C...]", "capacity")
-        for p in pols:
-            for c in caps:
-                capacity_for(p, c, 1)
+    names = policies if isinstance(policies, str) else _values(policies, "policy")
+    specs = grid(names, [check_int("capacity", c) for c in capacities], sinks, prefill, chunk, positions,
+                 EVAL_PREFILL_MODES)
     depths = list(dict.fromkeys(check_float("depths", d, 0.0, 1.0) for d in _values(depths, "depths")))
     samples = check_int("samples", samples)
     seed = check_int("seed", seed, minimum=0)
-    prefill, chunk = check_prefill(prefill, chunk, EVAL_PREFILL_MODES)
     if batch is not None:
         batch = check_int("batch", batch)
-    return task, pols, caps, depths, samples, seed, prefill, chunk, batch, check_positions(positions, prefill)
+    return task, specs, depths, samples, seed, batch
 
 
 def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], capacities: Sequence[int] = (),
@@ -274,13 +266,12 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
     "reindex" (docs/design.md §8), for prompt and answer alike."""
     from .decoding import generate_tokens
 
-    task, pols, caps, depths, samples, seed, prefill, chunk, batch, positions = check_eval(
+    task, specs, depths, samples, seed, batch = check_eval(
         task, policies, capacities, depths, samples, seed, prefill, chunk, batch, sinks, positions)
-    bounded = [p for p in pols if p.bounded]
     lengths = list(dict.fromkeys(check_int("lengths", n) for n in _values(lengths, "lengths")))
     max_new = ANSWER_TOKENS[task] + (CHAT_EXTRA_TOKENS if chat else 0)
     limit = model.cfg.max_position_embeddings
-    if any(not p.bounded for p in pols):
+    if any(not s.policy.bounded for s in specs):
         for n in lengths:
             if n + max_new > limit:
                 raise InvalidArgument(f"length {n} (+ {max_new} answer tokens) is beyond the model's "
@@ -288,11 +279,11 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
                                       "lengths")
     hay = Haystack.from_file(model, haystack) if haystack is not None else Haystack(model)
     # every prompt is built (and every length checked against the task) before any run
-    grid = {n: [make_prompt(model, task, n, d, s, seed, hay, chat) for d in depths for s in range(samples)]
+    grid_of_prompts = {n: [make_prompt(model, task, n, d, s, seed, hay, chat) for d in depths for s in range(samples)]
             for n in lengths}
 
-    def run(pol, cap, prompts, per=1):
-        """Greedy answers of `prompts` under `pol`, each prompt in `per` consecutive rows
+    def run(spec, prompts, per=1):
+        """Greedy answers of `prompts` under `spec`, each prompt in `per` consecutive rows
         (one per member policy of a side-by-side run), in runs of `batch` prompts."""
         import time
 
@@ -301,29 +292,24 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
         for i in range(0, len(prompts), step):
             rows = [list(p.ids) for p in prompts[i:i + step] for _ in range(per)]
             with model.scope():
-                res = generate_tokens(model.params, model.cfg, pol, cap, rows, max_new, prefill_mode=prefill,
-                                      chunk=chunk, eos_ids=model.eos_ids, steps_per_call=max_new,
-                                      mesh=model.mesh, positions=positions)
+                res = generate_tokens(model.params, model.cfg, spec, rows, max_new, eos_ids=model.eos_ids,
+                                      steps_per_call=max_new, mesh=model.mesh)
             texts.extend(model.decode(t) for t in res.tokens)
             if progress is not None:
                 progress(sum(len(r) for r in rows))
         return texts, time.perf_counter() - t0
 
-    def records(name, cap, prompts, answers, shared, seconds):
+    def records(spec, name, cap, prompts, answers, shared, seconds):
         for d in depths:
             mine = [(p, a) for p, a in zip(prompts, answers) if p.depth == d]
             acc = float(np.mean([score_answer(a, p.expected) for p, a in mine]))
             yield EvalRecord(task, name, cap, prompts[0].length, d, len(mine), acc, [a for _, a in mine],
-                             [p.expected for p, _ in mine], prefill, positions, shared, seconds)
+                             [p.expected for p, _ in mine], spec.prefill, spec.positions, shared, seconds)
 
-    for n, prompts in grid.items():
-        for pol in pols:
-            if not pol.bounded:
-                answers, sec = run(pol, None, prompts)
-                yield from records("full", n, prompts, answers, 1, sec)
-        for cap in caps:
-            for pol, members in side_by_side(bounded, fuse and prefill == "exact"):
-                answers, sec = run(pol, cap, prompts, len(members))
-                for i, member in enumerate(members):
-                    mine = [answers[r] for r in pol.rows_of(i, len(answers))]
-                    yield from records(policy_name(member), cap, prompts, mine, len(members), sec)
+    for n, prompts in grid_of_prompts.items():
+        for spec, members in fused_runs(specs, fuse):
+            answers, sec = run(spec, prompts, len(members))
+            cap = spec.capacity if spec.policy.bounded else n
+            for i, member in enumerate(members):
+                mine = [answers[r] for r in spec.policy.rows_of(i, len(answers))]
+                yield from records(spec, policy_name(member), cap, prompts, mine, len(members), sec)

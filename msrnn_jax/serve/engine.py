@@ -57,20 +57,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.policies import PerRow, Policy, capacity_for, make_policy, policy_name
-from ..core.positions import check_positions
+from ..core.policies import PerRow, Policy, make_policy, policy_name
 from ..core.state import State
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
 from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..run.api import Model
-from ..run.decoding import check_prefill
 from ..run.sampling import check_settings, row_keys
+from ..run.spec import RunSpec
 from .programs import chunk_piece, decode_rows, exact_piece, first_rows, insert_row
 from .requests import FINISH_ABORT, Request, Result, request_ids
 
 log = logging.getLogger("msrnn.serve")
-
+SERVE_PREFILL_MODES = ("exact", "chunked")  # a row's prompt is read piece by piece
 
 
 class QueueFull(MsrnnError):
@@ -162,17 +161,14 @@ class Engine:
         # one policy, or several side by side as batch rows: row b follows policies[b % n]
         self.policy = self.policies[0] if len(self.policies) == 1 else PerRow(policies=self.policies)
         self.policy_names = [policy_name(p) for p in self.policies]
-        if not self.policy.bounded:
-            # capacity_for would size `full` to one call; a server sizes it once for all
-            self.capacity = (check_int("capacity", capacity) if capacity is not None
-                             else int(self.cfg.max_position_embeddings))
-        else:
-            self.capacity = capacity_for(self.policy, capacity, 1)
+        spec = RunSpec(self.policy, capacity, prefill, chunk, positions).require_prefill(SERVE_PREFILL_MODES)
+        # `full` has no capacity of its own: a server sizes its state once for every request
+        self.capacity = spec.capacity if self.policy.bounded else (
+            check_int("capacity", capacity) if capacity is not None else int(self.cfg.max_position_embeddings))
         self.B = check_int("max_batch", max_batch)
         self.max_queue = check_int("max_queue", max_queue, minimum=0)
-        self.prefill_mode, chunk = check_prefill(prefill, chunk, ("exact", "chunked"))
-        self.positions = check_positions(positions, self.prefill_mode)
-        self.piece = chunk if self.prefill_mode == "chunked" else check_int("piece", piece)
+        self.prefill_mode, self.positions = spec.prefill, spec.positions
+        self.piece = spec.chunk if self.prefill_mode == "chunked" else check_int("piece", piece)
         self.prefill_share = check_float("prefill_share", prefill_share, low=0.0, high=1.0, low_open=True)
         self._chunk_seconds: float | None = None  # the last decode chunk's time (None: none yet)
         self.steps = check_int("steps_per_call", steps_per_call)
