@@ -51,12 +51,19 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 
-from ..core.policies import Policy, make_policies, make_policy, policy_name, side_by_side
+from ..core.policies import (
+    Policy,
+    make_policies,
+    make_policy,
+    policy_name,
+    side_by_side,
+)
 from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
 from . import ruler_tasks as rt
 
@@ -189,7 +196,7 @@ def prompt_ids(model: Model, sample: rt.Sample, query_aware: bool = False, frame
 # -- running -----------------------------------------------------------------------------
 def _widen(state, extra: int):
     """The state with `extra` empty slots more (filled before anything is evicted)."""
-    pad = lambda a, v: jnp.pad(a, [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * (a.ndim - 4), constant_values=v)  # noqa: E731
+    pad = lambda a, v: jnp.pad(a, [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * (a.ndim - 4), constant_values=v)
     return state.replace(keys=pad(state.keys, 0), values=pad(state.values, 0), pos=pad(state.pos, -1),
                          score=pad(state.score, 0.0))
 
@@ -502,9 +509,11 @@ def plot_ruler(results: Sequence[dict], out, per_task: bool = False) -> None:
         panels = [(n, None) for n in lengths]
     cols = min(4, len(panels))
     rows_n = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(max(6.4, 4.2 * cols), 3.4 * rows_n), dpi=110, squeeze=False)
     for ax, (n, task) in zip(axes.flat, panels):
-        val = (lambda r: r["average"]) if task is None else (lambda r: r["scores"].get(task))
+        def val(r, task=task):
+            return r["average"] if task is None else r["scores"].get(task)
+
         mine = [r for r in results if r["length"] == n and r["capacity"] is None]
         lines = defaultdict(list)
         for r in mine:
@@ -530,9 +539,10 @@ def plot_ruler(results: Sequence[dict], out, per_task: bool = False) -> None:
             if lb not in labels:
                 handles.append(h)
                 labels.append(lb)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8,
-               bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
+    ncol = max(1, min(len(labels), 3 * cols))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    legend_inches = 0.3 + 0.22 * -(-len(labels) // ncol)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(out, format="png")
     plt.close(fig)
 

@@ -29,8 +29,8 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -311,7 +311,7 @@ def read_qa(path: str | Path, kind: str) -> QAData:
                             tuple(i for i in article if i != gold))
                            for q in p["qas"] if not q.get("is_impossible", False) and q["answers"]]
         else:
-            doc = lambda t, p: f"{t}\n{''.join(p)}"  # noqa: E731
+            doc = lambda t, p: f"{t}\n{''.join(p)}"
             docs = sorted({doc(t, p) for d in data for t, p in d["context"]})
             at = {c: i for i, c in enumerate(docs)}
             qs = [(d["question"], (d["answer"],), tuple(at[doc(t, p)] for t, p in d["context"]), ())
