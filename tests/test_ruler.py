@@ -273,6 +273,8 @@ def test_exact_is_generate_and_reruns_skip(tiny, tmp_path):
     R.run_ruler(tiny, ["tova", "window"], log=said.append, **kw)
     assert [(d / "predictions.csv").stat().st_mtime_ns for d in dirs] == stamps
     assert len(said) == 2 and all("skipped" in s for s in said)
+    with pytest.raises(InvalidArgument, match="other settings"):  # not what these directories hold
+        R.run_ruler(tiny, ["tova", "window"], **{**kw, "samples": 3})
 
 
 # -- the embedded model ------------------------------------------------------------------

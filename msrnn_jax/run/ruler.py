@@ -308,8 +308,10 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
             raise InvalidArgument(f"length {n} is beyond the model's trained context of {limit} tokens, "
                                   f"which full cannot go past", "lengths")
     todo = {(n, s): out / s.dirname(n, name) for n in lengths for s in settings}
+    wanted = {"samples": samples, "seed": seed, "tasks": list(tasks), "haystack_files": hay_files}
     for (n, s), d in todo.items():
         if is_complete(d):
+            _check_same(d, wanted)
             log(f"{d.name} is complete: skipped")
     todo = {k: d for k, d in todo.items() if not is_complete(d)}
     if bar is not None:
@@ -368,6 +370,18 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
                 chat_template=bool(getattr(model._tok(), "chat_template", None)),
                 wall_clock_s=round(seconds[s], 1), build_s=round(time.perf_counter() - t0, 1)), out)
     return [out / s.dirname(n, name) for n in lengths for s in settings]
+
+
+def _check_same(folder: Path, wanted: dict) -> None:
+    """A complete directory is skipped only when it was written with these settings."""
+    import yaml
+
+    config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    ours = {**(config.get("msrnn") or {}), "seed": config.get("seed")}
+    for key, value in wanted.items():
+        if ours.get(key) != value:
+            raise InvalidArgument(f"{folder} holds a run with other settings ({key} {ours.get(key)!r}, not "
+                                  f"{value!r}): choose another out folder, or remove it", "out")
 
 
 def _model_name(model: Model) -> str:
