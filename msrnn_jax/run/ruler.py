@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jax
 import jax.numpy as jnp
 
 from ..core.policies import (
@@ -195,23 +196,30 @@ def prompt_ids(model: Model, sample: rt.Sample, query_aware: bool = False, frame
 
 # -- running -----------------------------------------------------------------------------
 def _widen(state, extra: int):
-    """The state with `extra` empty slots more (filled before anything is evicted)."""
-    pad = lambda a, v: jnp.pad(a, [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * (a.ndim - 4), constant_values=v)
-    return state.replace(keys=pad(state.keys, 0), values=pad(state.values, 0), pos=pad(state.pos, -1),
-                         score=pad(state.score, 0.0))
+    """The state with `extra` empty slots more (filled before anything is evicted). Every
+    leaf has the slot axis third ([L, B, Hkv, C, ...]; a quantized store's data and scale
+    alike)."""
+    def pad(value):
+        return lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * (a.ndim - 4), constant_values=value)
+
+    return state.replace(keys=jax.tree.map(pad(0), state.keys), values=jax.tree.map(pad(0), state.values),
+                         pos=pad(-1)(state.pos), score=pad(0.0)(state.score))
 
 
 def _interleave(states):
     """One state of the rows of several (same shape): row b of the result is row b // n of
-    states[b % n], the row order of a side-by-side (`PerRow`) run."""
-    def mix(axis, *xs):
-        x = jnp.stack(xs, axis + 1)
-        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+    states[b % n], the row order of a side-by-side (`PerRow`) run. The batch axis is the
+    second of every leaf but `length`'s."""
+    def mix(axis):
+        def join(*xs):
+            x = jnp.stack(xs, axis + 1)
+            return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+        return join
 
     if len(states) == 1:
         return states[0]
-    fields = {f: mix(1, *(getattr(s, f) for s in states)) for f in ("keys", "values", "pos", "score")}
-    return states[0].replace(length=mix(0, *(s.length for s in states)), **fields)
+    fields = {f: jax.tree.map(mix(1), *(getattr(s, f) for s in states)) for f in ("keys", "values", "pos", "score")}
+    return states[0].replace(length=mix(0)(*(s.length for s in states)), **fields)
 
 
 def answer_once(model: Model, members: Sequence[Policy], capacity: int, compressed, rest, max_new: int):
