@@ -338,37 +338,19 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
         for task, group in data.items():
             max_new = rt.MAX_NEW_TOKENS[rt.family(task)]
             parts = [prompt_ids(model, smp, query_aware, frame) for smp in group]
-            compressed, rest = [a for a, _ in parts], [b for _, b in parts]
-            n_ctx, n_rest = max(map(len, compressed)), max(map(len, rest))
-            # one run per (capacity): the bounded policies of it side by side
+            n_ctx = max(len(a) for a, _ in parts)
+            # one run per capacity: the bounded policies of it side by side
             runs = defaultdict(list)
             for s in mine:
                 runs[None if s.policy == "full" else s.capacity_for(n_ctx)].append(s)
             for cap, members in runs.items():
                 t1 = time.perf_counter()
-                if cap is None:
-                    answers = {members[0]: answer_full(model, [a + b for a, b in parts], max_new)}
-                    caps = {members[0]: None}
-                else:
-                    answers, caps = {}, {}
-                    for pol, group_pols in side_by_side([by_pol[s.policy] for s in members], fuse):
-                        names = [policy_name(p) for p in group_pols]
-                        if mode == "once":
-                            toks = answer_once(model, group_pols, cap, compressed, rest, max_new)
-                            slots = cap
-                        else:
-                            slots = cap + n_rest
-                            toks = answer_exact(model, pol, slots, [a + b for a, b in parts], max_new,
-                                                len(group_pols))
-                        for i, nm in enumerate(names):
-                            s = next(x for x in members if x.policy == nm)
-                            answers[s] = [toks[r] for r in pol.rows_of(i, len(toks))]
-                            caps[s] = slots
+                answers = _answer(model, mode, [(s, by_pol[s.policy]) for s in members], cap, parts, max_new, fuse)
                 sec = time.perf_counter() - t1
-                for s, toks in answers.items():
+                for s, (toks, slots) in answers.items():
                     seconds[s] += sec / len(answers)
                     for smp, (a, b), tk in zip(group, parts, toks):
-                        rows[s].append(_row(smp, model.decode(tk), s, len(a), len(a) + len(b), caps[s], n_ctx))
+                        rows[s].append(_row(smp, model.decode(tk), s, len(a), len(a) + len(b), slots, n_ctx))
                     if bar is not None:
                         bar.update(len(group))
         for s in mine:
@@ -376,8 +358,28 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
                 samples=samples, tasks=list(tasks), skipped_tasks=skipped, seed=seed,
                 haystack=str(hay_dir) if hay_dir else None, haystack_files=hay_files,
                 chat_template=bool(getattr(model._tok(), "chat_template", None)),
-                wall_clock_s=round(seconds[s], 1), build_s=round(time.perf_counter() - t0, 1)), out)
+                wall_clock_s=round(seconds[s], 1), length_wall_clock_s=round(time.perf_counter() - t0, 1)), out)
     return [out / s.dirname(n, name) for n in lengths for s in settings]
+
+
+def _answer(model: Model, mode: str, members, cap: int | None, parts, max_new: int, fuse: bool) -> dict:
+    """The answers of one task's prompts (`parts`: (compressed, rest) token ids) under the
+    settings of one capacity (`members`: (setting, policy) pairs; `cap` None: full), the
+    bounded policies side by side. Returns {setting: (token lists, state slots)}."""
+    if cap is None:
+        (s, _), = members
+        return {s: (answer_full(model, [a + b for a, b in parts], max_new), None)}
+    compressed, rest = [a for a, _ in parts], [b for _, b in parts]
+    slots = cap if mode == "once" else cap + max(map(len, rest))
+    answers = {}
+    # each policy once, even where two ratios round to one capacity
+    for pol, group in side_by_side(list(dict.fromkeys(p for _, p in members)), fuse):
+        if mode == "once":
+            toks = answer_once(model, group, cap, compressed, rest, max_new)
+        else:
+            toks = answer_exact(model, pol, slots, [a + b for a, b in parts], max_new, len(group))
+        answers.update({member: [toks[r] for r in pol.rows_of(i, len(toks))] for i, member in enumerate(group)})
+    return {s: (answers[p], slots) for s, p in members}
 
 
 def _check_same(folder: Path, wanted: dict) -> None:
