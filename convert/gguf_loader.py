@@ -1,11 +1,13 @@
-"""Load a llama.cpp GGUF file (llama / mistral-as-llama / qwen2) into params.
+"""Load a llama.cpp GGUF file (llama / mistral-as-llama / qwen2 / qwen3 / qwen3moe / phi3) into params.
 
 Every tensor is dequantized with gguf-py's own `gguf.quants.dequantize` (exactly what
 transformers' GGUF loader does), reshaped to the reversed ggml shape, and renamed to the
 Hugging Face layout. llama.cpp's converter permutes the rows of the q/k projections of
 llama-family models (per head it interleaves the two rotary halves, for ggml's
 "normal" RoPE); that permutation is undone here so q/k are in Hugging Face's rotate-half
-layout again. qwen2 files use NEOX RoPE in llama.cpp and are stored unpermuted.
+layout again. qwen2, qwen3, qwen3moe and phi3 files use NEOX RoPE in llama.cpp and are
+stored unpermuted; phi3's joined attn_qkv and ffn_up (gate | up) and qwen3moe's stacked
+experts are split by `hf.canonical_tensors`.
 (This module is not called `gguf.py` so as not to shadow the `gguf` package.)
 """
 
@@ -24,7 +26,8 @@ from ._common import as_dtype, one_line
 from .gguf_tokenizer import build_tokenizer, tokenizer_metadata
 from .hf import assemble, expected_tensors
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3")
+FAMILY = {"qwen3moe": "qwen3_moe"}  # GGUF architecture -> model_type, where they differ
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -39,7 +42,16 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
 }
+# phi3 stores its joined gate | up projection as ffn_up
+_PHI3_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -55,13 +67,14 @@ _MATH_KEYS = {
 }
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama-family GGUF tensor, or None if it has none."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None if it has none."""
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    names = {**_LAYER_NAMES, **_PHI3_NAMES} if arch == "phi3" else _LAYER_NAMES
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -123,7 +136,7 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
     if arch not in ARCHITECTURES:
         raise UnsupportedConfigError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, "
-            "mistral stored as llama, qwen2)")
+            "mistral stored as llama, qwen2, qwen3, qwen3moe, phi3)")
     if int(_field(reader, "split.count", 1) or 1) > 1:
         raise UnsupportedConfigError(f"{path}: split GGUF files are not supported; merge them first")
 
@@ -141,18 +154,24 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         return v
 
     for key, neutral in _MATH_KEYS.items():
+        if arch == "qwen3moe" and key.startswith("expert_"):
+            continue  # read below
         v = _field(reader, f"{arch}.{key}")
         if v is not None and v != neutral and not (neutral is None and v in (0, 0.0)):
             raise UnsupportedConfigError(f"{path}: unsupported GGUF metadata {arch}.{key}={v!r}")
 
     tensor_names = {t.name for t in reader.tensors}
+    if "rope_factors_long.weight" in tensor_names or "rope_factors_short.weight" in tensor_names:
+        raise UnsupportedConfigError(
+            f"{path}: GGUF tensors rope_factors_long/short (phi3's LongRoPE) are not supported; "
+            "convert the Hugging Face checkpoint instead")
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedConfigError(
             f"{path}: GGUF tensor 'rope_freqs.weight' (llama3-style RoPE frequency factors) is not "
             "supported; convert the Hugging Face checkpoint instead")
 
     name = str(_field(reader, "general.name", "") or "")
-    family = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+    family = "mistral" if arch == "llama" and "mistral" in name.lower() else FAMILY.get(arch, arch)
     E = int(need("embedding_length"))
     H = int(scalar("attention.head_count", need("attention.head_count")))
     Hkv = int(scalar("attention.head_count_kv", _field(reader, f"{arch}.attention.head_count_kv", H)))
@@ -161,7 +180,7 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
     rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if v_dim != head_dim:
         raise UnsupportedConfigError(f"{path}: key_length {head_dim} != value_length {v_dim}")
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and arch != "phi3":
         raise UnsupportedConfigError(
             f"{path}: partial rotary embedding (rope.dimension_count={rope_dim}, head_dim={head_dim})")
 
@@ -184,7 +203,7 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         scaling = {"rope_type": kind, "factor": _f32(factor) if factor is not None else 1.0}
 
     sliding = _field(reader, f"{arch}.attention.sliding_window")
-    if sliding and family != "mistral":
+    if sliding and family not in ("mistral", "phi3"):
         raise UnsupportedConfigError(f"{path}: unsupported GGUF metadata {arch}.attention.sliding_window")
 
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
@@ -208,6 +227,14 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         "eos_token_id": eos,
         "sliding_window": int(sliding) if sliding else None,
     }
+    if rope_dim != head_dim:  # phi3 (Phi-4-mini): RoPE on the first rope_dim dims
+        hf["partial_rotary_factor"] = rope_dim / head_dim
+    if arch == "qwen3moe":
+        norm = _field(reader, f"{arch}.expert_weights_norm")
+        hf.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                  moe_intermediate_size=int(need("expert_feed_forward_length")),
+                  # llama.cpp renormalises qwen3moe's chosen weights unless told otherwise
+                  norm_topk_prob=True if norm is None else bool(norm))
     try:
         return ModelConfig.from_hf_config(hf), arch
     except MsrnnError as e:
@@ -253,7 +280,7 @@ def _load(path, dtype=np.float32, notify=None, tokenizer: bool = True):
     tensors = {}
     display = {name: gguf_tensor_name(name) for name in expected_tensors(cfg)}
     for t in reader.tensors:
-        hf = hf_tensor_name(t.name) or t.name
+        hf = hf_tensor_name(t.name, arch) or t.name
         tensors[hf] = dequant(t)
         display[hf] = t.name
     with bar:

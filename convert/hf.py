@@ -1,8 +1,11 @@
-"""Load a Hugging Face llama / mistral / qwen2 folder (config.json + safetensors) into params.
+"""Load a Hugging Face folder (config.json + safetensors) of any family of `config.FAMILIES`.
 
 The name map is explicit: every tensor of the checkpoint is either placed, knowingly
 ignored (``rotary_emb.inv_freq``, a tied ``lm_head.weight``) or reported as an error, so a
-checkpoint of some other layout fails loudly instead of loading half its weights.
+checkpoint of some other layout fails loudly instead of loading half its weights. Layouts
+that join several of our arrays in one tensor (phi3's ``qkv_proj`` and ``gate_up_proj``,
+experts stacked in one 3-D tensor) and Mixtral's names are first split and renamed to the
+one layout below (`canonical_tensors`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ LAYER_MAP = {
     "w_gate": ("mlp.gate_proj.weight", True),
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "router": ("mlp.gate.weight", True),
 }
+# routed experts: params key -> HF name inside model.layers.{i}.mlp.experts.{e}.
+EXPERT_MAP = {"experts_gate": "gate_proj.weight", "experts_up": "up_proj.weight",
+              "experts_down": "down_proj.weight"}
 TOP_MAP = {
     "embed": ("model.embed_tokens.weight", False),
     "final_norm": ("model.norm.weight", False),
@@ -48,8 +57,9 @@ TOP_MAP = {
 IGNORABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool, tuple]]:
-    """HF tensor name -> (params key, layer index or None, transpose?, HF-layout shape)."""
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, int | tuple | None, bool, tuple]]:
+    """HF tensor name -> (params key, index (layer, or (layer, expert)) or None, transpose?,
+    HF-layout shape)."""
     shapes = param_shapes(cfg)
     out = {}
     for key, (name, linear) in TOP_MAP.items():
@@ -57,10 +67,77 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool,
             shape = tuple(shapes[key])
             out[name] = (key, None, linear, shape[::-1] if linear else shape)
     for key, shape in shapes["layers"].items():
+        if key in EXPERT_MAP:
+            per = tuple(shape[2:])[::-1]
+            for i in range(cfg.num_layers):
+                for e in range(cfg.num_experts):
+                    out[f"model.layers.{i}.mlp.experts.{e}.{EXPERT_MAP[key]}"] = (key, (i, e), True, per)
+            continue
         name, linear = LAYER_MAP[key]
         per_layer = tuple(shape[1:])
         for i in range(cfg.num_layers):
             out[f"model.layers.{i}.{name}"] = (key, i, linear, per_layer[::-1] if linear else per_layer)
+    return out
+
+
+_MIXTRAL = {"gate.weight": "mlp.gate.weight", "w1.weight": "gate_proj.weight",
+            "w3.weight": "up_proj.weight", "w2.weight": "down_proj.weight"}
+# experts stacked in one tensor [N, ...]: transformers' joined gate_up_proj and down_proj,
+# and GGUF's ffn_{gate,up,down}_exps (named as below by `gguf_loader`)
+_STACKED = {"mlp.experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
+            "mlp.experts.down_proj": ("down_proj.weight",), "mlp.experts.gate_proj": ("gate_proj.weight",),
+            "mlp.experts.up_proj": ("up_proj.weight",)}
+_LAYER = re.compile(r"^(model\.layers\.\d+\.)(.+)$")
+
+
+def canonical_tensors(cfg: ModelConfig, tensors: dict, where: str, display: dict) -> dict:
+    """The checkpoint's tensors (name -> array or zero-arg callable) under the names of
+    `expected_tensors`: phi3's qkv_proj (rows q | k | v) and gate_up_proj (gate | up) split,
+    Mixtral's block_sparse_moe names renamed, experts stacked in 3-D tensors (transformers'
+    gate_up_proj [N, 2F, E] and down_proj [N, E, F]) split per expert. Lazy: a joined tensor
+    is read once, when the first of its parts is. `display` learns each new name's source."""
+    q, kv, F = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out, cache = {}, {}
+
+    def split(name, t, rows, pieces):
+        """pieces {new name: (first row, end row)} of the tensor `name`, whose rows (after
+        stacked experts are laid one after another) must number `rows`."""
+        def read():
+            if name not in cache:
+                arr = np.asarray(t() if callable(t) else t)
+                arr = arr.reshape(-1, arr.shape[-1]) if arr.ndim == 3 else arr
+                if arr.shape[0] != rows:
+                    raise MsrnnError(f"{where}: tensor {display.get(name, name)!r} has {arr.shape[0]} "
+                                     f"rows, expected {rows}")
+                cache[name] = arr
+            return cache[name]
+        for new, (a, b) in pieces.items():
+            out[new] = lambda a=a, b=b: read()[a:b]
+            display.setdefault(new, display.get(name, name))
+
+    for name, t in tensors.items():
+        m = _LAYER.match(name)
+        pre, rest = m.groups() if m else ("", "")
+        if rest == "self_attn.qkv_proj.weight":
+            split(name, t, q + 2 * kv, {pre + "self_attn.q_proj.weight": (0, q),
+                                        pre + "self_attn.k_proj.weight": (q, q + kv),
+                                        pre + "self_attn.v_proj.weight": (q + kv, q + 2 * kv)})
+        elif rest == "mlp.gate_up_proj.weight":
+            split(name, t, 2 * F, {pre + "mlp.gate_proj.weight": (0, F), pre + "mlp.up_proj.weight": (F, 2 * F)})
+        elif rest in _STACKED and cfg.moe:  # [N, rows of the parts, E or F], expert after expert
+            parts = _STACKED[rest]
+            n = cfg.hidden_size if parts == ("down_proj.weight",) else cfg.moe_intermediate_size
+            split(name, t, cfg.num_experts * len(parts) * n, {
+                f"{pre}mlp.experts.{e}.{part}": ((e * len(parts) + j) * n, (e * len(parts) + j + 1) * n)
+                for e in range(cfg.num_experts) for j, part in enumerate(parts)})
+        elif rest.startswith("block_sparse_moe.") and cfg.family == "mixtral":
+            tail = rest.removeprefix("block_sparse_moe.")
+            new = _MIXTRAL.get(tail) or re.sub(r"^experts\.(\d+)\.(w[123]\.weight)$",
+                                               lambda x: f"mlp.experts.{x.group(1)}.{_MIXTRAL[x.group(2)]}", tail)
+            out[pre + new] = t
+            display.setdefault(pre + new, name)
+        else:
+            out[name] = t
     return out
 
 
@@ -72,7 +149,8 @@ def assemble(cfg: ModelConfig, tensors: dict, where: str, dtype=np.float32,
     misshapen or unexpected.
     """
     dt = as_dtype(dtype)
-    display = display or {}
+    display = dict(display or {})
+    tensors = canonical_tensors(cfg, tensors, where, display)
     want = expected_tensors(cfg)
     for name in tensors:
         if name in want or IGNORABLE.match(name):
@@ -100,7 +178,7 @@ def assemble(cfg: ModelConfig, tensors: dict, where: str, dtype=np.float32,
             top[key] = np.array(arr, dtype=dt if dt is not None else arr.dtype, order="C")
         else:  # one C-ordered [L, ...] array per key, filled layer by layer (one copy)
             if key not in layers:
-                layers[key] = np.empty((cfg.num_layers, *arr.shape),
+                layers[key] = np.empty(param_shapes(cfg)["layers"][key],
                                        dtype=dt if dt is not None else arr.dtype)
             layers[key][layer] = arr
     params = {"embed": top["embed"], "layers": layers, "final_norm": top["final_norm"]}

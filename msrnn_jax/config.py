@@ -17,7 +17,8 @@ import numpy as np
 
 from .errors import UnsupportedConfigError
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,21 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
-    # or ("linear", factor) or None.
+    # or ("linear", factor) or ("longrope", short_factor, long_factor,
+    # original_max_position_embeddings, attention_factor) or None.
     rope_scaling: tuple | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
-    sliding_window: int | None = None  # mistral: attend only to positions > p - W
+    sliding_window: int | None = None  # mistral, phi3: attend only to positions > p - W
+    qk_norm: bool = False  # qwen3: an RMS norm over each head's q and k before RoPE
+    rotary_dim: int | None = None  # phi-4-mini: RoPE on the first rotary_dim dims only
+    # mixture of experts (qwen3_moe, mixtral): num_experts routed MLPs of moe_intermediate_size,
+    # experts_per_token chosen per token; their softmax weights renormalised over the chosen
+    # ones if norm_topk_prob. Every layer is routed.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -52,22 +63,41 @@ class ModelConfig:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise UnsupportedConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.head_dim % 2 or self.rotary % 2 or not 0 < self.rotary <= self.head_dim:
+            raise UnsupportedConfigError(f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}: "
+                                         "RoPE needs an even number of rotated dims, at most head_dim")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise UnsupportedConfigError(f"num_experts_per_tok={self.experts_per_token} with "
+                                         f"{self.num_experts} experts")
+
+    @property
+    def rotary(self) -> int:
+        """How many dims of each head RoPE rotates (the rest pass through)."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLPs are routed experts (`core.layers.moe`)."""
+        return self.num_experts > 0
 
     @property
     def group_size(self) -> int:
         """Query heads per key/value head (GQA)."""
         return self.num_heads // self.num_kv_heads
 
-    def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies [D/2], float32, with the configured scaling."""
-        d = self.head_dim
+    def inv_freq(self, long: bool = False) -> np.ndarray:
+        """RoPE inverse frequencies [R/2] (R = `rotary`), float32, with the configured
+        scaling. LongRoPE has two sets: `long` for positions >= its original context."""
+        d = self.rotary
         inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
         inv = inv.astype(np.float32)
         if self.rope_scaling is None:
             return inv
         kind = self.rope_scaling[0]
+        if kind == "longrope":
+            ext = np.asarray(self.rope_scaling[2 if long else 1], np.float32)
+            shape = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d
+            return (1.0 / (ext * np.float32(self.rope_theta) ** shape)).astype(np.float32)
         if kind == "linear":
             return (inv / np.float32(self.rope_scaling[1])).astype(np.float32)
         if kind == "llama3":
@@ -81,19 +111,31 @@ class ModelConfig:
             return np.where(medium, smoothed, out).astype(np.float32)
         raise UnsupportedConfigError(f"rope scaling {kind!r}")  # pragma: no cover (checked on load)
 
+    @property
+    def long_rope(self) -> tuple[int, float] | None:
+        """LongRoPE's (switch, attention factor): a position p >= switch is rotated with the
+        long factors (as transformers' step-by-step decoding does), every cos and sin is
+        multiplied by the factor. None without LongRoPE."""
+        if self.rope_scaling is None or self.rope_scaling[0] != "longrope":
+            return None
+        return int(self.rope_scaling[3]), float(self.rope_scaling[4])
+
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["rope_scaling"] = list(self.rope_scaling) if self.rope_scaling else None
+        d["rope_scaling"] = ([list(x) if isinstance(x, tuple) else x for x in self.rope_scaling]
+                             if self.rope_scaling else None)
         d["eos_token_ids"] = list(self.eos_token_ids)
+
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = tuple(d["rope_scaling"])
+            d["rope_scaling"] = tuple(tuple(x) if isinstance(x, list) else x for x in d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -136,10 +178,17 @@ _IGNORED = {
     "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
     "partial_rotary_factor", "qk_layernorm", "use_qk_norm",
     "unk_token_id", "transformers.js_config",
+    # phi3: dropout; the original context of LongRoPE (read in `_rope`)
+    "resid_pdrop", "embd_pdrop", "original_max_position_embeddings",
+    # mixture of experts: read below; the router's training-only switches
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "output_router_logits",
+    "router_aux_loss_coef", "router_jitter_noise",
 }
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, tuple | None]:
+def _rope(hf: dict[str, Any], head_dim: int) -> tuple[float, tuple | None, int | None]:
+    """(theta, scaling, rotary_dim or None) of a HF config."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
     if isinstance(params, dict) and params:
@@ -147,21 +196,66 @@ def _rope(hf: dict[str, Any]) -> tuple[float, tuple | None]:
         scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else scaling
     else:
         theta = float(hf.get("rope_theta", 10000.0))
-    if isinstance(params, dict) and params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedConfigError(
-            f"unsupported config field partial_rotary_factor={params['partial_rotary_factor']}")
+    partial = float(hf.get("partial_rotary_factor") or 1.0)
+    for d in (params, scaling):
+        if isinstance(d, dict) and d.get("partial_rotary_factor") not in (None, 1, 1.0):
+            partial = float(d["partial_rotary_factor"])
+    rotary = None
+    if partial != 1.0:
+        if hf.get("model_type") != "phi3":
+            raise UnsupportedConfigError(f"unsupported config field partial_rotary_factor={partial}")
+        rotary = int(head_dim * partial)
     if not scaling:
-        return theta, None
+        return theta, None, rotary
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return theta, None
+        return theta, None, rotary
     if kind == "linear":
-        return theta, ("linear", float(scaling["factor"]))
+        return theta, ("linear", float(scaling["factor"])), rotary
     if kind == "llama3":
         return theta, ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
                        float(scaling["high_freq_factor"]),
-                       int(scaling["original_max_position_embeddings"]))
+                       int(scaling["original_max_position_embeddings"])), rotary
+    if kind in ("longrope", "su") or (kind == "yarn" and hf.get("model_type") == "phi3"):
+        # transformers' _compute_longrope_parameters (phi3 reads "su" and "yarn" as longrope)
+        old = int(scaling.get("original_max_position_embeddings")
+                  or hf.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+        factor = scaling.get("factor") or hf["max_position_embeddings"] / old
+        att = scaling.get("attention_factor")
+        if att is None:
+            att = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+        short, long = (tuple(float(f) for f in scaling[k]) for k in ("short_factor", "long_factor"))
+        n = (rotary or head_dim) // 2
+        if len(short) != n or len(long) != n:
+            raise UnsupportedConfigError(f"longrope short_factor/long_factor need {n} values each")
+        return theta, ("longrope", short, long, old, float(att)), rotary
     raise UnsupportedConfigError(f"unsupported config field rope_scaling type {kind!r}")
+
+
+def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a qwen3_moe or mixtral config."""
+    if family not in MOE_FAMILIES:
+        for key in ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if hf.get(key):
+                raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r} "
+                                             f"(a {family} model has no experts)")
+        return {}
+    n = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+    layers = int(hf["num_hidden_layers"])
+    if family == "mixtral":  # every layer routed, the chosen weights always renormalised
+        return dict(num_experts=n, experts_per_token=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+    step = int(hf.get("decoder_sparse_step") or 1)
+    only = {int(i) for i in hf.get("mlp_only_layers") or ()}
+    # transformers' Qwen3MoeDecoderLayer: experts where not mlp_only and (i + 1) % step == 0
+    dense = tuple(i for i in range(layers) if i in only or not (n > 0 and (i + 1) % step == 0))
+    if dense:  # the stacked layers share one layout: all routed (Qwen3-30B-A3B, -235B-A22B)
+        raise UnsupportedConfigError(
+            f"unsupported config field mlp_only_layers/decoder_sparse_step: dense MLP layers {list(dense)} "
+            "between routed ones")
+    return dict(num_experts=n, experts_per_token=int(hf["num_experts_per_tok"]),
+                moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
 
 
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -177,7 +271,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfigError(f"unsupported config field hidden_act={hf['hidden_act']!r}")
     if hf.get("mlp_bias"):
         raise UnsupportedConfigError("unsupported config field mlp_bias=true")
-    if family == "llama" and hf.get("attention_bias"):
+    if family != "qwen2" and hf.get("attention_bias"):
         raise UnsupportedConfigError("unsupported config field attention_bias=true")
     if hf.get("quantization_config"):
         raise UnsupportedConfigError("unsupported config field quantization_config")
@@ -185,17 +279,20 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     if layer_types and any(t != "full_attention" for t in layer_types) and family != "mistral":
         raise UnsupportedConfigError(f"unsupported config field layer_types={sorted(set(layer_types))}")
     sliding = None
-    if family == "mistral":
+    if family in ("mistral", "phi3", "mixtral"):  # every layer windowed when set
         sliding = hf.get("sliding_window")
-    elif family == "qwen2" and hf.get("use_sliding_window"):
+    elif hf.get("use_sliding_window"):
         raise UnsupportedConfigError("unsupported config field use_sliding_window=true")
     for key in ("embedding_multiplier", "logits_scaling", "attention_multiplier", "residual_multiplier",
                 "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
-                "partial_rotary_factor", "qk_layernorm", "use_qk_norm"):
+                "qk_layernorm", "use_qk_norm"):
         if hf.get(key) not in (None, False, 1, 1.0):
             raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r}")
-    theta, scaling = _rope(hf)
+    if hf.get("router_jitter_noise") and family != "mixtral":
+        raise UnsupportedConfigError(f"unsupported config field router_jitter_noise={hf['router_jitter_noise']!r}")
     heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+    theta, scaling, rotary = _rope(hf, head_dim)
     eos = hf.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
     return ModelConfig(
@@ -206,16 +303,19 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=(family == "qwen2"),
         sliding_window=int(sliding) if sliding else None,
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        rotary_dim=rotary,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        **_experts(hf, family),
     )
 
 

@@ -8,11 +8,16 @@ Shapes (E hidden, F intermediate, V vocab, L layers, Hq/Hkv heads, D head dim)::
     layers/wk            [L, E, Hkv*D]
     layers/wv            [L, E, Hkv*D]
     layers/bq, bk, bv    [L, Hq*D], [L, Hkv*D], [L, Hkv*D]   (qwen2 only)
+    layers/q_norm, k_norm [L, D]           (qwen3: `qk_norm`)
     layers/wo            [L, Hq*D, E]
     layers/mlp_norm      [L, E]
     layers/w_gate        [L, E, F]
     layers/w_up          [L, E, F]
     layers/w_down        [L, F, E]
+    layers/router        [L, E, N]         (experts instead of w_gate, w_up, w_down:
+    layers/experts_gate  [L, N, E, Fe]      N experts of Fe = moe_intermediate_size)
+    layers/experts_up    [L, N, E, Fe]
+    layers/experts_down  [L, N, Fe, E]
     final_norm           [E]
     lm_head              [E, V]            (absent when embeddings are tied)
 
@@ -34,11 +39,18 @@ def param_shapes(cfg: ModelConfig) -> dict:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layers = {
         "attn_norm": (L, E), "wq": (L, E, q), "wk": (L, E, kv), "wv": (L, E, kv),
-        "wo": (L, q, E), "mlp_norm": (L, E), "w_gate": (L, E, F), "w_up": (L, E, F),
-        "w_down": (L, F, E),
+        "wo": (L, q, E), "mlp_norm": (L, E),
     }
+    if cfg.moe:
+        N, Fe = cfg.num_experts, cfg.moe_intermediate_size
+        layers.update(router=(L, E, N), experts_gate=(L, N, E, Fe), experts_up=(L, N, E, Fe),
+                      experts_down=(L, N, Fe, E))
+    else:
+        layers.update(w_gate=(L, E, F), w_up=(L, E, F), w_down=(L, F, E))
     if cfg.qkv_bias:
         layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
     shapes = {"embed": (V, E), "layers": layers, "final_norm": (E,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (E, V)

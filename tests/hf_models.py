@@ -28,6 +28,29 @@ FAMILIES = {
                 {"num_key_value_heads": 1, "sliding_window": 7, "head_dim": 16}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    # q/k norms, head_dim from the config (24, not 64 / 4), tied embeddings as Qwen3-0.6B
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              {"num_key_value_heads": 2, "head_dim": 24, "rope_theta": 1e6, "tie_word_embeddings": True}),
+    # fused qkv_proj and gate_up_proj in the checkpoint, a sliding window
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             {"num_key_value_heads": 2, "sliding_window": 7, "pad_token_id": 0, "bos_token_id": 1,
+              "eos_token_id": 2}),
+    # Phi-4-mini's RoPE: LongRoPE (short factors below its original context, then long ones;
+    # cos and sin scaled) on the first 3/4 of each head. The tests stay inside the original
+    # context, except tests/test_families.py's test of the switch
+    "phi3-longrope": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                      {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                       "original_max_position_embeddings": 64, "partial_rotary_factor": 0.75,
+                       "rope_scaling": {"rope_type": "longrope", "partial_rotary_factor": 0.75,
+                                        "short_factor": [1.0, 1.3, 1.9, 2.6, 3.2, 4.1],
+                                        "long_factor": [1.5, 2.7, 4.4, 9.1, 17.0, 31.0]}}),
+    # routed experts: softmax, top 2 of 8, not renormalised (Qwen3-MoE) / renormalised (Mixtral)
+    "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  {"num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 32, "norm_topk_prob": False}),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                {"num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+                 "intermediate_size": 48}),
 }
 
 
@@ -35,8 +58,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     """A tiny random fp32 model of one family, in eval mode."""
     config_cls, model_cls, extra = FAMILIES[family]
     kw = {**TINY, **extra, **overrides}
-    if family == "mistral":
-        kw["attn_implementation"] = "eager"
+    if family not in ("llama-mha", "llama-gqa", "llama3-rope", "qwen2"):
+        kw["attn_implementation"] = "eager"  # the sliding-window masks, exact softmax
     config = config_cls(**kw)
     torch.manual_seed(seed)
     model = model_cls(config).eval().to(torch.float32)

@@ -171,11 +171,11 @@ def test_reindex_never_rotates_above_capacity(monkeypatch, name):
     under reindex the largest position any query or key is rotated by is C (the query of
     a full state); under absolute it reaches T - 1 (so the probes see the rotations)."""
     seen = []
-    rope, rotate_at, ranks = pos_mod.rope, pos_mod.rotate_at, pos_mod.slot_ranks
+    rope, rotate_at, ranks = pos_mod.rope_at, pos_mod.rotate_at, pos_mod.slot_ranks
 
-    def rope_probe(x, positions, inv_freq):
+    def rope_probe(cfg, x, positions):
         seen.append(int(np.max(np.asarray(positions))))
-        return rope(x, positions, inv_freq)
+        return rope(cfg, x, positions)
 
     def rotate_at_probe(x, positions, table):
         seen.append(int(np.max(np.asarray(positions))))
@@ -186,7 +186,7 @@ def test_reindex_never_rotates_above_capacity(monkeypatch, name):
         seen.append(int(np.max(np.where(np.asarray(P) >= 0, np.asarray(rank), 0))))
         return rank, n
 
-    monkeypatch.setattr(pos_mod, "rope", rope_probe)
+    monkeypatch.setattr(pos_mod, "rope_at", rope_probe)
     monkeypatch.setattr(pos_mod, "rotate_at", rotate_at_probe)
     monkeypatch.setattr(pos_mod, "slot_ranks", ranks_probe)
     cfg = tiny_config("gqa")

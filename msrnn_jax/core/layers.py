@@ -27,9 +27,40 @@ def rope(x, positions, inv_freq):
 
 
 def rotate(x, cos, sin):
-    """x [..., D] rotated by the angles whose cos, sin [..., D] (f32) broadcast to x."""
+    """x [..., D] rotated by the angles whose cos, sin [..., R] (f32) broadcast to x: the
+    first R dims rotate-half, the rest pass through (partial rotary, R < D)."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return jnp.concatenate([rotate(x[..., :R], cos, sin), x[..., R:]], -1)
     x1, x2 = jnp.split(x, 2, -1)
     return x * cos.astype(x.dtype) + jnp.concatenate([-x2, x1], -1) * sin.astype(x.dtype)
+
+
+def angles(cfg: ModelConfig, positions):
+    """cos, sin [..., R] f32 of the model's RoPE at int positions [...] (R = `cfg.rotary`):
+    `rope` with the config's switches. LongRoPE (phi3) rotates a position p >= its original
+    context with the long factors (transformers' step-by-step rule) and scales cos and sin
+    by its attention factor."""
+    inv = jnp.asarray(cfg.inv_freq())
+    if cfg.long_rope is not None:
+        switch, factor = cfg.long_rope
+        inv = jnp.where((positions >= switch)[..., None], jnp.asarray(cfg.inv_freq(long=True)), inv)
+    freqs = positions.astype(F32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], -1)
+    if cfg.long_rope is not None:
+        return jnp.cos(emb) * F32(factor), jnp.sin(emb) * F32(factor)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rope_at(cfg: ModelConfig, x, positions):
+    """x [..., H, D] rotated by the model's RoPE (`angles`) at int positions [...]."""
+    cos, sin = angles(cfg, positions)
+    return rotate(x, cos[..., None, :], sin[..., None, :])
+
+
+def model_rope_table(cfg: ModelConfig, n: int):
+    """`rope_table` of the model's RoPE (`angles`): cos, sin [n, R] of positions 0..n-1."""
+    return angles(cfg, jnp.arange(n, dtype=jnp.int32))
 
 
 def rope_table(n: int, inv_freq):
@@ -59,18 +90,22 @@ def project(cfg: ModelConfig, lp, h):
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     D = cfg.head_dim
-    return (q.reshape(*q.shape[:-1], cfg.num_heads, D), k.reshape(*k.shape[:-1], cfg.num_kv_heads, D),
-            v.reshape(*v.shape[:-1], cfg.num_kv_heads, D))
+    q, k = q.reshape(*q.shape[:-1], cfg.num_heads, D), k.reshape(*k.shape[:-1], cfg.num_kv_heads, D)
+    if cfg.qk_norm:  # qwen3: each head's q and k RMS-normed before RoPE
+        q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return q, k, v.reshape(*v.shape[:-1], cfg.num_kv_heads, D)
 
 
 def qkv(cfg: ModelConfig, lp, h, positions):
     """Project and rotate. h: [..., E] -> q [..., Hq, D], k, v [..., Hkv, D]."""
     q, k, v = project(cfg, lp, h)
-    inv_freq = jnp.asarray(cfg.inv_freq())
-    return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+    return rope_at(cfg, q, positions), rope_at(cfg, k, positions), v
 
 
-def mlp(lp, h):
+def mlp(cfg: ModelConfig, lp, h):
+    """The SwiGLU MLP of h [..., E], or the routed experts' (`moe`)."""
+    if cfg.moe:
+        return moe(cfg, lp, h)
     if "w_gateup" in lp:  # `fuse_projections`
         gate, up = jnp.split(h @ lp["w_gateup"], 2, -1)
     else:
@@ -78,12 +113,51 @@ def mlp(lp, h):
     return whole(jax.nn.silu(gate) * up) @ lp["w_down"]
 
 
+def route(cfg: ModelConfig, lp, h):
+    """The router: h [M, E] -> (the chosen experts int [M, k], their weights [M, k] f32):
+    softmax over every expert, the top k, renormalised over them if `norm_topk_prob`."""
+    probs = jax.nn.softmax(jnp.matmul(h, lp["router"], preferred_element_type=F32), -1)
+    weight, expert = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.norm_topk_prob:
+        weight = weight / weight.sum(-1, keepdims=True)
+    return expert, weight
+
+
+def moe(cfg: ModelConfig, lp, h):
+    """The routed MLP (qwen3_moe, mixtral) of h [..., E]: each token through its k chosen
+    experts' SwiGLU, summed with the router's weights. Fixed shapes either way:
+
+    - few tokens (M k < number of experts: a decode step): the chosen experts' weights are
+      gathered, [M, k, E, F], so only they are read;
+    - many tokens (a prompt): the M k (token, expert) pairs sorted by expert and multiplied
+      by each expert's weights once (`jax.lax.ragged_dot`, groups of varying size)."""
+    lead, E = h.shape[:-1], h.shape[-1]
+    x = h.reshape(-1, E)
+    M, k = x.shape[0], cfg.experts_per_token
+    expert, weight = route(cfg, lp, x)  # [M, k]
+    if M * k < cfg.num_experts:
+        gate = jnp.einsum("me,mkef->mkf", x, lp["experts_gate"][expert])
+        up = jnp.einsum("me,mkef->mkf", x, lp["experts_up"][expert])
+        out = jnp.einsum("mkf,mkfe->mke", whole(jax.nn.silu(gate) * up), lp["experts_down"][expert])
+    else:
+        flat = expert.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+        xs = x[order // k]
+        gate = jax.lax.ragged_dot(xs, lp["experts_gate"], sizes)
+        up = jax.lax.ragged_dot(xs, lp["experts_up"], sizes)
+        down = jax.lax.ragged_dot(whole(jax.nn.silu(gate) * up), lp["experts_down"], sizes)
+        out = jnp.zeros_like(down).at[order].set(down).reshape(M, k, E)
+    out = jnp.einsum("mke,mk->me", out, weight.astype(out.dtype))
+    return out.reshape(*lead, E)
+
+
 def finish_layer(cfg: ModelConfig, lp, x, out):
     """The rest of a layer once attention has run: x + out @ wo, then x + MLP(norm(x)).
     x [..., E]; out [..., Hq*D]. `whole` keeps every sum on one device under a mesh
     (`sharding`): the same numbers as one device."""
     x = whole(x + whole(out.astype(x.dtype)) @ lp["wo"])
-    return whole(x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)))
+    return whole(x + mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)))
 
 
 def logits_from_hidden(cfg: ModelConfig, params, x):

@@ -21,8 +21,8 @@ from .layers import (
     logits_from_hidden,
     project,
     qkv,
+    model_rope_table,
     rms_norm,
-    rope_table,
     rotate_at,
     visible,
 )
@@ -122,7 +122,7 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
     B, S = tokens.shape
     C = state.capacity
     reindex = check_positions(positions) == "reindex"
-    table = rope_table(C + S, jnp.asarray(cfg.inv_freq())) if reindex else None
+    table = model_rope_table(cfg, C + S) if reindex else None
     if active is None:
         active = jnp.ones(tokens.shape, bool)
     n_act = active.sum(1).astype(jnp.int32)  # active tokens form a prefix of the chunk

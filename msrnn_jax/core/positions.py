@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from ..errors import InvalidArgument, check_choice
 from ..fast import attention
-from .layers import rope, rope_table, rotate, rotate_at
+from .layers import model_rope_table, rope_at, rotate, rotate_at
 from .policies import Policy, heads_agree
 
 POSITIONS = ("absolute", "reindex")
@@ -112,8 +112,7 @@ class Absolute:
         """The new token's q [B,Hkv,G,D] and k [B,Hkv,D] at position p [B]. Returns (q, the
         key the query attends to, the key the state keeps, the slots K, V and index l as
         the attention reads them, rot: a rotation applied inside the score product)."""
-        inv_freq = jnp.asarray(cfg.inv_freq())
-        q, k = rope(q, p[:, None], inv_freq), rope(k, p, inv_freq)
+        q, k = rope_at(cfg, q, p[:, None]), rope_at(cfg, k, p)
         return q, k, k, K, V, l, None
 
     def advance(self, carry, P, slot):
@@ -128,7 +127,7 @@ class Reindex(Absolute):
     name = "reindex"
 
     def shared(self, cfg, capacity: int):
-        return rope_table(capacity + 1, jnp.asarray(cfg.inv_freq()))  # cos, sin of 0..C
+        return model_rope_table(cfg, capacity + 1)  # cos, sin of 0..C
 
     def start(self, policy: Policy, pos):
         return ranks_of(policy, pos)  # one sort per call: [..., Hkv or 1, C]
@@ -137,7 +136,7 @@ class Reindex(Absolute):
         rank, n = ranks
         cos, sin = table
         rot = None
-        if attention.fused_reindex(impl):  # rotated inside the score product, never stored
+        if attention.fused_reindex(impl) and cfg.rotary == cfg.head_dim:  # rotated inside the score product
             rot = (cos[rank], sin[rank])
         else:  # a rotated copy of the layer's keys
             K, V, l = attention.rotated_copy(K, V, l, impl, lambda K: rotate(K, cos[rank], sin[rank]))

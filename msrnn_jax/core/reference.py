@@ -96,13 +96,22 @@ class ReferenceMSRNN:
         return (w * (x / np.sqrt(var + F32(self.cfg.rms_norm_eps)))).astype(F32)
 
     def _rope(self, x, pos):
-        """Rotate-half RoPE of one token's heads x [H, D] at position `pos`."""
-        ang = (F32(pos) * self.inv_freq).astype(F32)        # [D/2]
-        cos = np.cos(np.concatenate([ang, ang])).astype(F32)
-        sin = np.sin(np.concatenate([ang, ang])).astype(F32)
-        half = x.shape[-1] // 2
-        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return (x * cos + rot * sin).astype(F32)
+        """Rotate-half RoPE of one token's heads x [H, D] at position `pos`, on the first R
+        dims of each head (R = D unless the config rotates part of it). LongRoPE: the long
+        factors from its original context on, cos and sin times its attention factor."""
+        inv, mscale = self.inv_freq, F32(1)
+        scaling = self.cfg.rope_scaling
+        if scaling is not None and scaling[0] == "longrope":
+            inv = np.asarray(self.cfg.inv_freq(long=pos >= scaling[3]), F32)
+            mscale = F32(scaling[4])
+        R = 2 * len(inv)
+        ang = (F32(pos) * inv).astype(F32)                  # [R/2]
+        cos = (np.cos(np.concatenate([ang, ang])).astype(F32) * mscale).astype(F32)
+        sin = (np.sin(np.concatenate([ang, ang])).astype(F32) * mscale).astype(F32)
+        xr, rest = x[..., :R], x[..., R:]
+        half = R // 2
+        rot = np.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+        return np.concatenate([xr * cos + rot * sin, rest], axis=-1).astype(F32)
 
     def _qkv(self, layer, h, pos):
         """q [Hq, D], k [Hkv, D] (both roped at `pos`), v [Hkv, D] of one token."""
@@ -118,15 +127,41 @@ class ReferenceMSRNN:
         q = q.astype(F32).reshape(cfg.num_heads, D)
         k = k.astype(F32).reshape(cfg.num_kv_heads, D)
         v = v.astype(F32).reshape(cfg.num_kv_heads, D)
+        if cfg.qk_norm:  # qwen3: every head's q and k RMS-normed, before RoPE
+            q = self._rms(q, self._lp("q_norm", layer))
+            k = self._rms(k, self._lp("k_norm", layer))
         if self.positions == "reindex":  # rotated at read time, by rank (`_attend`)
             return q, k, v
         return self._rope(q, pos), self._rope(k, pos), v
 
     def _mlp(self, layer, h):
-        g = h @ self._lp("w_gate", layer)
-        u = h @ self._lp("w_up", layer)
+        """The MLP of one token h [E] or of several [S, E]."""
+        if self.cfg.num_experts:
+            return np.stack([self._experts(layer, x) for x in h]) if h.ndim == 2 else self._experts(layer, h)
+        return self._swiglu(h, self._lp("w_gate", layer), self._lp("w_up", layer), self._lp("w_down", layer))
+
+    @staticmethod
+    def _swiglu(h, w_gate, w_up, w_down):
+        g = (h @ w_gate).astype(F32)
+        u = (h @ w_up).astype(F32)
         silu = g / (F32(1) + np.exp(-g))
-        return ((silu * u).astype(F32) @ self._lp("w_down", layer)).astype(F32)
+        return ((silu * u).astype(F32) @ w_down).astype(F32)
+
+    def _experts(self, layer, h):
+        """Routed MLPs: softmax over the experts' router logits, the k largest chosen (ties:
+        the lower expert), their weights renormalised if the config says so, and the
+        chosen experts' SwiGLU outputs summed with those weights."""
+        cfg = self.cfg
+        probs = _softmax((h @ self._lp("router", layer)).astype(F32))
+        chosen = sorted(range(cfg.num_experts), key=lambda e: (-probs[e], e))[:cfg.experts_per_token]
+        weights = probs[chosen]
+        if cfg.norm_topk_prob:
+            weights = (weights / weights.sum(dtype=F32)).astype(F32)
+        out = np.zeros_like(h, dtype=F32)
+        for e, w in zip(chosen, weights):
+            out += w * self._swiglu(h, self._lp("experts_gate", layer)[e], self._lp("experts_up", layer)[e],
+                                    self._lp("experts_down", layer)[e])
+        return out.astype(F32)
 
     def _logits(self, x):
         h = self._rms(x, self.p["final_norm"])

@@ -14,6 +14,7 @@ mesh axis (or to none: replicated). Changing what is split is a change to that t
     vocab       model       embed by row, lm_head by column (the largest matrix at decode)
     embed       -           the hidden size E: replicated (norms, the residual stream)
     layers, slots, head_dim -   replicated
+    experts     -           the expert axis of the routed MLPs (qwen3_moe, mixtral)
     joined      -           wqkv, bqkv, w_gateup of the fused layout (`fast.layouts.fuse_projections`):
                             replicated, so that layout loads only where the model axis is 1
 
@@ -74,6 +75,7 @@ RULES = {
     "slots": None,
     "head_dim": None,
     "joined": None,
+    "experts": None,
 }
 
 # logical axes of each parameter (per layer; a stacked layout adds "layers" in front)
@@ -88,6 +90,11 @@ LAYER_AXES = {
     "bq": ("heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
     "wo": ("heads_in", "out"),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp_in", "out"),
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    # routed experts: each expert's MLP columns split as w_gate's; the router and the
+    # expert axis whole on every device (a token's experts are gathered where it is)
+    "router": ("embed", "experts"), "experts_gate": ("experts", "embed", "mlp"),
+    "experts_up": ("experts", "embed", "mlp"), "experts_down": ("experts", "mlp_in", "out"),
     # `fast.layouts.fuse_projections`: q|k|v and gate|up side by side are never split by heads or
     # columns, so the fused layout is only loaded on a mesh whose model axis is 1
     "wqkv": ("embed", "joined"), "bqkv": ("joined",), "w_gateup": ("embed", "joined"),

@@ -1,0 +1,285 @@
+"""The newer families (qwen3, phi3 with and without LongRoPE, qwen3_moe, mixtral) against
+transformers' PyTorch models (fp32) and the slow reference: every policy's kept positions,
+the prefill modes and `reindex` positions, greedy generation, `msrnn ppl` and `msrnn
+generate`, and GGUF files written with gguf's writer. The parallel forward and the
+step-by-step full state are checked for every family in tests/test_parity.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import msrnn_jax as m
+from msrnn_jax.cli import main
+from msrnn_jax.convert.gguf_loader import load_gguf
+from msrnn_jax.convert.hf import load_hf_folder
+from msrnn_jax.core.parallel import chunk_step, forward_parallel, prefill_oneshot
+from msrnn_jax.core.policies import PerRow
+from msrnn_jax.core.state import State
+from msrnn_jax.core.step import scan
+from msrnn_jax.errors import UnsupportedConfigError
+
+from hf_models import hf_logits, make_hf_model, save_hf_model, save_tiny_model
+from reference import policy_obj, reference_chunked, reference_oneshot, reference_run, sorted_pos
+
+NEW = ["qwen3", "phi3", "phi3-longrope", "qwen3-moe", "mixtral"]
+POLICIES = [("window", 4), ("sink", 2), ("tova", 4), ("tova-head", 4), ("h2o", 4), ("h2o-head", 4)]
+T, C = 16, 6
+ATOL = RTOL = 1e-5  # against the reference, as tests/test_policies.py
+
+
+@pytest.fixture(scope="module", params=NEW)
+def fam(request, tmp_path_factory):
+    model = make_hf_model(request.param)
+    folder = save_hf_model(model, tmp_path_factory.mktemp(request.param))
+    cfg, params = load_hf_folder(folder)
+    return request.param, model, folder, cfg, jax.tree.map(jnp.asarray, params)
+
+
+def tokens_of(cfg, n, seed):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, n).astype(np.int32)
+
+
+def assert_same_kept(got, want, what):
+    for t in range(len(want)):
+        assert np.array_equal(got[t], want[t]), f"{what}: kept positions differ after step {t}"
+
+
+def test_every_policy_matches_reference(fam):
+    """Exact mode, every bounded policy (side by side as batch rows, `PerRow`: one
+    compile): the kept positions after every step equal the reference's, and the logits
+    within 1e-5."""
+    family, _, _, cfg, params = fam
+    tokens = tokens_of(cfg, T, seed=7)
+    pol = PerRow(policies=tuple(policy_obj(n, i) for n, i in POLICIES))
+    logits, _, pos = scan(params, cfg, pol, State.init(cfg, len(POLICIES), C),
+                          jnp.asarray(pol.spread(tokens[None])), emit="logits+pos")
+    for row, (name, sinks) in enumerate(POLICIES):
+        ref_logits, ref_pos = reference_run(params, cfg, name, C, tokens, sinks)
+        assert_same_kept(sorted_pos(pos)[:, :, row], ref_pos, f"{family} {name}")
+        np.testing.assert_allclose(np.asarray(logits)[row], ref_logits, atol=ATOL, rtol=RTOL,
+                                   err_msg=f"{family} {name}")
+
+
+def test_prefill_modes_and_reindex_match_reference(fam):
+    """tova: oneshot and chunked prefill, and exact mode under `reindex` positions."""
+    family, _, _, cfg, params = fam
+    tokens = tokens_of(cfg, T, seed=8)
+    pol = policy_obj("tova")
+    logits, state = prefill_oneshot(params, cfg, pol, C, jnp.asarray(tokens[None]))
+    ref_logits, ref_kept, _ = reference_oneshot(params, cfg, "tova", C, tokens)
+    assert np.array_equal(sorted_pos(state.pos)[:, 0], ref_kept), family
+    np.testing.assert_allclose(np.asarray(logits)[0], ref_logits, atol=ATOL, rtol=RTOL)
+
+    S, state, kept, out = 5, State.init(cfg, 1, C), [], []
+    for start in range(0, T, S):
+        chunk = np.pad(tokens[start:start + S], (0, S - len(tokens[start:start + S])))
+        active = np.arange(S) < len(tokens[start:start + S])
+        lg, state = chunk_step(params, cfg, pol, state, jnp.asarray(chunk[None]), jnp.asarray(active[None]))
+        out.append(np.asarray(lg)[0, :active.sum()])
+        kept.append(sorted_pos(state.pos)[:, 0])
+    ref_logits, ref_kept, _ = reference_chunked(params, cfg, "tova", C, tokens, S)
+    assert_same_kept(kept, ref_kept, f"{family} chunked")
+    np.testing.assert_allclose(np.concatenate(out), ref_logits, atol=ATOL, rtol=RTOL)
+
+    logits, _, pos = scan(params, cfg, pol, State.init(cfg, 1, C), jnp.asarray(tokens[None]),
+                          emit="logits+pos", positions="reindex")
+    ref_logits, ref_pos = reference_run(params, cfg, "tova", C, tokens, positions="reindex")
+    assert_same_kept(sorted_pos(pos)[:, :, 0], ref_pos, f"{family} reindex")
+    np.testing.assert_allclose(np.asarray(logits)[0], ref_logits, atol=ATOL, rtol=RTOL)
+
+
+def test_longrope_switches_like_transformers_decoding():
+    """Phi-3's LongRoPE rotates with the short factors below its original context (32
+    here) and with the long ones from there on: the rule of transformers' token-by-token
+    decoding with a cache. (Its forward over a longer sequence, and its `generate`, which
+    recomputes the cache once the sequence crosses the original context, rotate every
+    position with the long factors: a state that has evicted tokens cannot recompute them,
+    docs/design.md §7.) Over 48 tokens the step equals that decoding; the parallel forward
+    equals the step."""
+    model = make_hf_model("phi3-longrope", original_max_position_embeddings=32)
+    short_only = make_hf_model("phi3-longrope", original_max_position_embeddings=32, rope_scaling={
+        **model.config.rope_parameters, "long_factor": model.config.rope_parameters["short_factor"]})
+    tokens = np.random.default_rng(10).integers(0, 96, 48)
+
+    def decode(hf):
+        cache, out = None, []
+        with torch.no_grad():
+            for t in tokens:
+                o = hf(torch.tensor([[int(t)]]), past_key_values=cache, use_cache=True)
+                cache = o.past_key_values
+                out.append(o.logits[0, -1].float().numpy())
+        return np.stack(out)
+
+    want = decode(model)
+    assert np.abs(want[32:] - decode(short_only)[32:]).max() > 1e-3  # the long factors matter
+    np.testing.assert_allclose(want[:32], hf_logits(model, tokens[:32])[0], atol=1e-4, rtol=0)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        cfg, params = load_hf_folder(save_hf_model(model, d))
+    params = jax.tree.map(jnp.asarray, params)
+    got, _ = scan(params, cfg, policy_obj("full"), State.init(cfg, 1, 48), jnp.asarray(tokens[None]))
+    np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-4, rtol=0)
+    par = forward_parallel(params, cfg, jnp.asarray(tokens[None]))[0]
+    np.testing.assert_allclose(np.asarray(par)[0], want, atol=1e-4, rtol=0)
+
+
+# -- the command line on tiny saved checkpoints with a tokenizer --------------------------------
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom. "
+        "Paris is the capital of France.\n") * 6
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_cli_ppl_and_generate_equal_transformers(family, tmp_path, capsys):
+    """On a saved checkpoint with a tokenizer: `msrnn ppl --policy full` is transformers'
+    loss, 32 greedy tokens are transformers' greedy tokens, and `msrnn generate --greedy`
+    prints transformers' greedy text."""
+    folder = save_tiny_model(tmp_path / family, family)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    hf = __import__("transformers").AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    capsys.readouterr()
+    assert main(["ppl", str(text), "--model", folder, "--policy", "full", "--tokens", "40", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["mean_nll"]
+    ids = torch.tensor([tok(TEXT)["input_ids"][:40]])
+    with torch.no_grad():
+        want = hf(ids, labels=ids).loss.item()
+    assert abs(got - want) / want < 1e-5
+
+    ids = np.random.default_rng(9).integers(0, len(tok), 9).tolist()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(ids):].tolist()
+    got = m.generate(m.load_model(folder), [ids], 32).tokens[0]
+    stop = next((i + 1 for i, t in enumerate(want) if t == tok.eos_token_id), 32)  # we stop at EOS
+    assert got == want[:stop] and len(got) >= 8
+
+    prompt = "Paris is the"
+    p_ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        new = hf.generate(p_ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)[0, p_ids.shape[1]:]
+    want_text = tok.decode(new, skip_special_tokens=True)
+    if family == "qwen3-moe":  # one real process: the console entry point's path
+        p = subprocess.run([sys.executable, "-m", "msrnn_jax.cli", "generate", prompt, "--model", folder,
+                            "--greedy", "--max-new-tokens", "12"], capture_output=True, text=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+        assert p.returncode == 0, p.stderr
+        out = p.stdout
+    else:
+        assert main(["generate", prompt, "--model", folder, "--greedy", "--max-new-tokens", "12"]) == 0
+        out = capsys.readouterr().out
+    assert out.strip() == want_text.strip()
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+def write_gguf(path, cfg, sd, arch):
+    """`sd` (a transformers state dict) as llama.cpp's convert_hf_to_gguf.py writes these
+    architectures (F32 tensors, NEOX RoPE: no permutation; experts stacked)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.bos_token_id is not None:
+        w.add_bos_token_id(cfg.bos_token_id)
+    for e in cfg.eos_token_ids:
+        w.add_eos_token_id(e)
+    if cfg.moe:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.experts_per_token)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    names = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "attn_q",
+             "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
+             "self_attn.o_proj.weight": "attn_output", "self_attn.q_norm.weight": "attn_q_norm",
+             "self_attn.k_norm.weight": "attn_k_norm", "post_attention_layernorm.weight": "ffn_norm",
+             "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down",
+             "mlp.gate.weight": "ffn_gate_inp", "self_attn.qkv_proj.weight": "attn_qkv",
+             "mlp.gate_up_proj.weight": "ffn_up"}
+    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+    for name, t in sd.items():
+        a = t.float().numpy()
+        if name in top:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            w.add_tensor(top[name] + ".weight", a)
+            continue
+        _, _, i, rest = name.split(".", 3)
+        if rest == "mlp.experts.gate_up_proj":  # [N, 2F, E] -> ffn_gate_exps, ffn_up_exps [N, F, E]
+            gate, up = np.split(a, 2, axis=1)
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
+        elif rest == "mlp.experts.down_proj":  # [N, E, F]
+            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", np.ascontiguousarray(a))
+        else:
+            w.add_tensor(f"blk.{i}.{names[rest]}.weight", np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family,arch,extra", [
+    ("qwen3", "qwen3", {}), ("qwen3-moe", "qwen3moe", {"norm_topk_prob": True}), ("phi3", "phi3", {})])
+def test_gguf_round_trip(tmp_path, family, arch, extra):
+    """A GGUF file written from a transformers checkpoint loads to the same config and
+    bit-identical params as the checkpoint's folder, and so to the same logits."""
+    model = make_hf_model(family, **extra)
+    folder = save_hf_model(model, tmp_path / "hf")
+    cfg, params = load_hf_folder(folder)
+    path = write_gguf(tmp_path / "tiny.gguf", cfg, model.state_dict(), arch)
+    g_cfg, g_params = load_gguf(path)
+    assert g_cfg == cfg
+    flat, g_flat = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(g_params)
+    assert [p for p, _ in flat] == [p for p, _ in g_flat]
+    for (p, a), (_, b) in zip(flat, g_flat):
+        assert np.array_equal(a, b), jax.tree_util.keystr(p)
+    tokens = tokens_of(cfg, 12, seed=11)[None]
+    np.testing.assert_allclose(np.asarray(forward_parallel(jax.tree.map(jnp.asarray, g_params), g_cfg,
+                                                           jnp.asarray(tokens))[0]),
+                               hf_logits(model, tokens), atol=1e-4, rtol=0)
+
+
+# -- refusals ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,changes,needle", [
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen3-moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+    ("qwen3-moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                   "original_max_position_embeddings": 64}}, "yarn"),
+    ("qwen3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("qwen3", {"model_type": "gemma3_text"}, "gemma3_text"),
+])
+def test_unhandled_config_fields_are_refused(tmp_path, family, changes, needle):
+    folder = tmp_path / family
+    save_hf_model(make_hf_model(family, num_hidden_layers=1), folder)
+    hf = json.loads((folder / "config.json").read_text())
+    hf.update(changes)
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(UnsupportedConfigError, match=needle) as e:
+        load_hf_folder(folder)
+    assert "\n" not in str(e.value)
