@@ -208,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to bind")
     w.add_argument("--port", type=int, default=8000, help="port to bind")
     w.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
+    w.add_argument("--api-key", default=os.environ.get("MSRNN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $MSRNN_API_KEY; none: open)")
+    w.add_argument("--max-prompt-tokens", type=_positive("--max-prompt-tokens"),
+                   help="longest prompt of one request (default: full, its capacity; bounded, 8 times "
+                        "the model's trained context); longer: 400")
+    w.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"),
+                   help="most max_tokens of one request (default as --max-prompt-tokens); more: 400")
+    w.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"),
+                   help="largest request body (default: 16 bytes per prompt token allowed + 1 MiB); larger: 413")
     model_args(w), mesh_arg(w)
 
     e = command("eval", "long-context tasks: does the bounded state keep the needle?")

@@ -457,13 +457,15 @@ def serve(args):
         mesh = sharding.make_mesh(args.mesh)
         sharding.check_impl(impl, mesh)
     check_batch(args.max_batch, mesh, len(pols))
+    limits = dict(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
 
     def factory():  # on the server's loading thread: /health answers 503 meanwhile
         model = _load(args)
-        eng = Engine(model, pols, capacity, max_batch=args.max_batch, max_queue=args.max_queue,
+        eng = Engine(model, pols, capacity, **limits, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call,
                      prefill_share=args.prefill_share, positions=args.positions, impl=impl)
         return model, eng
 
     name = args.served_model_name or server.served_name(args.model, args.model)
-    return server.run(factory, name, aliases=(args.model,), host=args.host, port=args.port)
+    return server.run(factory, name, aliases=(args.model,), host=args.host, port=args.port,
+                      api_key=args.api_key, max_body_bytes=args.max_body_bytes)

@@ -65,8 +65,9 @@ from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..run.api import Model
 from ..run.sampling import check_settings, row_keys
 from ..run.spec import RunSpec
-from .programs import chunk_piece, decode_rows, exact_piece, first_rows, insert_row
-from .requests import FINISH_ABORT, Request, Result, request_ids
+from .programs import (chunk_piece, chunk_piece_logprobs, decode_rows, exact_piece, exact_piece_logprobs,
+                       first_rows, insert_row)
+from .requests import FINISH_ABORT, FINISH_ERROR, Request, Result, request_ids
 
 log = logging.getLogger("msrnn.serve")
 SERVE_PREFILL_MODES = ("exact", "chunked")  # a row's prompt is read piece by piece
@@ -117,6 +118,18 @@ def prefill_seconds(share: float, chunk_seconds: float | None) -> float:
     return 0.0 if chunk_seconds is None else share / (1.0 - share) * chunk_seconds
 
 
+LIMIT_CONTEXTS = 8  # a bounded row's default limits: this many of the model's trained contexts
+
+
+def default_limit(engine) -> int:
+    """The default longest prompt (and most new tokens) of one request: `full` holds its
+    C slots at most; a bounded row reads any length in constant memory, but each token
+    costs a step, so one request may cost at most LIMIT_CONTEXTS trained contexts."""
+    if not engine.policy.bounded:
+        return engine.capacity
+    return LIMIT_CONTEXTS * int(engine.cfg.max_position_embeddings)
+
+
 @dataclasses.dataclass
 class _Prefill:
     """A request whose prompt is being read into a 1-row state, piece by piece."""
@@ -126,6 +139,7 @@ class _Prefill:
     state: State
     logits: jax.Array
     next_piece: int = 0
+    echo: bool = False  # keep every token's log-probability (`exact_piece_logprobs`)
 
 
 # -- the engine ------------------------------------------------------------------------
@@ -154,7 +168,8 @@ class Engine:
                  sinks: int = 4, max_batch: int = 8, max_queue: int = 64, prefill: str = "exact",
                  chunk: int | None = None, steps_per_call: int = 8, piece: int = 32,
                  prefill_share: float = 0.4, impl: StepImpl = DEFAULT_IMPL, dtype=None,
-                 log_requests: bool = True, positions: str = "absolute"):
+                 log_requests: bool = True, positions: str = "absolute", max_prompt_tokens: int | None = None,
+                 max_new_tokens: int | None = None, echo_top: int = 5):
         self.model, self.cfg = model, model.cfg
         self.sinks = sinks
         self.policies = served_policies(policy, sinks)
@@ -172,6 +187,12 @@ class Engine:
         self.prefill_share = check_float("prefill_share", prefill_share, low=0.0, high=1.0, low_open=True)
         self._chunk_seconds: float | None = None  # the last decode chunk's time (None: none yet)
         self.steps = check_int("steps_per_call", steps_per_call)
+        # the longest prompt and the most new tokens of one request (default_limit)
+        self.max_prompt_tokens = default_limit(self) if max_prompt_tokens is None else check_int(
+            "max_prompt_tokens", max_prompt_tokens)
+        self.max_new_tokens = default_limit(self) if max_new_tokens is None else check_int(
+            "max_new_tokens", max_new_tokens)
+        self.echo_top = check_int("echo_top", echo_top)  # the most top log-probabilities per token
         self.impl = impl
         self.mesh = model.mesh
         sharding.check_impl(impl, self.mesh)
@@ -198,7 +219,8 @@ class Engine:
         self.ignore_eos = np.zeros(B, bool)
         self.rows: list[Request | None] = [None] * B
         self.waiting: collections.deque[Request] = collections.deque()
-        self.prefilling: _Prefill | None = None
+        self.prefills: list[_Prefill] = []  # prompts being read, one piece each in turn
+        self._next_pf = 0  # whose piece is next (round robin over `prefills`)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -229,9 +251,16 @@ class Engine:
         prompt + max_tokens beyond its C slots)."""
         if not prompt:
             raise InvalidArgument("empty prompt", "prompt")
-        check_int("max_tokens", max_tokens)
-        if max_tokens >= 2 ** 31:
-            raise InvalidArgument(f"max_tokens must be < 2**31, got {max_tokens}", "max_tokens")
+        V = self.cfg.vocab_size
+        if any(not 0 <= t < V for t in prompt):
+            raise InvalidArgument(f"token ids must be in [0, {V})", "prompt")
+        if len(prompt) > self.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {len(prompt)} tokens, beyond this server's limit of "
+                                  f"{self.max_prompt_tokens} (max_prompt_tokens)", "prompt")
+        check_int("max_tokens", max_tokens, minimum=0)  # 0: echo only (the server checks that)
+        if max_tokens > self.max_new_tokens:
+            raise InvalidArgument(f"max_tokens must be at most {self.max_new_tokens} (this server's "
+                                  f"max_new_tokens), got {max_tokens}", "max_tokens")
         if not self.policy.bounded and len(prompt) + max_tokens > self.capacity:
             raise InvalidArgument(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is beyond the "
@@ -240,15 +269,18 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_tokens: int = 16, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = (), listener: Callable[[dict], None] | None = None,
-               rid: str | None = None, ignore_eos: bool = False, policy: str | None = None) -> Request:
+               rid: str | None = None, ignore_eos: bool = False, policy: str | None = None,
+               logprobs: int | None = None, echo: bool = False) -> Request:
         """Queue a request (token ids). Raises InvalidArgument for a bad one, QueueFull
         when B rows are busy and max_queue requests already wait. ignore_eos: run to
         max_tokens (benchmarks' fixed lengths). policy: one of the served policies (None:
-        the first)."""
+        the first). logprobs n: each token's log-probability and the top n (at most
+        `echo_top`); echo: the prompt's tokens' too (`Result.prompt_logprobs`)."""
         prompt = [int(t) for t in prompt]
         self.check_request(prompt, max_tokens)
         which = self.policy_index(policy)
         temperature, top_k, top_p = check_settings(temperature, top_k, top_p)
+        top_k = min(top_k, self.cfg.vocab_size)  # past the vocabulary: every token, as at V
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         seed = check_int("seed", seed, minimum=0)
@@ -259,8 +291,12 @@ class Engine:
             raise InvalidArgument("stop strings need a model with a tokenizer", "stop")
         if any(not isinstance(s, str) or not s for s in stop):
             raise InvalidArgument("stop must be non-empty strings", "stop")
+        if logprobs is not None:
+            logprobs = check_int("logprobs", logprobs, minimum=0)
+            if logprobs > self.echo_top:
+                raise InvalidArgument(f"logprobs must be at most {self.echo_top}, got {logprobs}", "logprobs")
         req = Request(prompt, max_tokens, temperature, top_k, top_p, seed, stop, listener,
-                      rid or f"req-{next(request_ids)}", ignore_eos, which)
+                      rid or f"req-{next(request_ids)}", ignore_eos, which, logprobs, echo)
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -268,7 +304,8 @@ class Engine:
             # B rows plus max_queue waiting, counted together: requests the loop has not yet
             # moved into a free row count as waiting, however far behind the loop is
             if busy + len(self.waiting) >= self.B + self.max_queue:
-                raise QueueFull(f"all {self.B} rows are busy and {len(self.waiting)} requests wait")
+                raise QueueFull(f"{busy} of {self.B} rows are busy and {len(self.waiting)} requests wait "
+                                f"(at most {self.max_queue} may)")
             self.waiting.append(req)
             self._lock.notify_all()
         return req
@@ -291,8 +328,9 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 30.0):
-        """End every request still in flight (finish_reason "abort": each gets its final
-        event) and the loop thread."""
+        """End every request still in flight and waiting (finish_reason "error", error
+        code "shutting_down": each gets its final event) and the loop thread, which sees
+        the stop between any two prompt pieces or decode chunks."""
         with self._lock:
             self._running = False
             self._lock.notify_all()
@@ -301,8 +339,10 @@ class Engine:
 
     def compiled(self) -> dict[str, int]:
         """Compiled variants of each program the engine calls (constant while serving)."""
+        chunked = self.prefill_mode == "chunked"
         progs = {"decode_rows": decode_rows, "insert_row": insert_row, "first_rows": first_rows,
-                 "prefill_piece": chunk_piece if self.prefill_mode == "chunked" else exact_piece}
+                 "prefill_piece": chunk_piece if chunked else exact_piece,
+                 "prefill_piece_logprobs": chunk_piece_logprobs if chunked else exact_piece_logprobs}
         return {k: f._cache_size() for k, f in progs.items()}
 
     # -- the loop (its own thread) -----------------------------------------------------
@@ -321,23 +361,23 @@ class Engine:
             with self._lock:
                 self._running = False
                 reqs = [r for r in self.rows if r is not None] + list(self.waiting)
-                if self.prefilling is not None and self.prefilling.req not in reqs:
-                    reqs.append(self.prefilling.req)
+                reqs += [pf.req for pf in self.prefills if pf.req not in reqs]
                 self.waiting.clear()
-                self.prefilling = None
+                self.prefills = []
                 self.rows = [None] * self.B
-            for r in reqs:
-                self._finish(r, FINISH_ABORT)
+            for r in reqs:  # each gets its final event: an error, not a finish
+                self._fail(r, 503, "shutting_down", "the server is shutting down; retry elsewhere or later")
 
     def _warm(self):
         """Run every program once on row 0 (free: whatever it leaves there is overwritten
         when a request takes the row), so the first request finds them compiled; with
-        several policies, each one's prefill on a row of its own."""
+        several policies, each one's prefill on a row of its own (and its echo variant)."""
         t0 = time.perf_counter()
         for b in range(len(self.policies)):
-            pf = self._new_prefill(None, b, [0])
-            while not self._advance(pf):
-                pass
+            for echo in (False, True):
+                pf = self._new_prefill(None, b, [0], echo)
+                while not self._advance(pf):
+                    pass
             self._insert(pf, b)
         R = self.R
         first_rows(*sharding.place_rows(self.mesh, pf.logits, self.keys[:R], self.temperature[:R],
@@ -360,27 +400,45 @@ class Engine:
         input shardings at every call, one compile."""
         return state if self.mesh is None else sharding.place_state(state, self.mesh)
 
-    def _new_prefill(self, req, row, prompt) -> _Prefill:
+    def _new_prefill(self, req, row, prompt, echo: bool | None = None) -> _Prefill:
+        if echo is None:
+            echo = req is not None and req.prompt_logprobs is not None
         return _Prefill(req, row, prompt, self._empty_state(self.R),
-                        jnp.zeros((self.R, self.cfg.vocab_size), jnp.float32))
+                        jnp.zeros((self.R, self.cfg.vocab_size), jnp.float32), echo=echo)
 
     def _insert(self, pf: _Prefill, b: int):
         """pf's first row into row b of the state."""
         self.state = insert_row(self._placed(self.state), self._placed(pf.state), b)
 
     def _advance(self, pf: _Prefill) -> bool:
-        """Read the next piece of pf's prompt; True once the whole prompt is in."""
+        """Read the next piece of pf's prompt; True once the whole prompt is in. An echo
+        prefill keeps every token's log-probability (and the top ones) on its request."""
         P, prompt = self.piece, pf.prompt
         toks = np.zeros((self.R, P), np.int32)  # rows after the first (a mesh's padding) inactive
         act = np.zeros((self.R, P), bool)
-        part = prompt[pf.next_piece * P:(pf.next_piece + 1) * P]
+        start = pf.next_piece * P
+        part = prompt[start:start + P]
         toks[0, :len(part)] = part
         act[0, :len(part)] = True
-        piece = chunk_piece if self.prefill_mode == "chunked" else exact_piece
+        chunked = self.prefill_mode == "chunked"
         toks, act, logits = sharding.place_rows(self.mesh, toks, act, pf.logits)
         policy = self.policies[pf.row % len(self.policies)]  # the row's own (one program per policy)
-        pf.logits, pf.state = piece(self.model.params, self.cfg, policy, self._placed(pf.state), toks,
-                                    act, logits, self.positions)
+        if pf.echo:
+            piece = chunk_piece_logprobs if chunked else exact_piece_logprobs
+            pf.logits, pf.state, lp, top_v, top_i = piece(
+                self.model.params, self.cfg, policy, self._placed(pf.state), toks, act, logits, self.positions,
+                top=self.echo_top)
+            if pf.req is not None:
+                lp, top_v, top_i = np.asarray(lp)[0], np.asarray(top_v)[0], np.asarray(top_i)[0]
+                out = pf.req.prompt_logprobs
+                for j in range(len(part)):
+                    if start + j == 0:
+                        continue  # the first token has nothing before it (None, kept at [0])
+                    out.append((float(lp[j]), [(int(i), float(v)) for i, v in zip(top_i[j], top_v[j])]))
+        else:
+            piece = chunk_piece if chunked else exact_piece
+            pf.logits, pf.state = piece(self.model.params, self.cfg, policy, self._placed(pf.state), toks,
+                                        act, logits, self.positions)
         pf.next_piece += 1
         return pf.next_piece * P >= len(prompt)
 
@@ -407,81 +465,114 @@ class Engine:
         return toks, emitted
 
     def _loop(self):
+        """Turns until stopped: admit, read prompt pieces (one per prompt in turn), decode
+        one chunk, free what ended. `_running` is read between any two pieces or chunks,
+        so a stop ends the loop within one piece or one chunk."""
         while True:
             with self._lock:
                 if not self._running:
                     return
                 self._drop_cancelled_waiting()
-                decoding = self._decoding()
                 self._admit()
-                if self.prefilling is None and not decoding:
+                decoding = self._decoding()
+                if not self.prefills and not decoding:
                     self._lock.wait(0.5)
                     continue
-            # prompts are read for as long as the turn's budget allows (no limit while no
-            # row decodes), as many requests as that covers: one row's prompt ending early
-            # lets the next waiting request start in the same turn
+            # while rows decode, prompts are read for as long as the turn's budget allows
+            # (prefill_share); with none decoding, one round: one piece of each prompt
             deadline = None if not decoding else time.perf_counter() + prefill_seconds(
                 self.prefill_share, self._chunk_seconds)
-            while self.prefilling is not None:
-                if not self._prefill_turn(deadline):
-                    break
-                with self._lock:
-                    self._admit()
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
+            self._read_prompts(deadline)
             with self._lock:
-                decoding = self._decoding()
+                decoding = self._decoding() and self._running
             if decoding:
-                toks, emitted = self._decode_chunk()
-                self._deliver(toks, emitted)
+                try:
+                    toks, emitted = self._decode_chunk()
+                except Exception as e:  # noqa: BLE001  every decoding row ends; the engine goes on
+                    self._decode_failed(e)
+                else:
+                    self._deliver(toks, emitted)
             self._free_cancelled_rows()
+            self.stats["turns"] += 1
 
     def _decoding(self) -> bool:
         """Whether a row holds a request that is past its prefill (caller holds the lock)."""
-        reading = self.prefilling.req if self.prefilling else None
-        return any(r is not None and r is not reading for r in self.rows)
+        reading = {id(pf.req) for pf in self.prefills}
+        return any(r is not None and id(r) not in reading for r in self.rows)
 
-    def _admit(self) -> bool:
-        """The oldest waiting request with a free row of its policy takes it, if no prompt
-        is being read (caller holds the lock). True if a prefill is now under way."""
-        if self.prefilling is None and self.waiting and None in self.rows:
-            n = len(self.policies)
+    def _admit(self):
+        """Every waiting request, oldest first, that finds a free row of its policy takes
+        it and starts its prefill (caller holds the lock)."""
+        n = len(self.policies)
+        while self.waiting and None in self.rows:
             free = [b for b, r in enumerate(self.rows) if r is None]
             pick = next(((req, b) for req in self.waiting for b in free if b % n == req.policy_index), None)
             if pick is None:
-                return False
+                return
             req, b = pick
             self.waiting.remove(req)
             self.rows[b] = req
             req.row = b
-            self.prefilling = self._new_prefill(req, b, req.prompt)
-        return self.prefilling is not None
+            self.prefills.append(self._new_prefill(req, b, req.prompt))
 
     def _drop_cancelled_waiting(self):
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
             self._finish(r, FINISH_ABORT)
 
-    def _prefill_turn(self, deadline: float | None) -> bool:
-        """Read pieces of the current prompt, at least one, until it is all in or the
-        clock passes `deadline` (None: no limit); once it is all in, write its row into the
-        state and emit its first token. Returns whether the prefill ended (done or
-        cancelled)."""
-        pf = self.prefilling
-        if pf.req.cancelled:
-            self._release(pf.row)
-            self.prefilling = None
-            self._finish(pf.req, FINISH_ABORT)
-            return True
-        while True:
-            last = self._advance(pf)
-            if last:
-                break
-            if deadline is not None:
-                pf.logits.block_until_ready()  # the piece's own time counts, not its dispatch
-                if time.perf_counter() >= deadline:
-                    return False  # more pieces next turn: the decoding rows go on meanwhile
+    def _read_prompts(self, deadline: float | None):
+        """Pieces of the prompts being read, one piece per prompt in turn (round robin,
+        carried over between turns), so a short prompt is never read behind a long one:
+        at least one piece; while rows decode, until the clock passes `deadline`; with
+        none decoding, one round (then the loop admits newcomers and sees cancels). A
+        prompt read to its end gets its row and its first token; a cancelled one frees
+        its row before its next piece; one that fails ends alone."""
+        rounds = len(self.prefills)
+        read = 0
+        while self.prefills and self._running:
+            if self._next_pf >= len(self.prefills):
+                self._next_pf = 0
+            pf = self.prefills[self._next_pf]
+            if pf.req.cancelled:
+                self._end_prefill(pf)
+                self._release(pf.row)
+                self._finish(pf.req, FINISH_ABORT)
+                continue
+            try:
+                if self._advance(pf):
+                    self._end_prefill(pf)
+                    self._first_token(pf)
+                else:
+                    self._next_pf += 1
+                if deadline is not None:
+                    pf.logits.block_until_ready()  # the piece's own time counts, not its dispatch
+            except Exception as e:  # noqa: BLE001  this request ends, the engine goes on
+                if pf in self.prefills:
+                    self._end_prefill(pf)
+                if self.rows[pf.row] is pf.req:
+                    self._release(pf.row)
+                self._fail_exc(pf.req, e)
+            read += 1
+            if (read >= rounds) if deadline is None else (time.perf_counter() >= deadline):
+                return
+
+    def _end_prefill(self, pf: _Prefill):
+        """pf leaves the prompts being read (its row stays its request's until released)."""
+        with self._lock:
+            i = self.prefills.index(pf)
+            self.prefills.pop(i)
+            if i < self._next_pf:
+                self._next_pf -= 1
+
+    def _first_token(self, pf: _Prefill):
+        """A prompt read to its end: write its row into the state and sample its first
+        token (with max_tokens 0, an echo: none; the request ends here)."""
         req, b = pf.req, pf.row
+        if req.max_tokens == 0:
+            self._release(b)
+            req.t_first = time.perf_counter()
+            self._finish(req, "length")
+            return
         self._insert(pf, b)
         R = self.R  # the first of R rows is the request's
         key = np.repeat(row_keys(req.seed, 1), R, 0)
@@ -489,8 +580,12 @@ class Engine:
         tk, tp = np.full(R, req.top_k, np.int32), np.full(R, req.top_p, np.float32)
         first, key = first_rows(*sharding.place_rows(self.mesh, pf.logits, key, temp, tk, tp))
         first = int(np.asarray(first)[0])
+        if req.token_logprobs is not None:  # the first generated token's, from the prompt's logits
+            x = np.asarray(pf.logits, np.float64)[0]
+            lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+            top = np.argsort(-lp)[:req.logprobs] if req.logprobs else []
+            req.token_logprobs.append((float(lp[first]), [(int(i), float(lp[i])) for i in top]))
         with self._lock:
-            self.prefilling = None
             self.tok[b], self.keys[b] = first, np.asarray(key)[0]
             self.temperature[b], self.top_k[b], self.top_p[b] = temp[0], tk[0], tp[0]
             self.budget[b] = req.max_tokens - 1
@@ -499,13 +594,27 @@ class Engine:
             self.finished[b] = (first in self._eos_set and not req.ignore_eos) or req.max_tokens <= 1
         req.t_first = time.perf_counter()
         self._add_tokens(req, [first])
-        return True
 
     def _deliver(self, toks, emitted):
         for b, req in enumerate(self.rows):
             if req is None or req.row is None or not emitted[b].any() or req.t_first is None:
                 continue
-            self._add_tokens(req, [int(t) for t in toks[b][emitted[b]]])
+            try:
+                self._add_tokens(req, [int(t) for t in toks[b][emitted[b]]])
+            except Exception as e:  # noqa: BLE001  this request ends, the others go on
+                self._release(b)
+                self._fail_exc(req, e)
+
+    def _decode_failed(self, e: BaseException):
+        """A decode chunk failed: every row it held ends with the error; the state and the
+        host rows start again empty (the failed call may have consumed the donated state)."""
+        log.error("a decode chunk failed: %s: %s", type(e).__name__, e)
+        reading = {id(pf.req) for pf in self.prefills}
+        for b, req in enumerate(self.rows):
+            if req is not None and id(req) not in reading:
+                self._release(b)
+                self._fail_exc(req, e)
+        self.state = self._empty_state(self.B)
 
     def _add_tokens(self, req: Request, new: list[int]):
         """New tokens of a decoding request: stream their text, end it on EOS, a stop
@@ -529,10 +638,21 @@ class Engine:
             self._lock.notify_all()
 
     def _free_cancelled_rows(self):
+        reading = {id(pf.req) for pf in self.prefills}
         for b, req in enumerate(self.rows):
-            if req is not None and req.cancelled and (self.prefilling is None or self.prefilling.req is not req):
+            if req is not None and req.cancelled and id(req) not in reading:
                 self._release(b)
                 self._finish(req, FINISH_ABORT)
+
+    def _fail_exc(self, req: Request, e: BaseException):
+        log.error("%s failed: %s: %s", req.id, type(e).__name__, e)
+        self._fail(req, 500, "internal_error", f"the request failed in the engine: {type(e).__name__}")
+
+    def _fail(self, req: Request, status: int, code: str, message: str):
+        """End req with an error (a shutdown, a failure): its final event says so."""
+        if not req.done:
+            req.error = {"status": status, "code": code, "message": message}
+            self._finish(req, FINISH_ERROR)
 
     def _finish(self, req: Request, reason: str):
         if req.done:
@@ -540,18 +660,24 @@ class Engine:
         req.t_done = time.perf_counter()
         req.finish_reason = reason
         if req.final_text is None:
-            req.final_text = self.model.decode(req.tokens) if (self.model.tokenizer is not None and req.tokens) else ""
+            try:
+                req.final_text = self.model.decode(req.tokens) if (
+                    self.model.tokenizer is not None and req.tokens) else ""
+            except Exception:  # noqa: BLE001
+                req.final_text = ""
             if reason == FINISH_ABORT and req.text_sent < len(req.final_text):
                 req.send(req.final_text[req.text_sent:], [])
         ttft = None if req.t_first is None else req.t_first - req.t_submit
+        lps = None if req.token_logprobs is None else req.token_logprobs[:len(req.tokens)]
         req._result = Result(list(req.tokens), req.final_text, reason, len(req.prompt), ttft,
-                             req.t_done - req.t_submit)
+                             req.t_done - req.t_submit, req.error, req.prompt_logprobs, lps)
         if self.log_requests:
             gen = len(req.tokens)
             dt = req.t_done - (req.t_first or req.t_done)
             rate = (gen - 1) / dt if gen > 1 and dt > 0 else float("nan")
             log.info("%s prompt_tokens=%d generated_tokens=%d ttft=%s tokens_per_s=%.1f finish=%s%s",
-                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s", rate, reason,
+                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s", rate,
+                     reason if req.error is None else f"error:{req.error['code']}",
                      f" policy={self.policy_names[req.policy_index]}" if len(self.policies) > 1 else "")
         req._done.set()
         req._emit({"type": "done", "finish_reason": reason, "result": req._result})

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 from ..config import ModelConfig
 from ..core.parallel import chunk_step
 from ..core.policies import Policy
+from ..core.layers import logits_from_hidden
 from ..core.state import State
-from ..fast.layer_major import layer_scan
+from ..fast.attention import DEFAULT_IMPL
+from ..fast.layer_major import layer_major, layer_scan
+from ..fast.precision import exact_for_f32
 from ..run import decoding
 
 
@@ -56,6 +59,47 @@ def insert_row(state: State, row: State, b) -> State:
     def put(s, r, axis):
         return jax.lax.dynamic_update_index_in_dim(s, jnp.take(r, 0, axis), b, axis)
 
-    return State(put(state.keys, row.keys, 1), put(state.values, row.values, 1),
+    rows = lambda s, r: jax.tree.map(lambda a, b: put(a, b, 1), s, r)  # noqa: E731  (8-bit: data and scales)
+    return State(rows(state.keys, row.keys), rows(state.values, row.values),
                  put(state.pos, row.pos, 1), put(state.score, row.score, 1),
                  put(state.length, row.length, 0))
+
+
+def _logprobs(logits, tokens, last_logits, top: int):
+    """Each token's log-probability given what came before it, from the logits after each
+    token of the piece [R, P, V] and those before its first (`last_logits` [R, V]: the
+    previous piece's last): (token log-probabilities [R, P], the top `top` [R, P, top] and
+    their token ids)."""
+    prev = jnp.concatenate([last_logits[:, None].astype(jnp.float32), logits[:, :-1].astype(jnp.float32)], 1)
+    lp = jax.nn.log_softmax(prev, -1)
+    tok_lp = jnp.take_along_axis(lp, tokens[..., None], -1)[..., 0]
+    top_v, top_i = jax.lax.top_k(lp, top)
+    return tok_lp, top_v, top_i
+
+
+def _last(logits, active, last_logits):
+    n = active.sum(1)
+    here = jnp.take_along_axis(logits, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
+    return jnp.where((n > 0)[:, None], here.astype(jnp.float32), last_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions", "top"), donate_argnames=("state",))
+@exact_for_f32
+def exact_piece_logprobs(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
+                         positions: str = "absolute", top: int = 5):
+    """`exact_piece` that also gives every token's log-probability (and the top `top`)
+    given the tokens before it, exact per step: the logits after each token of the piece
+    come from the same layer-by-layer step (`layer_major`), as `layer_scan(emit="nll")`
+    computes perplexity. Returns (last logits, state, token log-probs, top values, top ids)."""
+    x, state = layer_major(params, cfg, policy, state, tokens, active, DEFAULT_IMPL, positions)
+    logits = logits_from_hidden(cfg, params, x)
+    return (_last(logits, active, last_logits), state, *_logprobs(logits, tokens, last_logits, top))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions", "top"), donate_argnames=("state",))
+@exact_for_f32
+def chunk_piece_logprobs(params, cfg: ModelConfig, policy: Policy, state: State, tokens, active, last_logits,
+                         positions: str = "absolute", top: int = 5):
+    """`chunk_piece` that also gives every token's log-probability (as exact_piece_logprobs)."""
+    logits, state = chunk_step(params, cfg, policy, state, tokens, active, positions=positions)
+    return (_last(logits, active, last_logits), state, *_logprobs(logits, tokens, last_logits, top))

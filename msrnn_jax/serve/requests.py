@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from ..errors import MsrnnError
 
-FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
 
 request_ids = itertools.count(1)  # req-1, req-2, ...
 
@@ -22,10 +22,15 @@ request_ids = itertools.count(1)  # req-1, req-2, ...
 class Result:
     tokens: list[int]         # generated tokens (the EOS or the stop string's last included)
     text: str                 # their text, cut before a stop string ("" without a tokenizer)
-    finish_reason: str        # "stop" (EOS or a stop string), "length" or "abort"
+    finish_reason: str        # "stop" (EOS or a stop string), "length", "abort" (a cancel) or "error"
     prompt_tokens: int
     time_to_first_token: float | None
     seconds: float
+    error: dict | None = None  # "error": {"status", "code", "message"} (a shutdown, a failure)
+    # with logprobs: per token (the prompt's first has none), its log-probability and the
+    # top ones [(id, log-probability)], the prompt's (echo) and the generated tokens'
+    prompt_logprobs: list | None = None
+    logprobs: list | None = None
 
 
 class Request:
@@ -37,12 +42,18 @@ class Request:
 
     def __init__(self, prompt: Sequence[int], max_tokens: int, temperature: float, top_k: int,
                  top_p: float, seed: int, stop: Sequence[str], listener, rid: str,
-                 ignore_eos: bool = False, policy_index: int = 0):
+                 ignore_eos: bool = False, policy_index: int = 0, logprobs: int | None = None,
+                 echo: bool = False):
         self.id = rid
         self.prompt = list(prompt)
         self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
         self.seed, self.stop, self.ignore_eos = seed, tuple(stop), bool(ignore_eos)
         self.policy_index = policy_index  # which of the engine's policies its row follows
+        self.logprobs = logprobs  # None: none; n: each token's log-probability and the top n
+        self.echo = bool(echo)    # with logprobs: the prompt's tokens' too
+        self.prompt_logprobs: list | None = [None] if (echo and logprobs is not None) else None
+        self.token_logprobs: list | None = [] if logprobs is not None else None
+        self.error: dict | None = None
         self.tokens: list[int] = []
         self.text_sent = 0        # characters of the decoded text already streamed
         self.final_text: str | None = None
@@ -128,6 +139,9 @@ class Request:
 
     def _emit(self, ev):
         if self._listener is not None:
-            self._listener(ev)
+            try:
+                self._listener(ev)
+            except Exception:  # noqa: BLE001  a listener gone (e.g. a closed event loop) ends no engine
+                self.cancel()
         else:
             self._queue.put(ev)
