@@ -201,6 +201,9 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         kind, factor = "linear", legacy
     if kind not in (None, "none") and not (kind == "linear" and factor in (None, 1.0)):
         scaling = {"rope_type": kind, "factor": _f32(factor) if factor is not None else 1.0}
+        old = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if old is not None:
+            scaling["original_max_position_embeddings"] = int(old)
 
     sliding = _field(reader, f"{arch}.attention.sliding_window")
     if sliding and family not in ("mistral", "phi3"):

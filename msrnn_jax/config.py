@@ -37,7 +37,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
     # or ("linear", factor) or ("longrope", short_factor, long_factor,
-    # original_max_position_embeddings, attention_factor) or None.
+    # original_max_position_embeddings, attention_factor) or ("yarn", factor,
+    # original_max_position_embeddings, beta_fast, beta_slow, truncate, attention_factor) or None.
     rope_scaling: tuple | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -94,6 +95,20 @@ class ModelConfig:
         if self.rope_scaling is None:
             return inv
         kind = self.rope_scaling[0]
+        if kind == "yarn":  # transformers' _compute_yarn_parameters
+            _, factor, old_ctx, beta_fast, beta_slow, truncate, _ = self.rope_scaling
+
+            def dim_of(rotations):
+                return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(self.rope_theta))
+
+            low, high = dim_of(beta_fast), dim_of(beta_slow)
+            if truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, d - 1)
+            high = high + 0.001 if low == high else high
+            ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)
+            extrapolate = (1 - ramp).astype(np.float32)
+            return (inv / np.float32(factor) * (1 - extrapolate) + inv * extrapolate).astype(np.float32)
         if kind == "longrope":
             ext = np.asarray(self.rope_scaling[2 if long else 1], np.float32)
             shape = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d
@@ -110,6 +125,13 @@ class ModelConfig:
             medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
             return np.where(medium, smoothed, out).astype(np.float32)
         raise UnsupportedConfigError(f"rope scaling {kind!r}")  # pragma: no cover (checked on load)
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What every cos and sin of RoPE is multiplied by (LongRoPE, YaRN; else 1)."""
+        if self.rope_scaling is not None and self.rope_scaling[0] in ("longrope", "yarn"):
+            return float(self.rope_scaling[-1])
+        return 1.0
 
     @property
     def long_rope(self) -> tuple[int, float] | None:
@@ -216,6 +238,18 @@ def _rope(hf: dict[str, Any], head_dim: int) -> tuple[float, tuple | None, int |
         return theta, ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
                        float(scaling["high_freq_factor"]),
                        int(scaling["original_max_position_embeddings"])), rotary
+    if kind == "yarn" and hf.get("model_type") in ("qwen3", "qwen3_moe"):  # Qwen3's long-context recipe
+        old = int(scaling["original_max_position_embeddings"])
+        factor = float(scaling.get("factor") or hf["max_position_embeddings"] / old)
+        att = scaling.get("attention_factor")
+        if att is None:
+            def mscale(scale, m=1.0):
+                return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            att = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        return theta, ("yarn", factor, old, float(scaling.get("beta_fast") or 32),
+                       float(scaling.get("beta_slow") or 1), bool(scaling.get("truncate", True)),
+                       float(att)), rotary
     if kind in ("longrope", "su") or (kind == "yarn" and hf.get("model_type") == "phi3"):
         # transformers' _compute_longrope_parameters (phi3 reads "su" and "yarn" as longrope)
         old = int(scaling.get("original_max_position_embeddings")
@@ -260,6 +294,10 @@ def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
 
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     family = hf.get("model_type")
+    if family in ("gemma3", "gemma3_text"):
+        raise UnsupportedConfigError(
+            f"model type {family!r} is not supported yet: its sliding-window and global layers need "
+            "a state of layer groups (docs/design.md, model families)")
     if family not in FAMILIES:
         raise UnsupportedConfigError(
             f"unknown model type {family!r} (supported: {', '.join(FAMILIES)})")

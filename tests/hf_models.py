@@ -31,6 +31,11 @@ FAMILIES = {
     # q/k norms, head_dim from the config (24, not 64 / 4), tied embeddings as Qwen3-0.6B
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               {"num_key_value_heads": 2, "head_dim": 24, "rope_theta": 1e6, "tie_word_embeddings": True}),
+    # Qwen3's long-context recipe: YaRN (static: blended frequencies, cos and sin scaled)
+    "qwen3-yarn": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+                   {"num_key_value_heads": 1, "head_dim": 32, "rope_scaling": {
+                       "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                       "rope_theta": 10000.0}}),
     # fused qkv_proj and gate_up_proj in the checkpoint, a sliding window
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
              {"num_key_value_heads": 2, "sliding_window": 7, "pad_token_id": 0, "bos_token_id": 1,

@@ -39,16 +39,16 @@ def rotate(x, cos, sin):
 def angles(cfg: ModelConfig, positions):
     """cos, sin [..., R] f32 of the model's RoPE at int positions [...] (R = `cfg.rotary`):
     `rope` with the config's switches. LongRoPE (phi3) rotates a position p >= its original
-    context with the long factors (transformers' step-by-step rule) and scales cos and sin
-    by its attention factor."""
+    context with the long factors (transformers' step-by-step rule); LongRoPE and YaRN
+    scale cos and sin by their attention factor."""
     inv = jnp.asarray(cfg.inv_freq())
     if cfg.long_rope is not None:
-        switch, factor = cfg.long_rope
+        switch, _ = cfg.long_rope
         inv = jnp.where((positions >= switch)[..., None], jnp.asarray(cfg.inv_freq(long=True)), inv)
     freqs = positions.astype(F32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], -1)
-    if cfg.long_rope is not None:
-        return jnp.cos(emb) * F32(factor), jnp.sin(emb) * F32(factor)
+    if cfg.rope_attention_factor != 1.0:
+        return jnp.cos(emb) * F32(cfg.rope_attention_factor), jnp.sin(emb) * F32(cfg.rope_attention_factor)
     return jnp.cos(emb), jnp.sin(emb)
 
 

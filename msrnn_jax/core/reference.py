@@ -98,12 +98,14 @@ class ReferenceMSRNN:
     def _rope(self, x, pos):
         """Rotate-half RoPE of one token's heads x [H, D] at position `pos`, on the first R
         dims of each head (R = D unless the config rotates part of it). LongRoPE: the long
-        factors from its original context on, cos and sin times its attention factor."""
+        factors from its original context on; LongRoPE, YaRN: cos and sin times their
+        attention factor."""
         inv, mscale = self.inv_freq, F32(1)
         scaling = self.cfg.rope_scaling
         if scaling is not None and scaling[0] == "longrope":
             inv = np.asarray(self.cfg.inv_freq(long=pos >= scaling[3]), F32)
-            mscale = F32(scaling[4])
+        if scaling is not None and scaling[0] in ("longrope", "yarn"):
+            mscale = F32(scaling[-1])
         R = 2 * len(inv)
         ang = (F32(pos) * inv).astype(F32)                  # [R/2]
         cos = (np.cos(np.concatenate([ang, ang])).astype(F32) * mscale).astype(F32)
