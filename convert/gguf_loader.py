@@ -26,6 +26,7 @@ from ._common import as_dtype, one_line
 from .gguf_tokenizer import build_tokenizer, tokenizer_metadata
 from .hf import assemble, expected_tensors
 
+ROPE_FACTORS = {"rope_factors_long.weight", "rope_factors_short.weight"}  # read into the config
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3")
 FAMILY = {"qwen3moe": "qwen3_moe"}  # GGUF architecture -> model_type, where they differ
 
@@ -108,6 +109,12 @@ def _f32(v) -> float:
     return float(repr(np.float32(v)).removeprefix("np.float32(").removesuffix(")"))
 
 
+def gguf_dequantize(t) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.dequantize(t.data, t.tensor_type)
+
+
 def _reader(path: Path):
     import gguf
 
@@ -161,10 +168,17 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
             raise UnsupportedConfigError(f"{path}: unsupported GGUF metadata {arch}.{key}={v!r}")
 
     tensor_names = {t.name for t in reader.tensors}
-    if "rope_factors_long.weight" in tensor_names or "rope_factors_short.weight" in tensor_names:
-        raise UnsupportedConfigError(
-            f"{path}: GGUF tensors rope_factors_long/short (phi3's LongRoPE) are not supported; "
-            "convert the Hugging Face checkpoint instead")
+    long_rope = None
+    if ROPE_FACTORS & tensor_names:  # phi3's LongRoPE: its two factor lists stored as tensors
+        if arch != "phi3" or not ROPE_FACTORS <= tensor_names:
+            raise UnsupportedConfigError(f"{path}: GGUF tensors {sorted(ROPE_FACTORS & tensor_names)} "
+                                         f"are only read in a phi3 file holding both")
+        factors = {t.name: [_f32(x) for x in np.asarray(gguf_dequantize(t)).reshape(-1)]
+                   for t in reader.tensors if t.name in ROPE_FACTORS}
+        long_rope = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
+                     "long_factor": factors["rope_factors_long.weight"],
+                     "original_max_position_embeddings": int(need("rope.scaling.original_context_length")),
+                     "attention_factor": float(_f32(need("rope.scaling.attn_factor")))}
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedConfigError(
             f"{path}: GGUF tensor 'rope_freqs.weight' (llama3-style RoPE frequency factors) is not "
@@ -232,6 +246,8 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
     }
     if rope_dim != head_dim:  # phi3 (Phi-4-mini): RoPE on the first rope_dim dims
         hf["partial_rotary_factor"] = rope_dim / head_dim
+    if long_rope is not None:
+        hf["rope_scaling"] = long_rope
     if arch == "qwen3moe":
         norm = _field(reader, f"{arch}.expert_weights_norm")
         hf.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
@@ -283,6 +299,8 @@ def _load(path, dtype=np.float32, notify=None, tokenizer: bool = True):
     tensors = {}
     display = {name: gguf_tensor_name(name) for name in expected_tensors(cfg)}
     for t in reader.tensors:
+        if t.name in ROPE_FACTORS:
+            continue
         hf = hf_tensor_name(t.name, arch) or t.name
         tensors[hf] = dequant(t)
         display[hf] = t.name

@@ -6,6 +6,7 @@ step-by-step full state are checked for every family in tests/test_parity.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -229,6 +230,14 @@ def write_gguf(path, cfg, sd, arch):
         w.add_bos_token_id(cfg.bos_token_id)
     for e in cfg.eos_token_ids:
         w.add_eos_token_id(e)
+    if cfg.rotary != cfg.head_dim:
+        w.add_rope_dimension_count(cfg.rotary)
+    if cfg.long_rope is not None:  # as llama.cpp's Phi3MiniModel writes LongRoPE
+        _, short, long, old, factor = cfg.rope_scaling
+        w.add_rope_scaling_attn_factors(factor)
+        w.add_rope_scaling_orig_ctx_len(old)
+        w.add_tensor("rope_factors_long.weight", np.asarray(long, np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(short, np.float32))
     if cfg.moe:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.experts_per_token)
@@ -265,7 +274,8 @@ def write_gguf(path, cfg, sd, arch):
 
 
 @pytest.mark.parametrize("family,arch,extra", [
-    ("qwen3", "qwen3", {}), ("qwen3-moe", "qwen3moe", {"norm_topk_prob": True}), ("phi3", "phi3", {})])
+    ("qwen3", "qwen3", {}), ("qwen3-moe", "qwen3moe", {"norm_topk_prob": True}), ("phi3", "phi3", {}),
+    ("phi3-longrope", "phi3", {})])
 def test_gguf_round_trip(tmp_path, family, arch, extra):
     """A GGUF file written from a transformers checkpoint loads to the same config and
     bit-identical params as the checkpoint's folder, and so to the same logits."""
@@ -274,6 +284,10 @@ def test_gguf_round_trip(tmp_path, family, arch, extra):
     cfg, params = load_hf_folder(folder)
     path = write_gguf(tmp_path / "tiny.gguf", cfg, model.state_dict(), arch)
     g_cfg, g_params = load_gguf(path)
+    if cfg.long_rope is not None:  # GGUF keeps LongRoPE's factors in float32: the same RoPE
+        f32 = [np.asarray(x, np.float32) for x in cfg.rope_scaling[1:]]
+        assert all(np.array_equal(a, np.asarray(b, np.float32)) for a, b in zip(f32, g_cfg.rope_scaling[1:]))
+        g_cfg = dataclasses.replace(g_cfg, rope_scaling=cfg.rope_scaling)
     assert g_cfg == cfg
     flat, g_flat = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(g_params)
     assert [p for p, _ in flat] == [p for p, _ in g_flat]
