@@ -49,6 +49,15 @@ def build_model(name: str, device: str, dtype=None):
     if spec["family"] == "mistral":
         cfg = transformers.MistralConfig(sliding_window=None, **common)
         cls = transformers.MistralForCausalLM
+    elif spec["family"] == "qwen3":
+        cfg = transformers.Qwen3Config(rope_theta=spec["rope_theta"], **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif spec["family"] == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(rope_theta=spec["rope_theta"], num_experts=spec["num_experts"],
+                                          num_experts_per_tok=spec["experts_per_token"],
+                                          moe_intermediate_size=spec["moe_intermediate_size"],
+                                          norm_topk_prob=spec["norm_topk_prob"], **common)
+        cls = transformers.Qwen3MoeForCausalLM
     else:
         cfg = transformers.LlamaConfig(**common)
         cls = transformers.LlamaForCausalLM

@@ -373,6 +373,14 @@ PRESETS = {
     "llama3-70b": dict(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
                        rope_theta=500000.0, max_position_embeddings=8192),
+    # the new families' decode-benchmark shapes (random weights; issue 35's GPU rows)
+    "qwen3-8b": dict(family="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                     rope_theta=1e6, max_position_embeddings=40960, qk_norm=True),
+    "qwen3-30b-a3b": dict(family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                          rope_theta=1e6, max_position_embeddings=40960, qk_norm=True, num_experts=128,
+                          experts_per_token=8, moe_intermediate_size=768, norm_topk_prob=True),
     "tiny": dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0),
 }
