@@ -440,6 +440,7 @@ class Engine:
             pf.logits, pf.state = piece(self.model.params, self.cfg, policy, self._placed(pf.state), toks,
                                         act, logits, self.positions)
         pf.next_piece += 1
+        self.stats["pieces"] += 1
         return pf.next_piece * P >= len(prompt)
 
     def _decode_chunk(self):

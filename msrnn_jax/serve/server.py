@@ -593,15 +593,18 @@ class Service:
 
         if not p["stream"]:
             try:
+                check = loop.time() + POLL
                 while True:
                     try:
                         ev = await asyncio.wait_for(events.get(), POLL)
+                        if ev["type"] == "done":
+                            break
                     except asyncio.TimeoutError:
+                        pass
+                    if loop.time() >= check:  # every POLL seconds, whatever arrives meanwhile
                         if await request.is_disconnected():  # the client left: its row is freed
                             return Response(status_code=499)
-                        continue
-                    if ev["type"] == "done":
-                        break
+                        check = loop.time() + POLL
             finally:
                 req.cancel()  # a no-op once done; frees the row if the client went away
             res = ev["result"]
