@@ -299,6 +299,18 @@ def test_gguf_round_trip(tmp_path, family, arch, extra):
                                hf_logits(model, tokens), atol=1e-4, rtol=0)
 
 
+def test_converted_folder_keeps_the_config(tmp_path):
+    """`msrnn convert`'s folder restores the same config (LongRoPE's two factor lists are
+    tuples in a hashable config, lists in JSON) and params."""
+    import msrnn_jax.convert as convert
+
+    folder = save_hf_model(make_hf_model("phi3-longrope", num_hidden_layers=1), tmp_path / "hf")
+    out = convert.convert_cli(folder, tmp_path / "conv", dtype="float32")
+    a, b = convert.load_model(folder), convert.load_model(str(out))
+    assert a.cfg == b.cfg
+    assert jax.tree.all(jax.tree.map(np.array_equal, a.params, b.params))
+
+
 # -- refusals ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,changes,needle", [
     ("qwen3", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
