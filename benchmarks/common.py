@@ -52,19 +52,27 @@ def param_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
                jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
 
 
-def state_row_bytes(cfg: ModelConfig, capacity: int, itemsize: int = 2) -> int:
+def _slot_kv_bytes(cfg: ModelConfig, state_dtype) -> int:
+    """A slot's key and value bytes: D numbers each, plus a float32 scale each when 8-bit."""
+    if str(state_dtype) in ("int8", "fp8"):
+        return 2 * (cfg.head_dim + 4)
+    return 2 * cfg.head_dim * jnp.dtype(state_dtype).itemsize
+
+
+def state_row_bytes(cfg: ModelConfig, capacity: int, state_dtype=jnp.bfloat16) -> int:
     """Bytes of one batch row of the state (keys, values, pos, score)."""
     slots = cfg.num_layers * cfg.num_kv_heads * capacity
-    return slots * (2 * cfg.head_dim * itemsize + 4 + 4) + 4
+    return slots * (_slot_kv_bytes(cfg, state_dtype) + 4 + 4) + 4
 
 
-def state_read_bytes_per_step(cfg: ModelConfig, batch: int, capacity: int, itemsize: int = 2,
+def state_read_bytes_per_step(cfg: ModelConfig, batch: int, capacity: int, state_dtype=jnp.bfloat16,
                               uses_score: bool = False) -> int:
-    """State bytes one step reads: every slot's key, value and position (the step attends
-    over the whole fixed-size buffer; empty slots are masked, not skipped), plus the score
-    for H2O. The one-slot write per (layer, row, KV head) is negligible and not counted."""
+    """State bytes one step reads: every slot's key, value (and 8-bit scales) and position
+    (the step attends over the whole fixed-size buffer; empty slots are masked, not
+    skipped), plus the score for H2O. The one-slot write per (layer, row, KV head) is
+    negligible and not counted."""
     slots = cfg.num_layers * batch * cfg.num_kv_heads * capacity
-    return slots * (2 * cfg.head_dim * itemsize + 4 + (4 if uses_score else 0))
+    return slots * (_slot_kv_bytes(cfg, state_dtype) + 4 + (4 if uses_score else 0))
 
 
 def step_flops(cfg: ModelConfig, batch: int, capacity: int) -> int:

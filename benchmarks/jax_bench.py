@@ -42,6 +42,7 @@ from .common import (GiB, copy_bandwidth, device_info, matmul_rate, memory_stats
 from .schedule import Deadline, compile_then_run
 
 DTYPE = jnp.bfloat16
+STATE_DTYPE = DTYPE  # --state-dtype: how the decode state stores keys and values (int8 / fp8: 8 bits + scales)
 FULL_PROMPT = 32          # Table 1 analog: a 32-token prompt, then 4096 decoded tokens
 DECODE_LEN = 4096
 FULL_CAPACITY = FULL_PROMPT + DECODE_LEN  # the full cache holds every token of the run
@@ -52,7 +53,7 @@ def compile_decode(params, cfg, policy, batch, capacity, n_steps, impl=DEFAULT_I
                    options=None):
     """AOT-compile greedy_decode for these sizes (options: XLA compiler options).
     Returns (compiled, record)."""
-    st, tok = decode_inputs(cfg, batch, capacity, DTYPE)
+    st, tok = decode_inputs(cfg, batch, capacity, STATE_DTYPE)
     t0 = time.perf_counter()
     lowered = greedy_decode.lower(params, cfg, policy, n_steps, st, tok, impl)
     t1 = time.perf_counter()
@@ -84,7 +85,7 @@ def time_decode(compiled, params, cfg, batch, capacity, positions, n_steps, reps
     """Run the compiled decode on a fabricated state; time `reps` calls per position.
     Returns {position: {"step_s": median, "step_s_all": [...]}}."""
     out = {}
-    state = fabricate_state(cfg, batch, capacity, positions[0], DTYPE)
+    state = fabricate_state(cfg, batch, capacity, positions[0], STATE_DTYPE)
     tok = jnp.ones((batch,), jnp.int32)
     try:
         for i, p in enumerate(positions):
@@ -111,7 +112,7 @@ def time_decode(compiled, params, cfg, batch, capacity, positions, n_steps, reps
 def max_batch(cfg, capacity, free_bytes, reserve=2 * GiB, multiple=8):
     """Largest batch whose state fits in free_bytes - reserve (`build_decode` then fits
     the executable's temporaries too)."""
-    b = int((free_bytes - reserve) // state_row_bytes(cfg, capacity))
+    b = int((free_bytes - reserve) // state_row_bytes(cfg, capacity, STATE_DTYPE))
     if b >= 2 * multiple:
         b -= b % multiple
     return max(b, 1)
@@ -119,8 +120,9 @@ def max_batch(cfg, capacity, free_bytes, reserve=2 * GiB, multiple=8):
 
 def decode_record(cfg, pname, capacity, batch, position, step_s, bw, uses_score=False):
     wb = weight_bytes_per_step(cfg, batch=batch)
-    sb = state_read_bytes_per_step(cfg, batch, capacity, uses_score=uses_score)
+    sb = state_read_bytes_per_step(cfg, batch, capacity, STATE_DTYPE, uses_score=uses_score)
     rec = {"policy": pname, "capacity": capacity, "batch": batch, "position": position,
+           "state_dtype": jnp.dtype(STATE_DTYPE).name if not isinstance(STATE_DTYPE, str) else STATE_DTYPE,
            "step_ms": 1e3 * step_s, "tokens_per_s": batch / step_s,
            "weight_bytes": wb, "state_bytes": sb, "bytes_per_step": wb + sb,
            "achieved_bytes_per_s": (wb + sb) / step_s, "flops_per_step": step_flops(cfg, batch, capacity)}
@@ -520,7 +522,7 @@ def section_probe(args, results, save):
                                "wt") as f:
                     f.write(text)
             if pname == "tova" and dl.ok(15):
-                holder = {"state": fabricate_state(cfg, B, C, 4096, DTYPE)}
+                holder = {"state": fabricate_state(cfg, B, C, 4096, STATE_DTYPE)}
                 tok = jnp.ones((B,), jnp.int32)
 
                 def go():
@@ -583,7 +585,11 @@ def main(argv=None):
                     help="decode section: share of its time that compiling may take")
     ap.add_argument("--compile-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                     help="decode section: configurations compiled at once")
+    ap.add_argument("--state-dtype", default="bfloat16", choices=["bfloat16", "float32", "int8", "fp8"],
+                    help="how the decode state stores keys and values (int8/fp8: 8 bits and a scale per slot)")
     args = ap.parse_args(argv)
+    global STATE_DTYPE
+    STATE_DTYPE = args.state_dtype if args.state_dtype in ("int8", "fp8") else jnp.dtype(args.state_dtype)
     COMPILER_OPTIONS.update(parse_compiler_options(args.compiler_option))
     try:  # XLA's rematerialisation only adds whole-state copies here (see section_decode)
         jax.config.update("jax_compiler_enable_remat_pass", False)

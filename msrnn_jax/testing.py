@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .core.state import State
+from .core.state import QUANTIZED, State, as_storage
 from .fast.attention import DEFAULT_IMPL, StepImpl
 from .params import param_shapes
 from .run.decoding import decode_rows
@@ -68,8 +68,9 @@ def fabricate_state(cfg: ModelConfig, batch: int, capacity: int, position, dtype
     """
     L, Hkv, D, C, B = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, batch
     shape = (L, B, Hkv, C, D)
-    keys = _hash_fill(shape, 11, dtype, 2.0)
-    values = _hash_fill(shape, 12, dtype, 2.0)
+    fill = jnp.bfloat16 if dtype in QUANTIZED else dtype  # an 8-bit state stores these quantized
+    keys = as_storage(_hash_fill(shape, 11, fill, 2.0), dtype)
+    values = as_storage(_hash_fill(shape, 12, fill, 2.0), dtype)
     position = jnp.asarray(position, jnp.int32)
     c = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 3)
     l = jax.lax.broadcasted_iota(jnp.int32, (L, B, Hkv, C), 0)
@@ -95,12 +96,8 @@ def move_state(state: State, position) -> State:
 
 def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16):
     """Abstract (state, first token) arguments of `greedy_decode`, for lowering it."""
-    sds = jax.ShapeDtypeStruct
-    L, H, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    st = State(sds((L, batch, H, capacity, D), dtype), sds((L, batch, H, capacity, D), dtype),
-               sds((L, batch, H, capacity), jnp.int32), sds((L, batch, H, capacity), jnp.float32),
-               sds((batch,), jnp.int32))
-    return st, sds((batch,), jnp.int32)
+    st = jax.eval_shape(lambda: State.init(cfg, batch, capacity, dtype))
+    return st, jax.ShapeDtypeStruct((batch,), jnp.int32)
 
 
 # -- the decode loop -------------------------------------------------------------------

@@ -171,6 +171,14 @@ def check_api(cfg, host):
         r2 = run_policy(sharded, name, cap, rows, steps_per_call=16)
         out[f"ppl/{name}"] = {"nll": diff(r1.nll, r2.nll), "pos": same(r1.state.pos, r2.state.pos),
                               "rows": int(r2.nll.shape[0])}
+    r1 = run_policy(one, "tova", 12, rows, steps_per_call=16, state_dtype="int8")
+    r2 = run_policy(sharded, "tova", 12, rows, steps_per_call=16, state_dtype="int8")
+    out["ppl/tova-int8"] = {"nll": diff(r1.nll, r2.nll), "pos": same(r1.state.pos, r2.state.pos),
+                            "rows": int(r2.nll.shape[0]), "dtype": r2.state.dtype,
+                            "scale_spec": str(r2.state.keys.scale.sharding.spec),
+                            "pos_spec": str(r2.state.pos.sharding.spec),
+                            "codes_equal": float(np.mean(np.asarray(r1.state.keys.data)
+                                                         == sharding.to_host(r2.state.keys.data)))}
     prompts = [list(rows[0, :9]), list(rows[1, :15]), list(rows[2, :4])]
     g1 = generate(one, prompts, 40, policy="tova", capacity=16, steps_per_call=8)
     compiles = _CompileCounter("decode_rows")

@@ -319,3 +319,31 @@ def test_chat_under_full_keeps_the_whole_conversation(capsys, tiny, monkeypatch)
     assert code == 0, err
     stats = [line for line in err.splitlines() if line.startswith("[stats]")]
     assert len(stats) == 3 and all(f"capacity {limit})" in s for s in stats), stats
+
+
+def test_state_dtype_on_ppl_generate_and_saved_states(capsys, tiny, text_file, tmp_path):
+    """--state-dtype: every ppl --json line carries the state's dtype and bytes (8 bits and
+    a float32 scale per slot: under half of float32's at this tiny head size of 8); an
+    8-bit state is saved and continued as itself, and one stored otherwise is refused."""
+    rows = {}
+    for dtype in ("float32", "int8", "fp8"):
+        code, out, err = run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "tova", "--capacity",
+                                 "16", "--tokens", "40", "--state-dtype", dtype, "--json")
+        assert code == 0, err
+        rows[dtype] = json.loads(out)
+    assert {r["state_dtype"] for r in rows.values()} == {"float32", "int8", "fp8"}
+    assert rows["int8"]["state_bytes"] == rows["fp8"]["state_bytes"] < 0.5 * rows["float32"]["state_bytes"]
+    assert abs(rows["int8"]["mean_nll"] / rows["float32"]["mean_nll"] - 1) < 0.02
+    saved = tmp_path / "state"
+    code, out, err = run_cli(capsys, "generate", "Paris is the", "--model", tiny, "--policy", "tova",
+                             "--capacity", "16", "--max-new-tokens", "4", "--state-dtype", "int8",
+                             "--save-state", saved)
+    assert code == 0, err
+    assert json.loads((saved / "state.json").read_text())["dtype"] == "int8"
+    code, out, err = run_cli(capsys, "generate", "capital", "--model", tiny, "--policy", "tova",
+                             "--max-new-tokens", "4", "--state-dtype", "int8", "--load-state", saved, "--stats")
+    assert code == 0, err
+    assert_one_line_error(*run_cli(capsys, "generate", "capital", "--model", tiny, "--policy", "tova",
+                                   "--state-dtype", "fp8", "--load-state", saved), 2, "stores int8")
+    assert_one_line_error(*run_cli(capsys, "ppl", text_file, "--model", tiny, "--policy", "tova",
+                                   "--capacity", "16", "--state-dtype", "int4"), 2, "int4")

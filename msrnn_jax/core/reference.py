@@ -27,6 +27,26 @@ import numpy as np
 F32 = np.float32
 POLICIES = ("full", "window", "sink", "tova", "tova-head", "h2o", "h2o-head")
 HEADWISE = ("tova-head", "h2o-head")
+STORE_MAX = {"int8": 127.0, "fp8": 448.0}  # the 8-bit states of docs/design.md §13
+
+
+def stored(x: np.ndarray, kind: str | None) -> np.ndarray:
+    """A key or value vector [D] as an 8-bit state keeps it, read back (§13): q = x / s with
+    s = max|x| / QMAX; int8 rounds q to the nearest integer, fp8 to the nearest
+    float8_e4m3fn number (3 mantissa bits; below 2^-6 the step stays 2^-9), ties to even
+    in both; the slot then reads q * s. kind None: kept as it is."""
+    if kind is None:
+        return x
+    x = x.astype(F32)
+    s = F32(np.abs(x).max() / F32(STORE_MAX[kind]))
+    y = (x / (s if s > 0 else F32(1))).astype(F32)
+    if kind == "int8":
+        q = np.clip(np.round(y), -127, 127)
+    else:
+        exponent = np.floor(np.log2(np.maximum(np.abs(y), F32(2.0 ** -6))))
+        step = (2.0 ** (exponent - 3)).astype(F32)
+        q = np.round(y / step) * step
+    return (q.astype(F32) * s).astype(F32)
 
 
 def numpy_params(params) -> dict:
@@ -68,9 +88,12 @@ class ReferenceMSRNN:
     """One batch row of the bounded MSRNN. `policy` is a name from `POLICIES`."""
 
     def __init__(self, params, cfg, policy: str, capacity: int, sinks: int = 4,
-                 positions: str = "absolute"):
+                 positions: str = "absolute", state_dtype: str | None = None):
         if policy not in POLICIES:
             raise ValueError(policy)
+        if state_dtype not in (None, *STORE_MAX):
+            raise ValueError(state_dtype)
+        self.state_dtype = state_dtype  # None: entries kept at full precision
         if positions not in ("absolute", "reindex"):
             raise ValueError(positions)
         self.positions = positions
@@ -299,6 +322,7 @@ class ReferenceMSRNN:
                 weights.append(w)
             x = (x + out.reshape(-1) @ self._lp("wo", layer)).astype(F32)
             self._apply_step_policy(layer, cand_lists, weights)
+            self._store_new(layer, p)
             x = (x + self._mlp(layer, self._rms(x, self._lp("mlp_norm", layer)))).astype(F32)
         self.length += 1
         return self._logits(x)
@@ -343,6 +367,7 @@ class ReferenceMSRNN:
             else:
                 avgs = self._averages(cand_lists, last_rows)
             self._apply_keep(layer, cand_lists, avgs)
+            self._store_new(layer, p0)
             xs = (xs + self._mlp(layer, self._rms(xs, self._lp("mlp_norm", layer)))).astype(F32)
         self.length += S
         return np.stack([self._logits(x) for x in xs])
@@ -388,9 +413,18 @@ class ReferenceMSRNN:
             else:
                 avgs = self._averages(cand_lists, last_rows)
             self._apply_keep(layer, cand_lists, avgs)
+            self._store_new(layer, 0)
             xs = (xs + self._mlp(layer, self._rms(xs, self._lp("mlp_norm", layer)))).astype(F32)
         self.length = T
         return np.stack([self._logits(x) for x in xs])
+
+    def _store_new(self, layer, first):
+        """The entries this call wrote (positions >= first) as the state stores them: they
+        took part in this call's attention at full precision, and are read back stored."""
+        for entries in self.kept[layer]:
+            for e in entries:
+                if e.pos >= first:
+                    e.k, e.v = stored(e.k, self.state_dtype), stored(e.v, self.state_dtype)
 
     # -- inspection ------------------------------------------------------------------------
     def kept_positions(self, width: int | None = None) -> np.ndarray:
@@ -420,9 +454,9 @@ class ReferenceMSRNN:
 
 # -- convenience drivers -------------------------------------------------------------------
 def reference_run(params, cfg, policy: str, capacity: int, tokens, sinks: int = 4,
-                  positions: str = "absolute"):
+                  positions: str = "absolute", state_dtype: str | None = None):
     """Exact mode over one row. Returns (logits [T, V], kept positions [T, L, Hkv, C])."""
-    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, positions)
+    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, positions, state_dtype)
     logits, kept = [], []
     for t in tokens:
         logits.append(ref.step(t))
@@ -437,11 +471,11 @@ def reference_nll(logits: np.ndarray, targets) -> np.ndarray:
 
 
 def reference_chunked(params, cfg, policy: str, capacity: int, tokens, chunk: int, sinks: int = 4,
-                      positions: str = "absolute"):
+                      positions: str = "absolute", state_dtype: str | None = None):
     """Chunked mode over one row (the last chunk may be shorter).
 
     Returns (logits [T, V], kept positions after every chunk [n_chunks, L, Hkv, C], ref)."""
-    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, positions)
+    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, positions, state_dtype)
     logits, kept = [], []
     tokens = list(tokens)
     for start in range(0, len(tokens), chunk):
@@ -450,9 +484,10 @@ def reference_chunked(params, cfg, policy: str, capacity: int, tokens, chunk: in
     return np.concatenate(logits), np.stack(kept), ref
 
 
-def reference_oneshot(params, cfg, policy: str, capacity: int, tokens, sinks: int = 4):
+def reference_oneshot(params, cfg, policy: str, capacity: int, tokens, sinks: int = 4,
+                      state_dtype: str | None = None):
     """Oneshot mode over one row. Returns (logits [T, V], kept [L, Hkv, C], ref)."""
-    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks)
+    ref = ReferenceMSRNN(params, cfg, policy, capacity, sinks, state_dtype=state_dtype)
     logits = ref.oneshot(tokens)
     return logits, ref.kept_positions(), ref
 

@@ -19,6 +19,92 @@ import jax.numpy as jnp
 from flax import struct
 
 from ..config import ModelConfig
+from ..errors import check_choice
+
+# --state-dtype: how keys and values are stored (docs/design.md §13). The 8-bit kinds keep
+# one float32 scale per slot: a slot's D numbers are stored as q = x / s with
+# s = max|x| / QMAX (int8: rounded to the nearest integer; fp8: float8_e4m3fn's rounding).
+STATE_DTYPES = ("float32", "bfloat16", "int8", "fp8")
+QUANTIZED = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
+
+
+def check_state_dtype(name) -> str:
+    return check_choice("state dtype", name, STATE_DTYPES, "state_dtype")
+
+
+def quantize(x, kind: str):
+    """x [..., D] -> (q [..., D] in the kind's 8-bit type, scale [..., ] float32)."""
+    qtype, qmax = QUANTIZED[kind]
+    x = x.astype(jnp.float32)
+    scale = jnp.abs(x).max(-1) / qmax
+    y = x / jnp.where(scale > 0, scale, 1.0)[..., None]
+    q = jnp.clip(jnp.round(y), -qmax, qmax).astype(qtype) if kind == "int8" else y.astype(qtype)
+    return q, scale
+
+
+@struct.dataclass
+class Quantized:
+    """Slots stored in 8 bits: x = data * scale, one scale per slot (per [..., C] entry).
+
+    Indexing (`K[l]`, `K[:, rows]`) takes leading axes of both arrays, so loops over
+    layers and rows handle it as they handle an array; `dequantize` is what attention
+    reads, `set` what a write stores."""
+
+    data: jax.Array   # [..., C, D] int8 or float8_e4m3fn
+    scale: jax.Array  # [..., C] float32
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.data.dtype == jnp.int8 else "fp8"
+
+    def __getitem__(self, idx):
+        return Quantized(self.data[idx], self.scale[idx])
+
+    @classmethod
+    def zeros(cls, shape, kind: str) -> "Quantized":
+        return cls(jnp.zeros(shape, QUANTIZED[kind][0]), jnp.zeros(shape[:-1], jnp.float32))
+
+    @classmethod
+    def of(cls, x, kind: str) -> "Quantized":
+        return cls(*quantize(x, kind))
+
+    def dequantize(self, dtype=jnp.float32):
+        return (self.data.astype(jnp.float32) * self.scale[..., None]).astype(dtype)
+
+    def set(self, at, x) -> "Quantized":
+        """Store x [..., D] at the slots `at` (an index tuple; out of range: no write)."""
+        q, s = quantize(x, self.kind)
+        return Quantized(self.data.at[at].set(q, mode="drop"), self.scale.at[at].set(s, mode="drop"))
+
+    def take(self, idx, axis: int) -> "Quantized":
+        """`take_along_axis` on a slot axis: idx [..., K] picks slots of both arrays."""
+        return Quantized(jnp.take_along_axis(self.data, idx[..., None], axis),
+                         jnp.take_along_axis(self.scale, idx, axis))
+
+
+def read(x, dtype=jnp.float32):
+    """Slots as attention reads them: a plain array as it is, 8-bit ones dequantized."""
+    return x.dequantize(dtype) if isinstance(x, Quantized) else x
+
+
+def stored(x, like):
+    """New slots x (full precision) in the storage of `like` (an array's dtype, or 8 bits)."""
+    return as_storage(x, like.kind if isinstance(like, Quantized) else like.dtype)
+
+
+def as_storage(x, dtype):
+    """Slots x [..., D] stored as `dtype`: a float dtype, or "int8" / "fp8"."""
+    if isinstance(dtype, str) and dtype in QUANTIZED:
+        return Quantized.of(x, dtype)
+    return x.astype(dtype)
 
 
 @struct.dataclass
@@ -26,20 +112,26 @@ class State:
     """The multi-state (a pytree: `jax.tree.map` and `jit` see its five arrays)."""
 
     keys: jax.Array    # [L, B, Hkv, C, D]  RoPE applied at each token's original position
-    values: jax.Array  # [L, B, Hkv, C, D]
+    values: jax.Array  # [L, B, Hkv, C, D]  (either may be `Quantized`: 8 bits + a scale per slot)
     pos: jax.Array     # [L, B, Hkv, C] int32, original absolute position; -1 = empty
     score: jax.Array   # [L, B, Hkv, C] float32, policy bookkeeping (H2O's accumulated attention)
     length: jax.Array  # [B] int32, tokens consumed so far by each row
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "State":
-        """An empty state: every slot free, every row at position 0."""
+        """An empty state: every slot free, every row at position 0. dtype: how keys and
+        values are stored, a float dtype or "int8" / "fp8" (8 bits and a scale per slot)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        def empty():
+            if isinstance(dtype, str) and dtype in QUANTIZED:
+                return Quantized.zeros(shape, dtype)
+            return jnp.zeros(shape, dtype)
+
         return cls(
-            keys=jnp.zeros(shape, dtype),
-            values=jnp.zeros(shape, dtype),
+            keys=empty(),
+            values=empty(),
             pos=jnp.full(shape[:-1], -1, jnp.int32),
             score=jnp.zeros(shape[:-1], jnp.float32),
             length=jnp.zeros((batch,), jnp.int32),
@@ -74,6 +166,11 @@ class State:
     def copy(self) -> "State":
         """An independent copy (jitted calls donate their state; keep a copy to fork)."""
         return jax.tree.map(jnp.copy, self)
+
+    @property
+    def dtype(self) -> str:
+        """How keys and values are stored: "float32", "bfloat16", "int8" or "fp8"."""
+        return self.keys.kind if isinstance(self.keys, Quantized) else jnp.dtype(self.keys.dtype).name
 
     def take_rows(self, rows) -> "State":
         """A copy of some batch rows (fork a state, or pick one row of a batch)."""

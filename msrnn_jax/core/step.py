@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
+from ..errors import InvalidArgument
 from ..fast import attention
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..fast.precision import exact_for_f32
@@ -25,7 +26,7 @@ from ..fast.sharding import whole
 from .layers import F32, finish_layer, logits_from_hidden, project, rms_norm, token_nll, visible
 from .policies import Policy, step_choice
 from .positions import ABSOLUTE, Absolute, positions_of
-from .state import State
+from .state import Quantized, State, read
 
 
 # -- the recurrence ----------------------------------------------------------------------
@@ -55,6 +56,8 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
     [B,Hkv,G,D] f32, what to write: (k as the state keeps it, v, slot [B,Hkv] in [0, C]
     (C = drop the new token: no write), the slots' scores [B,Hkv,C]))."""
     B, C = P.shape[0], P.shape[-1]
+    # an 8-bit state is read dequantized: attention, and so the policy, see what is stored
+    K, V = read_slots(K, V, q.dtype, impl)
     # RoPE: the query and the new key, and the kept keys as the query reads them
     q, k_att, k, K, V, l, rot = where.rotate_token(cfg, shared, carry, q, k, K, V, P, p, impl, l)
     # the query attends over the C + 1 candidates: the kept slots it may see and itself
@@ -70,14 +73,26 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
     return out, (k, v, slot, S)
 
 
+def read_slots(K, V, dtype, impl: StepImpl = DEFAULT_IMPL):
+    """The slots as attention reads them: as stored, or dequantized from 8 bits (§13)."""
+    if isinstance(K, Quantized) and impl.attention == "pallas":
+        raise InvalidArgument("the Pallas kernels do not read an 8-bit state yet: use attention einsum",
+                              "state_dtype")
+    return read(K, dtype), read(V, dtype)
+
+
 def write_slots(keys, values, pos, slot, k, v, p):
     """Write each new entry in place: keys, values [..., C, D], pos [..., C]; slot int
     [...] (C, out of range, writes nothing); k, v [..., D]; p: positions broadcast to
-    slot's shape. The leading axes are e.g. [L, B, Hkv] (a step) or [B, Hkv] (one layer)."""
+    slot's shape. The leading axes are e.g. [L, B, Hkv] (a step) or [B, Hkv] (one layer).
+    An 8-bit state stores the entries quantized, each with its scale."""
     at = tuple(jnp.arange(n).reshape((-1,) + (1,) * (slot.ndim - 1 - i)) for i, n in enumerate(slot.shape))
     at = at + (slot,)
-    return (keys.at[at].set(k.astype(keys.dtype), mode="drop"),
-            values.at[at].set(v.astype(values.dtype), mode="drop"),
+
+    def store(buf, x):
+        return buf.set(at, x) if isinstance(buf, Quantized) else buf.at[at].set(x.astype(buf.dtype), mode="drop")
+
+    return (store(keys, k), store(values, v),
             pos.at[at].set(jnp.broadcast_to(p, slot.shape).astype(pos.dtype), mode="drop"))
 
 

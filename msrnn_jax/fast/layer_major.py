@@ -53,7 +53,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
             # the write depends on the attention output (0 * out, no other effect), so the
             # reads of K and V are ordered before it and it updates them in place (without,
             # XLA copied the layer's K and V at every token; docs/performance.md)
-            dep = (0 * out[:, :, :1, :1]).astype(K.dtype)[..., 0, :]  # [B, Hkv, 1]
+            dep = (0 * out[:, :, :1, :1]).astype(k_w.dtype)[..., 0, :]  # [B, Hkv, 1]
             K, V, P = write_slots(K, V, P, slot, k_w + dep, v_w + dep, p_t[:, None])
             return (K, V, P, S, ranks), out
 

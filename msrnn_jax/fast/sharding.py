@@ -55,7 +55,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import ModelConfig
-from ..core.state import State
+from ..core.state import Quantized, State, check_state_dtype
 from ..errors import InvalidArgument, check_int
 
 AXES = ("data", "model")
@@ -234,10 +234,23 @@ def param_shardings(params, mesh: Mesh):
         lambda p, a: NamedSharding(mesh, spec_for(_param_axes(p, len(a.shape)), a.shape, mesh)), params)
 
 
-def state_shardings(state_like, mesh: Mesh) -> State:
-    """The NamedSharding of each State field (rows over data, KV heads over model)."""
+def state_specs(state_like, mesh) -> State:
+    """The PartitionSpec of each State array (rows over data, KV heads over model); an
+    8-bit field's scales [..., C] are split as `pos`."""
     d = state_like.as_dict() if isinstance(state_like, State) else state_like
-    return State(**{k: NamedSharding(mesh, spec_for(STATE_AXES[k], v.shape, mesh)) for k, v in d.items()})
+
+    def spec(name, v):
+        if isinstance(v, Quantized):
+            return Quantized(spec(name, v.data), spec_for(STATE_AXES["pos"], v.scale.shape, mesh))
+        return spec_for(STATE_AXES[name], v.shape, mesh)
+
+    return State(**{k: spec(k, v) for k, v in d.items()})
+
+
+def state_shardings(state_like, mesh: Mesh) -> State:
+    """The NamedSharding of each State array (`state_specs`)."""
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), state_specs(state_like, mesh),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -377,25 +390,27 @@ class _SizesMesh:
 
 
 def plan_bytes(cfg: ModelConfig, data: int, model: int, batch: int, capacity: int,
-               dtype=jnp.bfloat16) -> tuple[int, int]:
-    """(param bytes, state bytes) per device, from `jax.eval_shape` (no allocation)."""
+               dtype=jnp.bfloat16, state_dtype=None) -> tuple[int, int]:
+    """(param bytes, state bytes) per device, from `jax.eval_shape` (no allocation).
+    state_dtype: how the state stores keys and values (default: `dtype`; "int8" / "fp8":
+    8 bits and a float32 scale per slot)."""
     from ..params import init_params
 
     mesh = _SizesMesh(data, model)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
     p = sum(_shard_bytes(a.shape, a.dtype, spec_for(_param_axes(path, len(a.shape)), a.shape, mesh), mesh.shape)
             for path, a in jax.tree_util.tree_flatten_with_path(params)[0])
-    state = jax.eval_shape(lambda: State.init(cfg, batch, capacity, dtype))
-    s = sum(_shard_bytes(v.shape, v.dtype, spec_for(STATE_AXES[k], v.shape, mesh), mesh.shape)
-            for k, v in state.as_dict().items())
+    state = jax.eval_shape(lambda: State.init(cfg, batch, capacity, dtype if state_dtype is None else state_dtype))
+    specs = jax.tree.leaves(state_specs(state, mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    s = sum(_shard_bytes(v.shape, v.dtype, sp, mesh.shape) for v, sp in zip(jax.tree.leaves(state), specs))
     return p, s
 
 
 def largest_batch(cfg: ModelConfig, data: int, model: int, capacity: int, budget: int,
-                  dtype=jnp.bfloat16) -> int:
+                  dtype=jnp.bfloat16, state_dtype=None) -> int:
     """The largest batch (a multiple of `data`) whose params + state fit `budget` bytes
     per device (state bytes are linear in the batch; activations are not counted)."""
-    p, s_one = plan_bytes(cfg, data, model, data, capacity, dtype)  # one row per data shard
+    p, s_one = plan_bytes(cfg, data, model, data, capacity, dtype, state_dtype)  # one row per data shard
     if p + s_one > budget:
         return 0
     return (budget - p) // s_one * data
@@ -413,35 +428,39 @@ class PlanRow:
     param_gib: float
     state_gib_per_row: float
     largest_batch: int
+    state_dtype: str = "bfloat16"
 
 
 def memory_plan(devices: int = 8, budget_gib: float = 80.0, capacities=(512, 1024, 2048),
-                meshes=((1, 8), (2, 4)), dtype=jnp.bfloat16) -> list[PlanRow]:
-    """Per-device bytes for the 70B shapes on `devices` devices: `full` (capacity = the
-    trained context) and `tova` at each capacity, and the largest batch within budget."""
+                meshes=((1, 8), (2, 4)), dtype=jnp.bfloat16, shapes=PLAN_SHAPES,
+                state_dtypes=("bfloat16",)) -> list[PlanRow]:
+    """Per-device bytes for the named `shapes` (the 70B ones by default) on `devices`
+    devices: `full` (capacity = the trained context) and `tova` at each capacity, for each
+    state dtype, and the largest batch within budget."""
     from ..config import preset
 
     rows = []
     budget = int(budget_gib * 2**30)
-    for name in PLAN_SHAPES:
+    for name in shapes:
         cfg = preset(name)
         for data, model in meshes:
             if data * model != devices:
                 continue
-            for policy, cap in [("full", cfg.max_position_embeddings)] + [("tova", c) for c in capacities]:
-                p, s = plan_bytes(cfg, data, model, data, cap, dtype)
-                rows.append(PlanRow(name, f"data={data},model={model}", policy, cap, p / 2**30,
-                                    s / 2**30, largest_batch(cfg, data, model, cap, budget, dtype)))
+            for sd in state_dtypes:
+                for policy, cap in [("full", cfg.max_position_embeddings)] + [("tova", c) for c in capacities]:
+                    p, s = plan_bytes(cfg, data, model, data, cap, dtype, sd)
+                    rows.append(PlanRow(name, f"data={data},model={model}", policy, cap, p / 2**30, s / 2**30,
+                                        largest_batch(cfg, data, model, cap, budget, dtype, sd), sd))
     return rows
 
 
 def plan_markdown(rows: Sequence[PlanRow], budget_gib: float) -> str:
-    out = [f"| shape | mesh | policy | C | params GiB/device | state GiB/device per {{data}} rows | "
+    out = [f"| shape | mesh | policy | C | state | params GiB/device | state GiB/device per {{data}} rows | "
            f"largest batch in {budget_gib:g} GiB/device |",
-           "|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|"]
     out[0] = out[0].replace("{data}", "D")
     for r in rows:
-        out.append(f"| {r.model} | {r.mesh} | {r.policy} | {r.capacity} | {r.param_gib:.2f} | "
+        out.append(f"| {r.model} | {r.mesh} | {r.policy} | {r.capacity} | {r.state_dtype} | {r.param_gib:.2f} | "
                    f"{r.state_gib_per_row:.4f} | {r.largest_batch} |")
     return "\n".join(out)
 
@@ -455,13 +474,18 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--budget-gib", type=float, default=80.0)
     ap.add_argument("--capacities", default="512,1024,2048")
+    ap.add_argument("--shapes", default=",".join(PLAN_SHAPES), help="named shapes (config.PRESETS)")
+    ap.add_argument("--state-dtypes", default="bfloat16", help="e.g. bfloat16,int8 (fp8 takes int8's bytes)")
     a = ap.parse_args(argv)
     if not a.plan:
         ap.print_help()
         return 0
     caps = tuple(int(c) for c in a.capacities.split(","))
     meshes = tuple((d, a.devices // d) for d in (1, 2) if a.devices % d == 0)
-    print(plan_markdown(memory_plan(a.devices, a.budget_gib, caps, meshes), a.budget_gib))
+    shapes = tuple(s.strip() for s in a.shapes.split(",") if s.strip())
+    dtypes = tuple(check_state_dtype(s) for s in a.state_dtypes.split(",") if s.strip())
+    print(plan_markdown(memory_plan(a.devices, a.budget_gib, caps, meshes, shapes=shapes, state_dtypes=dtypes),
+                        a.budget_gib))
     return 0
 
 

@@ -11,12 +11,11 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..core.policies import Policy, policy_name
-from ..core.state import State
+from ..core.state import QUANTIZED, Quantized, State
 from ..errors import InvalidArgument, MsrnnError
 from .files import temp_folder, temporary
 
@@ -40,6 +39,27 @@ def check_state_folder(path) -> Path:
     return path
 
 
+def _arrays(state: State) -> dict:
+    """The state as numpy arrays for orbax; 8-bit slots as {"data": raw bytes (uint8),
+    "scale"}, which every checkpoint backend stores."""
+    def plain(v):
+        if isinstance(v, Quantized):
+            return {"data": np.asarray(v.data).view(np.uint8), "scale": np.asarray(v.scale)}
+        return np.asarray(v)
+
+    return {k: plain(v) for k, v in state.as_dict().items()}
+
+
+def _from_arrays(arrays: dict, dtype: str) -> State:
+    def field(v):
+        if isinstance(v, dict):
+            qtype = QUANTIZED[dtype][0]
+            return Quantized(jnp.asarray(np.asarray(v["data"]).view(qtype)), jnp.asarray(v["scale"]))
+        return jnp.asarray(v)
+
+    return State(**{k: field(arrays[k]) for k in State.field_names()})
+
+
 def save_state(path, state: State, model, policy: Policy) -> None:
     import orbax.checkpoint as ocp
 
@@ -47,9 +67,9 @@ def save_state(path, state: State, model, policy: Policy) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with temporary(temp_folder(path)) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "arrays", jax.tree.map(np.asarray, state.as_dict()))
+            ckpt.save(tmp / "arrays", _arrays(state))
         meta = {"format": FORMAT, "model": model_fingerprint(model), "policy": policy_name(policy),
-                "capacity": state.capacity, "batch": state.batch, "dtype": str(state.keys.dtype),
+                "capacity": state.capacity, "batch": state.batch, "dtype": state.dtype,
                 "length": [int(x) for x in np.asarray(state.length)]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         if path.exists():
@@ -92,7 +112,7 @@ def load_state(path, model, policy: Policy | None = None, batch: int | None = No
     try:
         with ocp.StandardCheckpointer() as ckpt:
             arrays = ckpt.restore(path / "arrays")
-        state = State(**{k: jnp.asarray(arrays[k]) for k in State.field_names()})
+        state = _from_arrays(arrays, meta.get("dtype", ""))
     except Exception as e:  # noqa: BLE001
         raise MsrnnError(f"corrupt saved state {path}: {type(e).__name__}") from None
     cfg = model.cfg

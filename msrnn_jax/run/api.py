@@ -60,10 +60,11 @@ class Model:
         with scope(self.precision), sharding.use(self.mesh):
             yield
 
-    def empty_state(self, batch: int, capacity: int) -> State:
-        """An empty state of `batch` rows and `capacity` slots in this model's dtype (made
-        in the mesh's shardings when the model has one)."""
-        dtype = self.params["embed"].dtype
+    def empty_state(self, batch: int, capacity: int, dtype=None) -> State:
+        """An empty state of `batch` rows and `capacity` slots, stored as `dtype` (default:
+        the weights' dtype; "int8" / "fp8": 8 bits), made in the mesh's shardings when the
+        model has one."""
+        dtype = dtype or self.params["embed"].dtype
         if self.mesh is None:
             return State.init(self.cfg, batch, capacity, dtype)
         return sharding.init_state(self.cfg, batch, capacity, dtype, self.mesh)
@@ -201,7 +202,7 @@ def prompt_ids(model: Model, prompts, chat: bool = False) -> list[list[int]]:
 def generate(model: Model, prompts, max_new_tokens: int = 128, *, policy: str | Policy = "full",
              capacity: int | None = None, sinks: int = 4, sampling: Sampling | None = None,
              prefill: str = "exact", chunk: int | None = None, positions: str = "absolute",
-             spec: RunSpec | None = None, seed: int = 0, chat: bool = False, state: State | None = None,
+             state_dtype: str | None = None, spec: RunSpec | None = None, seed: int = 0, chat: bool = False, state: State | None = None,
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
              steps_per_call: int = 16, impl: StepImpl = DEFAULT_IMPL) -> GenerateResult:
     """Continue each prompt (a string, a list of strings, or token lists: one batch row
@@ -213,13 +214,13 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, *, policy: str | 
     How the run keeps and reads its tokens is a `RunSpec`: give one as `spec`, or its
     fields by name (`policy`, `capacity`, `sinks`, `sampling`, `prefill`, `chunk`,
     `positions`: "absolute", the paper's, or "reindex", positions within the state for
-    streams past the trained context; docs/design.md §8). Everything is checked before
-    any work."""
+    streams past the trained context, docs/design.md §8; `state_dtype`: "int8" or "fp8"
+    for an 8-bit state, §13). Everything is checked before any work."""
+    given = (policy, capacity, sinks, sampling, prefill, chunk, positions, state_dtype)
     if spec is None:
         spec = RunSpec.of(policy, capacity, sinks=sinks, prefill=prefill, chunk=chunk, positions=positions,
-                          sampling=sampling)
-    elif (policy, capacity, sinks, sampling, prefill, chunk, positions) != ("full", None, 4, None, "exact", None,
-                                                                           "absolute"):
+                          sampling=sampling, state_dtype=state_dtype)
+    elif given != ("full", None, 4, None, "exact", None, "absolute", None):
         raise InvalidArgument("give either spec or its fields (policy, capacity, ...), not both", "spec")
     rows = prompt_ids(model, prompts, chat)
     with model.scope():

@@ -24,7 +24,7 @@ from ..config import ModelConfig
 from ..core.parallel import chunk_step, prefill_oneshot
 from ..core.policies import Policy
 from ..core.positions import check_positions
-from ..core.state import State
+from ..core.state import State, as_storage
 from ..core.step import Recurrence, scan, step
 from ..errors import InvalidArgument, check_int
 from ..fast import sharding
@@ -104,7 +104,7 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
             raise InvalidArgument("oneshot prefill reads a prompt into an empty state; use exact or chunked")
         lengths = active.sum(1).astype(np.int32)
         logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
-        state = state.replace(keys=state.keys.astype(dtype), values=state.values.astype(dtype))
+        state = state.replace(keys=as_storage(state.keys, dtype), values=as_storage(state.values, dtype))
         if mesh is not None:
             state = sharding.place_state(state, mesh)
         return _row_last(logits, lengths), state
@@ -204,6 +204,8 @@ def generate_tokens(params, cfg: ModelConfig, spec: RunSpec, prompts: Sequence[S
     n_real = len(prompts)
     if state is not None and state.batch != n_real:
         raise InvalidArgument(f"the state has {state.batch} rows but {n_real} prompts were given")
+    if state is not None and spec.state_dtype not in (None, state.dtype):
+        raise InvalidArgument(f"the state stores {state.dtype}, not {spec.state_dtype}", "state_dtype")
     prompts = [list(p) for p in prompts]
     if mesh is not None:
         if state is not None:
@@ -224,7 +226,7 @@ def generate_tokens(params, cfg: ModelConfig, spec: RunSpec, prompts: Sequence[S
     check_context(cfg, policy, needed, positions, capacity)
     t0 = time.perf_counter()
     logits, state = prefill(params, cfg, policy, state, capacity, prompts, spec.prefill, spec.chunk,
-                            positions=positions, mesh=mesh)
+                            dtype=spec.state_dtype, positions=positions, mesh=mesh)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)

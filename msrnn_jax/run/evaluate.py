@@ -80,7 +80,8 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
                sinks: int = 4, prefill: str = "exact", chunk: int | None = None,
                steps_per_call: int = STEPS_PER_CALL,
                progress: Callable[[int], None] | None = None,
-               positions: str = "absolute", layer_major: bool = True) -> PolicyRun:
+               positions: str = "absolute", layer_major: bool = True,
+               state_dtype: str | None = None) -> PolicyRun:
     """Run one policy over token rows [B, T] (or one list) and return every next-token NLL.
 
     The text is fed in calls of `steps_per_call` tokens (`exact`) or `chunk` tokens
@@ -92,8 +93,11 @@ def run_policy(model: Model, policy: str | Policy, capacity: int | None, tokens,
     layer_major (exact): each call computes the exact step layer by layer
     (`fast.layer_major`: the same kept positions, NLLs equal up to float rounding;
     several times faster on a CPU); False runs the token-by-token scan.
+    state_dtype: how the state stores keys and values ("int8", "fp8": 8 bits and a scale
+    per slot, docs/design.md §13); None: as the weights.
     """
-    spec = RunSpec.of(policy, capacity, sinks=sinks, prefill=prefill, chunk=chunk, positions=positions)
+    spec = RunSpec.of(policy, capacity, sinks=sinks, prefill=prefill, chunk=chunk, positions=positions,
+                      state_dtype=state_dtype)
     return run_spec(model, spec.require_prefill(PPL_PREFILL_MODES), token_rows(tokens), steps_per_call, progress,
                     layer_major)
 
@@ -131,7 +135,7 @@ def run_spec(model: Model, spec: RunSpec, tokens: np.ndarray, steps_per_call: in
         logits, state = chunk_step(model.params, model.cfg, pol, state, x, a, positions=positions)
         return jnp.where(a, token_nll(logits, y), 0.0), state
 
-    dtype = model.params["embed"].dtype
+    dtype = spec.state_dtype or model.params["embed"].dtype
 
     def new_state():
         if mesh is None:
@@ -169,7 +173,7 @@ class SweepResult:
 def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[int], tokens,
           sinks: int = 4, prefill: str = "exact", chunk: int | None = None, fuse: bool = True,
           progress: Callable[[int], None] | None = None,
-          positions: str = "absolute") -> Iterator[SweepResult]:
+          positions: str = "absolute", state_dtype: str | None = None) -> Iterator[SweepResult]:
     """Every policy at every capacity (`full` once, at the text's length) over rows [B, T].
 
     With `fuse` (exact prefill), the bounded policies of one capacity run side by side as
@@ -178,7 +182,7 @@ def sweep(model: Model, policies: Sequence[str | Policy], capacities: Sequence[i
     of batched matmuls (~1e-5); the weights are read once per step for all of them.
     Their `tokens_per_s` is then each policy's own rate while sharing the run. Results are
     yielded as soon as each run ends. `positions` applies to every run (`run_policy`)."""
-    specs = grid(policies, capacities, sinks, prefill, chunk, positions, PPL_PREFILL_MODES)
+    specs = grid(policies, capacities, sinks, prefill, chunk, positions, PPL_PREFILL_MODES, state_dtype)
     return run_grid(model, specs, tokens, fuse, progress)
 
 

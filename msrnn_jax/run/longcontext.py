@@ -233,14 +233,14 @@ def _values(values, name):
 
 
 def check_eval(task, policies, capacities=(), depths=(0.0,), samples=1, seed=0, prefill="exact",
-               chunk=None, batch=None, sinks=4, positions="absolute"):
+               chunk=None, batch=None, sinks=4, positions="absolute", state_dtype=None):
     """Every argument of `evaluate_task` that does not need the model, checked once (the
     command line calls this before it loads the model). Returns them normalised:
     (task, the runs as validated `RunSpec`s (`spec.grid`), depths, samples, seed, batch)."""
     task = check_choice("task", task, TASKS)
     names = policies if isinstance(policies, str) else _values(policies, "policy")
     specs = grid(names, [check_int("capacity", c) for c in capacities], sinks, prefill, chunk, positions,
-                 EVAL_PREFILL_MODES)
+                 EVAL_PREFILL_MODES, state_dtype)
     depths = list(dict.fromkeys(check_float("depths", d, 0.0, 1.0) for d in _values(depths, "depths")))
     samples = check_int("samples", samples)
     seed = check_int("seed", seed, minimum=0)
@@ -255,7 +255,7 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
                   prefill: str = "exact", chunk: int | None = None, batch: int | None = None,
                   chat: bool = False, sinks: int = 4, fuse: bool = True,
                   progress: Callable[[int], None] | None = None,
-                  positions: str = "absolute") -> Iterator[EvalRecord]:
+                  positions: str = "absolute", state_dtype: str | None = None) -> Iterator[EvalRecord]:
     """Accuracy of every policy at every capacity (`full` once per length) on `task`, for
     every length x depth, over `samples` samples each. Every argument is checked before
     any work; records are yielded as each run ends.
@@ -267,7 +267,7 @@ def evaluate_task(model: Model, task: str, policies: Sequence[str | Policy], cap
     from .decoding import generate_tokens
 
     task, specs, depths, samples, seed, batch = check_eval(
-        task, policies, capacities, depths, samples, seed, prefill, chunk, batch, sinks, positions)
+        task, policies, capacities, depths, samples, seed, prefill, chunk, batch, sinks, positions, state_dtype)
     lengths = list(dict.fromkeys(check_int("lengths", n) for n in _values(lengths, "lengths")))
     max_new = ANSWER_TOKENS[task] + (CHAT_EXTRA_TOKENS if chat else 0)
     limit = model.cfg.max_position_embeddings

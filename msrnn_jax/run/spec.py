@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 from ..core.policies import Policy, capacity_for, make_policies, make_policy, side_by_side
 from ..core.positions import check_positions
+from ..core.state import check_state_dtype
 from ..errors import InvalidArgument, check_choice, check_int
 from .sampling import GREEDY, Sampling
 
@@ -40,7 +41,9 @@ class RunSpec:
     """policy: a `Policy`; capacity: its C slots (None for `full`, which keeps every token
     and sizes its state to the run); prefill: "exact", "chunked" (with `chunk`) or
     "oneshot"; positions: "absolute" or "reindex" (not with oneshot); sampling: greedy
-    unless said otherwise. Built with `RunSpec.of(...)` from names, or directly."""
+    unless said otherwise; state_dtype: "float32", "bfloat16", "int8" or "fp8" (8 bits and
+    a scale per slot, docs/design.md §13), None for the weights' dtype. Built with
+    `RunSpec.of(...)` from names, or directly."""
 
     policy: Policy
     capacity: int | None = None
@@ -48,6 +51,7 @@ class RunSpec:
     chunk: int | None = None
     positions: str = "absolute"
     sampling: Sampling = GREEDY
+    state_dtype: str | None = None  # how keys and values are stored; None: as the weights
 
     def __post_init__(self):
         if not isinstance(self.policy, Policy):
@@ -58,18 +62,19 @@ class RunSpec:
         mode, chunk = check_prefill(self.prefill, self.chunk)
         capacity = capacity_for(self.policy, self.capacity, 1) if self.policy.bounded else None
         fields = {"prefill": mode, "chunk": chunk, "capacity": capacity,
-                  "positions": check_positions(self.positions, mode)}
+                  "positions": check_positions(self.positions, mode),
+                  "state_dtype": None if self.state_dtype is None else check_state_dtype(self.state_dtype)}
         for name, value in fields.items():  # normalised: "Exact " -> "exact", full -> no capacity
             object.__setattr__(self, name, value)
 
     @classmethod
     def of(cls, policy: str | Policy = "full", capacity: int | None = None, *, sinks: int = 4,
            prefill: str = "exact", chunk: int | None = None, positions: str = "absolute",
-           sampling: Sampling | None = None) -> "RunSpec":
+           sampling: Sampling | None = None, state_dtype: str | None = None) -> "RunSpec":
         """A spec from names, as the command line and the API take them: `policy` by name
         (`make_policy`, with `sinks` for sink), the rest as in the class."""
         return cls(make_policy(policy, sinks), capacity, prefill, chunk, positions,
-                   GREEDY if sampling is None else sampling)
+                   GREEDY if sampling is None else sampling, state_dtype)
 
     def replace(self, **changes) -> "RunSpec":
         """A copy with some fields changed, validated again."""
@@ -87,7 +92,8 @@ class RunSpec:
 
 
 def grid(policies: Sequence[str | Policy] | str, capacities: Sequence[int], sinks: int = 4, prefill: str = "exact",
-         chunk: int | None = None, positions: str = "absolute", modes=PREFILL_MODES) -> list[RunSpec]:
+         chunk: int | None = None, positions: str = "absolute", modes=PREFILL_MODES,
+         state_dtype: str | None = None) -> list[RunSpec]:
     """The runs of a sweep, each validated before any work: an unbounded policy once
     (its state sized to the run), every other policy at every capacity; `modes` are the
     prefill modes the caller supports."""
@@ -96,7 +102,8 @@ def grid(policies: Sequence[str | Policy] | str, capacities: Sequence[int], sink
         caps = list(capacities) if pol.bounded else [None]
         if not caps:
             raise InvalidArgument("every policy but full needs a capacity C[,C...]", "capacity")
-        specs += [RunSpec(pol, cap, prefill, chunk, positions).require_prefill(modes) for cap in caps]
+        specs += [RunSpec(pol, cap, prefill, chunk, positions, state_dtype=state_dtype).require_prefill(modes)
+                  for cap in caps]
     return specs
 
 
