@@ -381,50 +381,66 @@ metric_list:
 """
 
 
-def test_lm_eval_harness_against_the_server(tiny, tiny_dir, tmp_path):
-    """lm-evaluation-harness's `local-completions` scores a local multiple-choice task against
-    `msrnn serve --policy full`; its log-likelihoods equal the full policy's per-token NLLs
-    (`run_policy`, as `msrnn ppl` computes them) of each continuation given its context."""
+LM_EVAL = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+out = {}
+for name, url, key in json.loads(sys.argv[1]):
+    import os
+    os.environ["OPENAI_API_KEY"] = key
+    res = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["msrnn_local"], task_manager=TaskManager(include_path=sys.argv[2]),
+        model_args=f"base_url={url}/v1/completions,model=tiny,tokenizer={sys.argv[3]},max_retries=1",
+        log_samples=True)
+    out[name] = {"acc": res["results"]["msrnn_local"]["acc,none"],
+                 "samples": [(s["doc"], [float(r[0]) for r in s["filtered_resps"]])
+                             for s in res["samples"]["msrnn_local"]]}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path):
+    """lm-evaluation-harness's `local-completions` scores a local multiple-choice task
+    against `msrnn serve --policy full` and the tova C=32 server (contexts longer than C:
+    tova evicts); every log-likelihood equals `run_policy`'s per-token NLLs of the
+    continuation given its context under that policy (as `msrnn ppl` computes them)."""
     pytest.importorskip("lm_eval", reason="the test dependency lm-eval (pip install -e '.[test]')")
-    docs = [{"question": "The quick brown", "choices": [" fox", " dog", " cat"], "answer": 0},
-            {"question": "Paris is the capital of", "choices": [" France", " Spain"], "answer": 0}]
+    long = " ".join(TEXTS[:8])
+    docs = [{"question": long + " The quick brown", "choices": [" fox", " dog", " cat"], "answer": 0},
+            {"question": long + " Paris is the capital of", "choices": [" France", " Spain"], "answer": 0}]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "msrnn_local.yaml").write_text(TASK.format(data=data))
+    assert len(tiny.encode(docs[0]["question"])) > C  # tova C=32 evicts while reading it
     full = Server("--model", tiny_dir, "--policy", "full", "--capacity", "256", "--max-batch", "2",
                   log_path=tmp_path / "full.log")
     try:
         full.wait_ready()
-        out = tmp_path / "out"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   OPENAI_API_KEY="none")
-        cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-               f"base_url={full.url}/v1/completions,model=tiny,tokenizer={tiny_dir},max_retries=1",
-               "--tasks", "msrnn_local", "--include_path", str(tasks), "--output_path", str(out),
-               "--log_samples", "--limit", "2"]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        servers = [("full", full.url, "none"), ("tova", srv.url, KEY)]
+        p = subprocess.run([sys.executable, "-c", LM_EVAL, json.dumps(servers), str(tasks), tiny_dir], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        [samples] = list(out.rglob("samples_msrnn_local_*.jsonl"))
-        seen = 0
-        for line in samples.read_text().splitlines():
-            s = json.loads(line)
-            doc = s["doc"]
-            for choice, resp in zip(doc["choices"], s["filtered_resps"]):
-                ctx, cont = tiny.encode(doc["question"]), tiny.encode(doc["question"] + choice)
-                # lm-eval splits context and continuation its own way (the whole text's tokens)
-                whole = cont
-                n_ctx = len(tiny.encode(doc["question"]))
-                nll = m.run_policy(tiny, "full", None, whole).nll[0]
-                want = -float(nll[n_ctx - 1:].sum())
-                got = float(resp[0])
-                assert got == pytest.approx(want, abs=1e-3), (doc, choice, got, want)
-                seen += 1
-        assert seen == 5
+        out = json.loads(p.stdout.split("RESULT ", 1)[1])
         assert "Traceback" not in full.text()
     finally:
         assert full.stop() == 0
+    for policy, capacity in (("full", None), ("tova", C)):
+        seen = 0
+        for doc, lls in out[policy]["samples"]:
+            n_ctx = len(tiny.encode(doc["question"]))  # lm-eval: the context's tokens, then the rest
+            for choice, got in zip(doc["choices"], lls):
+                whole = tiny.encode(doc["question"] + choice)
+                want = -float(m.run_policy(tiny, policy, capacity, whole).nll[0][n_ctx - 1:].sum())
+                assert got == pytest.approx(want, abs=1e-3), (policy, doc["question"][-20:], choice, got, want)
+                seen += 1
+        assert seen == 5, policy
+    # the bounded state answers otherwise than the full one here: the test can tell them apart
+    assert out["full"]["samples"] != out["tova"]["samples"]
 
 
 # -- 32 concurrent clients ---------------------------------------------------------------

@@ -2,17 +2,26 @@
 
 B batch rows of one `State` are B requests. A loop on its own thread alternates
 
-1. admission: the oldest waiting request takes a free row; its prompt is read into a
-   1-row state in fixed-size pieces (exact: `layer_scan` over P tokens; chunked:
-   `chunk_step` over S tokens); once read, the row is written into the B-row state
-   (`insert_row`, jitted, the row index traced) and its first token sampled. While other
-   rows decode, a turn reads pieces for as long as `prefill_share` allows (below), so
-   they keep decoding while long prompts are read;
+1. admission: every waiting request that finds a free row takes it (oldest first); its
+   prompt is read into a 1-row state of its own in fixed-size pieces (exact: `layer_scan`
+   over P tokens; chunked: `chunk_step` over S tokens), the prompts being read taking one
+   piece each in turn (round robin), so a short prompt is never read behind a long one:
+   a prompt of L tokens is in after at most ceil(L/P) rounds of at most B pieces, whatever
+   the others' lengths. Once read, the row is written into the B-row state (`insert_row`,
+   jitted, the row index traced) and its first token sampled. While other rows decode, a
+   turn reads pieces for as long as `prefill_share` allows (below); with none decoding, one
+   round per turn;
 2. one decode chunk: `decode_rows`, a `lax.scan` of n steps over all B rows, with
    per-row sampling settings and PRNG keys as arrays (greedy and sampled rows share a
    batch); the chunk's tokens go to their requests as soon as it returns;
 3. bookkeeping on the host: a row is freed on EOS, a stop string, max_tokens or a
-   cancel (a client that went away).
+   cancel (a client that went away), which is seen between any two pieces or chunks.
+
+A request that fails (an exception while its prompt is read or its tokens are handled)
+ends alone with finish_reason "error" and `Result.error`; a failed decode chunk ends the
+rows it held and the state starts again empty; the loop goes on serving. `stop()` ends
+every request in flight or waiting the same way (error code "shutting_down"), the loop
+seeing it within one piece or chunk.
 
 How much of a turn goes to prompts: a decode chunk costs the same whatever the number
 of busy rows (the state has B rows), so a free row wastes its share of every chunk, while
@@ -21,8 +30,8 @@ pieces of a turn stop once their time (timed piece by piece) reaches s / (1 - s)
 last decode chunk's: at most a fraction s of the loop's time goes to prompts while rows
 decode and prompts wait, so a token's latency stays within 1 / (1 - s) of the decode
 chunk's alone (1.67x at the default 0.4); s = 1 reads every waiting prompt that has a free
-row before the next chunk (throughput first). With no row decoding, prompts are read
-without limit.
+row before the next chunk (throughput first). With no row decoding, a turn reads one round
+(one piece of each prompt) and then admits newcomers and sees cancels before the next.
 
 Every compiled program has one shape: [B] rows, C slots, a prompt piece of P (or S)
 tokens, n steps per chunk. No shape depends on a request, so nothing recompiles while
