@@ -200,8 +200,10 @@ _IGNORED = {
     "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
     "partial_rotary_factor", "qk_layernorm", "use_qk_norm",
     "unk_token_id", "transformers.js_config",
-    # phi3: dropout; the original context of LongRoPE (read in `_rope`)
-    "resid_pdrop", "embd_pdrop", "original_max_position_embeddings",
+    # phi3: dropout; the original context of LongRoPE (read in `_rope`); Phi-4-mini's remote
+    # code's switches, checked neutral below (transformers' Phi3 ignores them)
+    "resid_pdrop", "embd_pdrop", "original_max_position_embeddings", "full_attn_mod",
+    "interpolate_factor", "lm_head_bias",
     # mixture of experts: read below; the router's training-only switches
     "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
     "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "output_router_logits",
@@ -325,6 +327,9 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
                 "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
                 "qk_layernorm", "use_qk_norm"):
         if hf.get(key) not in (None, False, 1, 1.0):
+            raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r}")
+    for key, neutral in (("full_attn_mod", 1), ("interpolate_factor", 1), ("lm_head_bias", False)):
+        if hf.get(key, neutral) != neutral:
             raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r}")
     if hf.get("router_jitter_noise") and family != "mixtral":
         raise UnsupportedConfigError(f"unsupported config field router_jitter_noise={hf['router_jitter_noise']!r}")

@@ -29,6 +29,7 @@ from reference import (
 )
 
 from msrnn_jax.cli import main
+from msrnn_jax.config import ModelConfig
 from msrnn_jax.core.parallel import chunk_step, forward_parallel, prefill_oneshot
 from msrnn_jax.core.policies import PerRow
 from msrnn_jax.core.state import State
@@ -309,6 +310,42 @@ def test_converted_folder_keeps_the_config(tmp_path):
     a, b = convert.load_model(folder), convert.load_model(str(out))
     assert a.cfg == b.cfg
     assert jax.tree.all(jax.tree.map(np.array_equal, a.params, b.params))
+
+
+def test_phi4_mini_config_reads_as_transformers_does():
+    """Phi-4-mini's own config.json (its 48 LongRoPE factors, partial rotary 0.75, the
+    remote code's neutral switches): the same RoPE frequencies and attention factor as
+    transformers computes from it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    long = [1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
+            2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845,
+            5.351743533, 5.984965424, 6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158,
+            11.70738129, 13.09260651, 14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105,
+            25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71,
+            32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77]
+    hf = {"architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+          "bos_token_id": 199999, "embd_pdrop": 0.0, "eos_token_id": 199999, "full_attn_mod": 1,
+          "hidden_act": "silu", "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192,
+          "interpolate_factor": 1, "lm_head_bias": False, "max_position_embeddings": 131072,
+          "mlp_bias": False, "model_type": "phi3", "num_attention_heads": 24, "num_hidden_layers": 32,
+          "num_key_value_heads": 8, "original_max_position_embeddings": 4096, "pad_token_id": 199999,
+          "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+          "rope_scaling": {"long_factor": long, "short_factor": [1.0] * 48, "type": "longrope"},
+          "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True,
+          "torch_dtype": "bfloat16", "transformers_version": "4.45.0", "use_cache": True, "vocab_size": 200064}
+    cfg = ModelConfig.from_hf_config(hf)
+    assert (cfg.rotary, cfg.head_dim, cfg.long_rope[0]) == (96, 128, 4096)
+    t_cfg = __import__("transformers").Phi3Config(**{k: v for k, v in hf.items() if k != "torch_dtype"})
+    fn = ROPE_INIT_FUNCTIONS["longrope"]
+    short, factor = fn(t_cfg, None)
+    long_inv, _ = fn(t_cfg, None, seq_len=4097)
+    assert factor == pytest.approx(cfg.rope_attention_factor, rel=1e-12)
+    # float32 powers: numpy's and torch's differ in the last bit for a few dims
+    np.testing.assert_allclose(cfg.inv_freq(), short.numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(cfg.inv_freq(long=True), long_inv.numpy(), rtol=1e-6, atol=0)
+    with pytest.raises(UnsupportedConfigError, match="full_attn_mod"):
+        ModelConfig.from_hf_config({**hf, "full_attn_mod": 2})
 
 
 # -- refusals ---------------------------------------------------------------------------------
