@@ -115,8 +115,10 @@ def mlp(cfg: ModelConfig, lp, h):
 
 def route(cfg: ModelConfig, lp, h):
     """The router: h [M, E] -> (the chosen experts int [M, k], their weights [M, k] f32):
-    softmax over every expert, the top k, renormalised over them if `norm_topk_prob`."""
-    probs = jax.nn.softmax(jnp.matmul(h, lp["router"], preferred_element_type=F32), -1)
+    softmax over every expert, the top k, renormalised over them if `norm_topk_prob`. The
+    logits in h's dtype and the softmax in f32, as transformers routes (a bf16 model's
+    choices between nearly equal experts then agree with its)."""
+    probs = jax.nn.softmax((h @ lp["router"]).astype(F32), -1)
     weight, expert = jax.lax.top_k(probs, cfg.experts_per_token)
     if cfg.norm_topk_prob:
         weight = weight / weight.sum(-1, keepdims=True)
