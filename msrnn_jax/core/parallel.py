@@ -167,10 +167,14 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
         colsum = w.sum(3).mean(2)  # [B,Hkv,C+S]
         score = jnp.concatenate([Sc, jnp.zeros((B, cfg.num_kv_heads, S), F32)], -1)
         score = score + _head_average(policy, colsum)
-        # the candidates as they will be stored: the kept slots as they are, the chunk's
-        # tokens in the state's storage (reindex: unrotated)
-        cand_k = _join(K_kept, stored(jnp.swapaxes(k, 1, 2), K_kept))
-        cand_v = _join(V_kept, stored(jnp.swapaxes(v, 1, 2), V_kept))
+        # the candidates as they will be stored (reindex: unrotated)
+        if isinstance(K_kept, Quantized):  # the kept slots as they are, the chunk's tokens quantized
+            cand_k = _join(K_kept, stored(jnp.swapaxes(k, 1, 2), K_kept))
+            cand_v = _join(V_kept, stored(jnp.swapaxes(v, 1, 2), V_kept))
+        else:
+            if reindex:
+                keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)
+            cand_k, cand_v = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2)
         return x, (cand_k, cand_v, kpos, _head_average(policy, a_last), score)
 
     x, (K, V, P, A, Sc) = scan_layers(layer, x, params, state.keys, state.values, state.pos, state.score)
