@@ -124,6 +124,7 @@ CASES = [  # (body, path, status, param)
     ({"prompt": "hi", "frobnicate": 1}, "completions", 400, "frobnicate"),
     ({"prompt": "hi", "logprobs": 99}, "completions", 400, "logprobs"),
     ({"prompt": "hi", "logprobs": 1, "stream": True}, "completions", 400, "logprobs"),
+    ({"prompt": "hi", "echo": True, "stream": True}, "completions", 400, "echo"),
     ({"prompt": "hi", "max_tokens": 0}, "completions", 400, "max_tokens"),  # 0 only with echo
     ({"prompt": "hi", "presence_penalty": 0, "logit_bias": {}, "user": "me"}, "completions", 200, None),  # neutral
     ({"prompt": list(range(3, 3 + MAX_PROMPT + 1)), "max_tokens": 2}, "completions", 400, "prompt"),  # Found 2
@@ -255,11 +256,11 @@ def test_engine_failure_ends_one_request_and_the_engine_goes_on(tiny, monkeypatc
         # a decode chunk that fails ends the rows it held; the next request runs from a fresh state
         fails = [1]
 
-        def chunk():
+        def chunk(logprobs=False):
             if fails:
                 fails.pop()
                 raise RuntimeError("a failed decode chunk")
-            return real_chunk()
+            return real_chunk(logprobs)
 
         monkeypatch.setattr(eng, "_decode_chunk", chunk)
         r = eng.submit(good, 6, temperature=0, ignore_eos=True).result(60)  # its tokens after the first
@@ -361,6 +362,15 @@ def test_echo_logprobs_equal_run_policy_nll(tiny, srv):
             assert lp["tokens"][-1] == tiny.decode(gen)
             top = lp["top_logprobs"][-1]
             assert max(top.values()) == pytest.approx(lp["token_logprobs"][-1])  # greedy: its own is the top
+    # generated tokens (no echo): each one's log-probability given the prompt and those before it
+    gen = reference(tiny, ids, 6)
+    r = post(srv, {"model": "tiny", "prompt": ids, "max_tokens": 6, "logprobs": 3, "temperature": 0})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.json()["choices"][0]["text"] == tiny.decode(gen) and len(lp["tokens"]) == len(gen)
+    want = -m.run_policy(tiny, "tova", C, ids + gen).nll[0][len(ids) - 1:]
+    np.testing.assert_allclose(lp["token_logprobs"], want, atol=1e-3)
+    for value, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(value)  # greedy: the most likely
     normal_request(srv, tiny)
 
 

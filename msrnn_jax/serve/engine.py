@@ -74,8 +74,8 @@ from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..run.api import Model
 from ..run.sampling import check_settings, row_keys
 from ..run.spec import RunSpec
-from .programs import (chunk_piece, chunk_piece_logprobs, decode_rows, exact_piece, exact_piece_logprobs,
-                       first_rows, insert_row)
+from .programs import (chunk_piece, chunk_piece_logprobs, decode_rows, decode_rows_logprobs, exact_piece,
+                       exact_piece_logprobs, first_rows, insert_row)
 from .requests import FINISH_ABORT, FINISH_ERROR, Request, Result, request_ids
 
 log = logging.getLogger("msrnn.serve")
@@ -349,7 +349,8 @@ class Engine:
     def compiled(self) -> dict[str, int]:
         """Compiled variants of each program the engine calls (constant while serving)."""
         chunked = self.prefill_mode == "chunked"
-        progs = {"decode_rows": decode_rows, "insert_row": insert_row, "first_rows": first_rows,
+        progs = {"decode_rows": decode_rows, "decode_rows_logprobs": decode_rows_logprobs,
+                 "insert_row": insert_row, "first_rows": first_rows,
                  "prefill_piece": chunk_piece if chunked else exact_piece,
                  "prefill_piece_logprobs": chunk_piece_logprobs if chunked else exact_piece_logprobs}
         return {k: f._cache_size() for k, f in progs.items()}
@@ -392,6 +393,7 @@ class Engine:
         first_rows(*sharding.place_rows(self.mesh, pf.logits, self.keys[:R], self.temperature[:R],
                                         self.top_k[:R], self.top_p[:R]))[0].block_until_ready()
         self._decode_chunk()
+        self._decode_chunk(logprobs=True)
         self.stats.clear()
         self._chunk_seconds = None  # that chunk included its compile
         log.info("compiled in %.1f s: policy %s, C=%d, B=%d, %s prefill in pieces of %d, %d steps per chunk",
@@ -452,14 +454,21 @@ class Engine:
         self.stats["pieces"] += 1
         return pf.next_piece * P >= len(prompt)
 
-    def _decode_chunk(self):
+    def _decode_chunk(self, logprobs: bool = False):
+        """One decode chunk over all B rows; with `logprobs` (a row asked for them) the
+        variant that also returns each token's log-probability and the top ones."""
         t0 = time.perf_counter()
         tok, keys, pending, finished, budget, temperature, top_k, top_p, ignore_eos = sharding.place_rows(
             self.mesh, self.tok, self.keys, self.pending, self.finished, self.budget, self.temperature,
             self.top_k, self.top_p, self.ignore_eos)
-        out = decode_rows(self.model.params, self.cfg, self.policy, self.steps, self._placed(self.state),
-                          tok, keys, pending, finished, budget, temperature, top_k, top_p, self.eos,
-                          ignore_eos, self.impl, self.positions)
+        args = (self.model.params, self.cfg, self.policy, self.steps, self._placed(self.state), tok, keys, pending,
+                finished, budget, temperature, top_k, top_p, self.eos, ignore_eos, self.impl, self.positions)
+        lps = None
+        if logprobs:
+            *out, chosen, top_v, top_i = decode_rows_logprobs(*args, top=self.echo_top)
+            lps = (np.asarray(chosen), np.asarray(top_v), np.asarray(top_i))
+        else:
+            out = decode_rows(*args)
         toks, emitted, self.state, tok, keys, pending, finished, budget = out
         toks, emitted = np.asarray(toks), np.asarray(emitted)
         # np.array: writable host copies (the host edits rows between chunks)
@@ -472,7 +481,7 @@ class Engine:
         if emitted.all():  # every row emitted every step: the engine's full-batch rate
             self.stats["full_tokens"] += int(emitted.size)
             self.stats["full_seconds"] += time.perf_counter() - t0
-        return toks, emitted
+        return toks, emitted, lps
 
     def _loop(self):
         """Turns until stopped: admit, read prompt pieces (one per prompt in turn), decode
@@ -496,12 +505,15 @@ class Engine:
             with self._lock:
                 decoding = self._decoding() and self._running
             if decoding:
+                reading = {id(pf.req) for pf in self.prefills}
+                want = any(r is not None and id(r) not in reading and r.token_logprobs is not None
+                           for r in self.rows)
                 try:
-                    toks, emitted = self._decode_chunk()
+                    toks, emitted, lps = self._decode_chunk(logprobs=want)
                 except Exception as e:  # noqa: BLE001  every decoding row ends; the engine goes on
                     self._decode_failed(e)
                 else:
-                    self._deliver(toks, emitted)
+                    self._deliver(toks, emitted, lps)
             self._free_cancelled_rows()
             self.stats["turns"] += 1
 
@@ -605,11 +617,16 @@ class Engine:
         req.t_first = time.perf_counter()
         self._add_tokens(req, [first])
 
-    def _deliver(self, toks, emitted):
+    def _deliver(self, toks, emitted, lps=None):
         for b, req in enumerate(self.rows):
             if req is None or req.row is None or not emitted[b].any() or req.t_first is None:
                 continue
             try:
+                if req.token_logprobs is not None and lps is not None:
+                    chosen, top_v, top_i = lps
+                    for j in np.flatnonzero(emitted[b]):
+                        req.token_logprobs.append((float(chosen[b, j]), [
+                            (int(i), float(v)) for i, v in zip(top_i[b, j, :req.logprobs], top_v[b, j, :req.logprobs])]))
                 self._add_tokens(req, [int(t) for t in toks[b][emitted[b]]])
             except Exception as e:  # noqa: BLE001  this request ends, the others go on
                 self._release(b)

@@ -20,7 +20,9 @@ from ..core.state import State
 from ..fast.attention import DEFAULT_IMPL
 from ..fast.layer_major import layer_major, layer_scan
 from ..fast.precision import exact_for_f32
+from ..core.step import Recurrence, step
 from ..run import decoding
+from ..run.sampling import sample_rows, split_rows
 
 
 def _own(fn):
@@ -103,3 +105,35 @@ def chunk_piece_logprobs(params, cfg: ModelConfig, policy: Policy, state: State,
     """`chunk_piece` that also gives every token's log-probability (as exact_piece_logprobs)."""
     logits, state = chunk_step(params, cfg, policy, state, tokens, active, positions=positions)
     return (_last(logits, active, last_logits), state, *_logprobs(logits, tokens, last_logits, top))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "n_steps", "impl", "positions", "top"),
+                   donate_argnames=("state",))
+@exact_for_f32
+def decode_rows_logprobs(params, cfg: ModelConfig, policy: Policy, n_steps: int, state: State, tok, keys,
+                         pending, finished, budget, temperature, top_k, top_p, eos_ids, ignore_eos,
+                         impl=DEFAULT_IMPL, positions: str = "absolute", top: int = 5):
+    """`decoding.decode_rows` (the same step, sampler and bookkeeping, so the same tokens)
+    that also gives each step's token log-probability and the top `top`, of the model's
+    distribution (before temperature and filters, as OpenAI's and vLLM's logprobs). Run
+    instead of decode_rows only for chunks in which a row asked for logprobs. Returns
+    decode_rows' tuple, then log-probabilities [B, n], top values [B, n, top], top ids."""
+    def body(carry, _):
+        rnn, tok, keys, pending, finished, budget = carry
+        logits, rnn = step(params, cfg, policy, rnn, tok, pending, impl, positions)
+        keys, sub = split_rows(keys)
+        nxt = sample_rows(logits, sub, temperature, top_k, top_p)
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        chosen = jnp.take_along_axis(lp, nxt[:, None], -1)[:, 0]
+        top_v, top_i = jax.lax.top_k(lp, top)
+        emit = pending & ~finished
+        budget = budget - emit.astype(jnp.int32)
+        finished = finished | (emit & ((jnp.isin(nxt, eos_ids) & ~ignore_eos) | (budget <= 0)))
+        tok = jnp.where(emit, nxt, tok)
+        return (rnn, tok, keys, emit, finished, budget), (nxt, emit, chosen, top_v, top_i)
+
+    carry = (Recurrence.start(state, positions, policy), tok, keys, pending, finished, budget)
+    carry, (toks, emitted, chosen, top_v, top_i) = jax.lax.scan(body, carry, None, length=n_steps)
+    rnn, tok, keys, pending, finished, budget = carry
+    return (toks.T, emitted.T, rnn.state, tok, keys, pending, finished, budget, chosen.T,
+            jnp.swapaxes(top_v, 0, 1), jnp.swapaxes(top_i, 0, 1))

@@ -549,9 +549,6 @@ class Service:
                                f"{max_tokens}", "max_tokens")
             if p["logprobs"] is not None and p["logprobs"] > eng.echo_top:
                 raise ApiError(400, f"logprobs must be at most {eng.echo_top}, got {p['logprobs']}", "logprobs")
-            if p["logprobs"] is not None and max_tokens > 1:
-                raise ApiError(400, "logprobs are given for the prompt (echo) and the first generated token: "
-                               "ask with max_tokens 0 or 1", "logprobs", code="unsupported_field")
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
