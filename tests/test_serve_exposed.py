@@ -201,6 +201,22 @@ def test_disconnect_during_the_body_logs_no_traceback(tiny, srv):
     assert "Traceback" not in srv.text(), srv.text()[-3000:]
 
 
+def test_a_connection_that_sends_no_headers_is_closed(tiny, srv):
+    """Found 8: no read timeout for headers. A connection that sends nothing is closed
+    after HEADER_TIMEOUT (10 s), one that sends half a request line too."""
+    import socket
+
+    from msrnn_jax.serve.server import HEADER_TIMEOUT
+
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=HEADER_TIMEOUT + 20) as a, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=HEADER_TIMEOUT + 20) as b:
+        b.sendall(b"POST /v1/comp")
+        assert a.recv(100) == b"" and b.recv(100) == b""  # closed by the server, not timed out here
+    assert HEADER_TIMEOUT - 1 < time.perf_counter() - t0 < HEADER_TIMEOUT + 15
+    normal_request(srv, tiny)
+
+
 def test_full_queue_503_has_retry_after_and_counts_rows(tiny, srv):
     """Found 10: 4 rows busy and 2 waiting: the 7th gets 503 with Retry-After, the text counts right."""
     held = []
@@ -397,11 +413,12 @@ import lm_eval
 from lm_eval.tasks import TaskManager
 
 out = {}
+tasks = TaskManager(include_path=sys.argv[2], include_defaults=False)  # the local task alone: no indexing
 for name, url, key in json.loads(sys.argv[1]):
     import os
     os.environ["OPENAI_API_KEY"] = key
     res = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["msrnn_local"], task_manager=TaskManager(include_path=sys.argv[2]),
+        model="local-completions", tasks=["msrnn_local"], task_manager=tasks,
         model_args=f"base_url={url}/v1/completions,model=tiny,tokenizer={sys.argv[3]},max_retries=1",
         log_samples=True)
     out[name] = {"acc": res["results"]["msrnn_local"]["acc,none"],

@@ -568,7 +568,8 @@ class Service:
                 raise ApiError(503, str(e), type_="server_error", code="queue_full",
                                headers={"Retry-After": "1"}) from None
             except EngineStopped as e:
-                raise ApiError(503, str(e), type_="server_error", code="shutting_down") from None
+                raise ApiError(503, str(e), type_="server_error", code="shutting_down",
+                               headers={"Retry-After": "1"}) from None
             except InvalidArgument as e:
                 raise ApiError(400, str(e), e.param) from None
         except ApiError as e:
