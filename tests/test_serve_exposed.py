@@ -68,7 +68,7 @@ def srv(tiny_dir, tmp_path_factory):
 def post(srv, body, path="completions", headers=None, timeout=60, **kw):
     h = dict(AUTH)
     h.update(headers or {})
-    if isinstance(body, (bytes, str)):
+    if not isinstance(body, (dict, list)):  # raw bytes, or an iterator of them (sent chunked)
         h.setdefault("Content-Type", "application/json")
         return httpx.post(f"{srv.url}/v1/{path}", content=body, headers=h, timeout=timeout, **kw)
     return httpx.post(f"{srv.url}/v1/{path}", json=body, headers=h, timeout=timeout, **kw)
@@ -178,8 +178,8 @@ def test_error_shapes_for_every_status(tiny, srv):
                   f"Content-Type: application/json\r\nContent-Length: {20 << 20}\r\n\r\n".encode())
         head = s.recv(65536).decode()
     assert head.startswith("HTTP/1.1 413") and '"body_too_large"' in head, head
-    r = post(srv, b'{"prompt": "' + b"x" * (2 << 20) + b'"}')  # no Content-Length: counted while read
-    check_error(r, 413, code="body_too_large")
+    parts = [b'{"prompt": "'] + [b"x" * (64 << 10)] * 32 + [b'"}']  # chunked, no Content-Length:
+    check_error(post(srv, iter(parts)), 413, code="body_too_large")  # counted while it is read
     # DNS rebinding (a Host that is not loopback) and a foreign page's Origin
     check_error(post(srv, {"prompt": "hi"}, headers={"Host": "evil.example:8000"}), 403, code="forbidden_host")
     check_error(post(srv, {"prompt": "hi"}, headers={"Origin": "http://evil.example"}), 403, code="forbidden_origin")
