@@ -323,6 +323,34 @@ def test_short_prompt_is_read_beside_a_long_one_and_a_cancel_stops_the_reading(t
         eng.stop()
 
 
+def test_stop_during_a_long_prompt_ends_everything_within_a_piece(tiny, monkeypatch):
+    """Found 5 in the engine: a stop while a 64-piece prompt is read takes effect before its
+    next piece (the old engine read it to its end, and an exit during the read died in
+    C++); the request being read and the one waiting both end with a `shutting_down`
+    error, not a finish."""
+    eng = Engine(tiny, "tova", C, max_batch=1, steps_per_call=4, piece=32, log_requests=False).start()
+    assert eng.ready.wait(120)
+    rng = np.random.default_rng(7)
+    long_ids = rng.integers(3, tiny.cfg.vocab_size, size=64 * 32).tolist()
+    real_advance = eng._advance
+
+    def advance(pf):
+        if pf.req is not None and pf.next_piece == 2:
+            eng.stop()  # from the engine's thread: no join, the loop sees it at once
+        return real_advance(pf)
+
+    monkeypatch.setattr(eng, "_advance", advance)
+    with eng._lock:
+        start = eng.stats["pieces"]
+        reading = eng.submit(long_ids, 4, temperature=0)
+        waiting = eng.submit(tiny.encode(TEXTS[0]), 4, temperature=0)
+    for r in (reading, waiting):
+        res = r.result(60)
+        assert res.finish_reason == "error" and res.error["code"] == "shutting_down", res
+    assert eng.stats["pieces"] - start == 3  # pieces 0, 1 and the one under way when stopped
+    eng.stop()
+
+
 def test_non_streaming_client_that_leaves_frees_its_row(tiny, srv):
     """Found 4: a non-streaming client that times out frees its row at once, not at max_tokens.
     (Mid-prompt the same cancel is seen between two pieces: the engine test above counts
