@@ -435,6 +435,23 @@ metric_list:
 """
 
 
+GEN_TASK = """task: msrnn_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
 LM_EVAL = """
 import json, sys
 import lm_eval
@@ -446,19 +463,20 @@ for name, url, key in json.loads(sys.argv[1]):
     import os
     os.environ["OPENAI_API_KEY"] = key
     res = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["msrnn_local"], task_manager=tasks,
+        model="local-completions", tasks=["msrnn_local", "msrnn_gen"], task_manager=tasks,
         model_args=f"base_url={url}/v1/completions,model=tiny,tokenizer={sys.argv[3]},max_retries=1",
         log_samples=True)
     out[name] = {"acc": res["results"]["msrnn_local"]["acc,none"],
                  "samples": [(s["doc"], [float(r[0]) for r in s["filtered_resps"]])
-                             for s in res["samples"]["msrnn_local"]]}
+                             for s in res["samples"]["msrnn_local"]],
+                 "generated": [(s["doc"], s["filtered_resps"][0]) for s in res["samples"]["msrnn_gen"]]}
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path):
-    """lm-evaluation-harness's `local-completions` scores a local multiple-choice task
-    against `msrnn serve --policy full` and the tova C=32 server (contexts longer than C:
+    """lm-evaluation-harness's `local-completions` scores a local multiple-choice task (and
+    a generation task: greedy answers equal offline `generate`) against `msrnn serve --policy full` and the tova C=32 server (contexts longer than C:
     tova evicts); every log-likelihood equals `run_policy`'s per-token NLLs of the
     continuation given its context under that policy (as `msrnn ppl` computes them)."""
     pytest.importorskip("lm_eval", reason="the test dependency lm-eval (pip install -e '.[test]')")
@@ -470,6 +488,7 @@ def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "msrnn_local.yaml").write_text(TASK.format(data=data))
+    (tasks / "msrnn_gen.yaml").write_text(GEN_TASK.format(data=data))
     assert len(tiny.encode(docs[0]["question"])) > C  # tova C=32 evicts while reading it
     full = Server("--model", tiny_dir, "--policy", "full", "--capacity", "256", "--max-batch", "2",
                   log_path=tmp_path / "full.log")
@@ -494,6 +513,12 @@ def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path):
                 assert got == pytest.approx(want, abs=1e-3), (policy, doc["question"][-20:], choice, got, want)
                 seen += 1
         assert seen == 5, policy
+        # the generation task: greedy, cut at its stop string, as offline `generate` gives it
+        assert len(out[policy]["generated"]) == 2
+        for doc, text in out[policy]["generated"]:
+            ids = tiny.encode(doc["question"])
+            want = tiny.decode(reference(tiny, ids, 8, policy, capacity or 256))
+            assert text == want.split("\n")[0], (policy, text, want)
     # the bounded state answers otherwise than the full one here: the test can tell them apart
     assert out["full"]["samples"] != out["tova"]["samples"]
 
