@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -557,7 +555,6 @@ def test_32_concurrent_clients_with_a_long_prompt_and_10_leaving(tiny, srv):
                 post(srv, body, timeout=httpx.Timeout(10, read=0.3))
         except httpx.TimeoutException:
             pass
-        return None
 
     jobs = [("greedy", i) for i in range(len(prompts))] + [("leave", i) for i in range(10)]
     order = np.random.default_rng(5).permutation(len(jobs))
