@@ -531,6 +531,8 @@ def plot_ruler(results: Sequence[dict], out, per_task: bool = False) -> None:
         panels = [(lengths[0], t) for t in sorted({t for r in results for t in r["scores"]})]
     else:
         panels = [(n, None) for n in lengths]
+    palette = plt.get_cmap("tab10").colors  # one color per policy, in both modes
+    colors = {p: palette[i % 10] for i, p in enumerate(sorted({r["policy"] for r in results}))}
     cols = min(4, len(panels))
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(max(6.4, 4.2 * cols), 3.4 * rows_n), dpi=110, squeeze=False)
@@ -548,8 +550,8 @@ def plot_ruler(results: Sequence[dict], out, per_task: bool = False) -> None:
                 lines[(r["policy"], r["mode"])].append((r["ratio"], val(r)))
         for (pol, mode), pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
-                    linestyle="-" if mode == "once" else ":", label=f"{pol} ({mode})")
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o" if mode == "once" else "s",
+                    linestyle="-" if mode == "once" else ":", color=colors[pol], label=f"{pol} ({mode})")
         ax.set_title(f"RULER {n}" if task is None else f"{task} ({n})", fontsize=9)
         ax.set_xlabel("compression ratio (fraction of the context removed)", fontsize=8)
         ax.set_ylabel("score (%)" if task else "average score (%)", fontsize=8)
