@@ -535,6 +535,7 @@ class Engine:
             self.waiting.remove(req)
             self.rows[b] = req
             req.row = b
+            req.pieces_at_row = self.stats["pieces"]  # the TTFT bound counts pieces from here
             self.prefills.append(self._new_prefill(req, b, req.prompt))
 
     def _drop_cancelled_waiting(self):
@@ -590,6 +591,9 @@ class Engine:
         """A prompt read to its end: write its row into the state and sample its first
         token (with max_tokens 0, an echo: none; the request ends here)."""
         req, b = pf.req, pf.row
+        # pieces read (this prompt's and the others') from taking the row to the first
+        # token: at most ceil(L/P) rounds of at most B pieces (module docstring)
+        req.pieces_waited = self.stats["pieces"] - req.pieces_at_row
         if req.max_tokens == 0:
             self._release(b)
             req.t_first = time.perf_counter()
@@ -702,8 +706,9 @@ class Engine:
             gen = len(req.tokens)
             dt = req.t_done - (req.t_first or req.t_done)
             rate = (gen - 1) / dt if gen > 1 and dt > 0 else float("nan")
-            log.info("%s prompt_tokens=%d generated_tokens=%d ttft=%s tokens_per_s=%.1f finish=%s%s",
-                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s", rate,
+            log.info("%s prompt_tokens=%d generated_tokens=%d ttft=%s pieces=%s tokens_per_s=%.1f finish=%s%s",
+                     req.id, len(req.prompt), gen, "-" if ttft is None else f"{ttft:.3f}s",
+                     "-" if req.pieces_waited is None else req.pieces_waited, rate,
                      reason if req.error is None else f"error:{req.error['code']}",
                      f" policy={self.policy_names[req.policy_index]}" if len(self.policies) > 1 else "")
         req._done.set()

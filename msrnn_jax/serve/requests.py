@@ -62,6 +62,8 @@ class Request:
         self.t_first: float | None = None
         self.t_done: float | None = None
         self.row: int | None = None
+        self.pieces_at_row = 0    # the engine's prompt pieces read when it took its row...
+        self.pieces_waited: int | None = None  # ...and from then to its first token
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._listener = listener
