@@ -294,6 +294,7 @@ def test_embedded_model_full_solves_niah_single_1(tmp_path):
     (["--policy", "tova", "--ratio", "0.5", "--tasks", "niah_single_9"], 2, "unknown task"),
     (["--policy", "full", "--tasks", "qa_1"], 2, "--squad"),
     (["--policy", "full", "--json"], 2, "does not apply"),
+    (["--policy", "full", "--state-dtype", "int8"], 2, "--state-dtype does not apply"),
     (["--policy", "full", "--mode", "twice"], 2, "--mode"),
     (["--policy", "full", "--haystack", "{missing}"], 1, "folder"),
     (["--policy", "full", "--out", "{file}"], 1, "folder"),
