@@ -477,7 +477,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path):
+def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path, monkeypatch):
     """lm-evaluation-harness's `local-completions` scores a local multiple-choice task (and
     a generation task: greedy answers equal offline `generate`) against `msrnn serve --policy full` and the tova C=32 server (contexts longer than C:
     tova evicts); every log-likelihood equals `run_policy`'s per-token NLLs of the
@@ -493,12 +493,14 @@ def test_lm_eval_harness_against_the_server(tiny, tiny_dir, srv, tmp_path):
     (tasks / "msrnn_local.yaml").write_text(TASK.format(data=data))
     (tasks / "msrnn_gen.yaml").write_text(GEN_TASK.format(data=data))
     assert len(tiny.encode(docs[0]["question"])) > C  # tova C=32 evicts while reading it
+    monkeypatch.setenv("MSRNN_API_KEY", "key-from-the-environment")  # --api-key's default
     full = Server("--model", tiny_dir, "--policy", "full", "--capacity", "256", "--max-batch", "2",
                   log_path=tmp_path / "full.log")
     try:
         full.wait_ready()
+        check_error(httpx.post(full.url + "/v1/completions", json={"prompt": "hi"}, timeout=10), 401)
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        servers = [("full", full.url, "none"), ("tova", srv.url, KEY)]
+        servers = [("full", full.url, "key-from-the-environment"), ("tova", srv.url, KEY)]
         p = subprocess.run([sys.executable, "-c", LM_EVAL, json.dumps(servers), str(tasks), tiny_dir], env=env,
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
