@@ -70,6 +70,8 @@ def check_float(name: str, value, low: float | None = None, high: float | None =
     """`value` as a finite float in [low, high] ((low, high] with low_open)."""
     try:
         v = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidArgument(f"{name} must be a finite number, got one too large for a float", name) from None
     except (TypeError, ValueError):
         raise InvalidArgument(f"{name} must be a number, got {value!r}", name) from None
     if not math.isfinite(v):

@@ -23,7 +23,7 @@ def test_names_become_a_normalised_spec():
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    (dict(policy="lru", capacity=8), "policy"),
+    (dict(policy="lru", capacity=8), None),
     (dict(policy="tova"), "capacity"),
     (dict(policy="tova", capacity=0), "capacity"),
     (dict(policy="sink", capacity=4, sinks=4), None),
@@ -99,3 +99,8 @@ def test_fused_runs_share_a_run_per_capacity_and_way_of_reading():
     mixed = grid("tova", [16]) + grid("window", [16], positions="reindex")
     assert [(policy_name(s.policy), s.positions) for s, _ in fused_runs(mixed)] == [
         ("tova", "absolute"), ("window", "reindex")]
+
+
+def test_a_number_beyond_any_float_is_bad_input():
+    with pytest.raises(InvalidArgument, match="too large"):
+        Sampling(temperature=10 ** 400)

@@ -193,7 +193,7 @@ def make_policy(name: str | Policy, sinks: int = 4) -> Policy:
         return Tova(head_wise=key.endswith("-head"))
     if key in ("h2o", "h2o-head"):
         return H2O(head_wise=key.endswith("-head"))
-    raise InvalidArgument(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})", "policy")
+    raise InvalidArgument(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
 
 
 def make_policies(names, sinks: int = 4) -> list[Policy]:
