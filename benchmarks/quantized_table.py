@@ -29,21 +29,22 @@ def load(folder: Path) -> dict:
 
 
 def table(runs: dict) -> str:
-    books = sorted({b for b, _ in runs})
+    books = sorted({b for b, _ in runs}, reverse=True)  # the book with every capacity first
     head = "| policy | C | " + " | ".join(
         f"{b} float32 ppl | int8 | fp8" for b in books) + " |"
     out = [head, "|---|---|" + "---:|---:|---:|" * len(books)]
-    keys = list(runs[(books[0], "float32")])
+    keys = list(dict.fromkeys(k for b in books for k in runs[(b, "float32")]))
+    keys.sort(key=lambda k: (k[0] != "full", k[1] if k[0] != "full" else 0))
     for key in keys:
         cells = []
         for b in books:
-            base = runs[(b, "float32")][key]["ppl"]
-            cells.append(f"{base:.2f}")
+            base = runs[(b, "float32")].get(key)
+            cells.append("" if base is None else f"{base['ppl']:.2f}")
             for d in DTYPES[1:]:
                 r = runs.get((b, d), {}).get(key)
-                cells.append("n/a" if r is None else f"{100 * (r['ppl'] / base - 1):+.2f}%")
+                cells.append("" if r is None or base is None else f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%")
         out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
-    sizes = [(d, runs[(books[0], d)].get(("tova", 256))) for d in DTYPES if (books[0], d) in runs]
+    sizes = [(d, runs[(b, d)].get(("tova", 256))) for b in books[-1:] for d in DTYPES if (b, d) in runs]
     out += ["", "State bytes of one row at C=256: "
             + ", ".join(f"{d} {r['state_bytes']:,}" for d, r in sizes if r is not None) + "."]
     return "\n".join(out)
