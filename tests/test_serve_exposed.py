@@ -180,7 +180,11 @@ def test_error_shapes_for_every_status(tiny, srv):
             head += part
             if not part or b"body_too_large" in head:
                 break
-    assert head.startswith(b"HTTP/1.1 413") and b'"body_too_large"' in head, head
+    # the status always; the body when it arrives: uvicorn closes a connection whose declared
+    # body is never sent, and under load that close has overtaken the response's body (the
+    # body's shape is checked on the streamed request below)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert b"\r\n\r\n" not in head or not head.split(b"\r\n\r\n", 1)[1] or b'"body_too_large"' in head, head
     parts = [b'{"prompt": "'] + [b"x" * (64 << 10)] * 32 + [b'"}']  # chunked, no Content-Length:
     check_error(post(srv, iter(parts)), 413, code="body_too_large")  # counted while it is read
     # DNS rebinding (a Host that is not loopback) and a foreign page's Origin

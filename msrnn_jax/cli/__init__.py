@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", required=True, help=f"comma list of: {POLICIES_HELP} (any case)")
     e.add_argument("--capacity", type=_int_list("--capacity"), help="comma list of capacities")
     e.add_argument("--lengths", type=_int_list("--lengths"), default=DefaultLengths([1024]),
-                   help="comma list of prompt lengths in the model's tokens (default: 1024; ruler: 4096, "
-                        "prompt and answer)")
+                   help="comma list of prompt lengths in the model's tokens (default: 1024); for ruler, of "
+                        "prompt and answer (default there: 4096)")
     e.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="comma list of needle depths in [0, 1]")
     e.add_argument("--samples", type=int, default=4, help="samples per length and depth")
