@@ -43,3 +43,21 @@ def _drop_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+# -- the tiny model most modules share (a module that means something else by `tiny` defines
+# its own, which takes precedence) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with a working tokenizer, saved as a HF folder once per module."""
+    from hf_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """That model, loaded (`msrnn_jax.load_model`)."""
+    import msrnn_jax
+
+    return msrnn_jax.load_model(tiny_dir)

@@ -14,20 +14,11 @@ import msrnn_jax as m
 from msrnn_jax.run import longcontext as lc
 from msrnn_jax.cli import main
 
-from hf_models import save_tiny_model
 
 BOOK = str(Path(__file__).resolve().parents[1] / "data" / "pg_news_from_nowhere.txt")
 N = 400  # prompt tokens on the tiny model (its context is 512; its tokenizer has 320 tokens)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return m.load_model(tiny_dir)
 
 
 @pytest.fixture(scope="module")

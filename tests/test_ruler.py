@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hf_models import save_tiny_model
 
 import msrnn_jax as m
 from msrnn_jax.cli import main
@@ -174,14 +173,6 @@ def test_metrics_on_hand_written_cases():
 
 
 # -- the modes on a tiny random model, and the kvpress format --------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return m.load_model(tiny_dir)
 
 
 def read_dir(d: Path):
@@ -206,7 +197,7 @@ def once_run(tiny_dir, tmp_path_factory):
 
 def test_output_is_kvpress_format(once_run, tiny):
     names = sorted(p.name for p in once_run.glob("ruler__*"))
-    assert names == sorted(f"ruler__512__model__{press}__{r}" for press, r in  # "model": the folder's name
+    assert names == sorted(f"ruler__512__tiny__{press}__{r}" for press, r in  # "tiny": the folder's name
                            [("no_press", "0.00"), ("tova", "0.50"), ("window", "0.50")])
     for name in names:
         parts = name.split("__")
@@ -242,7 +233,7 @@ def test_once_is_oneshot_then_decoding(once_run, tiny):
         parts = [R.prompt_ids(tiny, s, False, frame) for s in samples[task]]
         ctx, rest = [a for a, _ in parts], [b for _, b in parts]
         for name in ("tova", "window"):
-            rows = [r for r in read_dir(once_run / f"ruler__512__model__{name}__0.50")[0] if r["task"] == task]
+            rows = [r for r in read_dir(once_run / f"ruler__512__tiny__{name}__0.50")[0] if r["task"] == task]
             cap = int(rows[0]["capacity"])
             assert cap == int(0.5 * max(map(len, ctx)))
             pol = make_policy(name)

@@ -23,7 +23,6 @@ from msrnn_jax.serve.engine import Engine, QueueFull
 from msrnn_jax.serve.programs import chunk_piece, exact_piece
 from msrnn_jax.errors import InvalidArgument
 
-from hf_models import save_tiny_model
 
 try:  # the HTTP tests need the official client; the engine tests run without it
     import httpx
@@ -40,14 +39,6 @@ TEXTS = ["The quick brown fox", "Paris is the capital of", "A bounded state forg
          "everything. Paris is", "The quick", "dog. A", "\"quotes\"\n"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return m.load_model(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import pytest
 import msrnn_jax as m
 from msrnn_jax.serve.engine import Engine
 
-from hf_models import save_tiny_model
 from test_serve import C, TEXTS, Server, reference
 
 try:
@@ -39,14 +38,6 @@ ROWS = 4            # its --max-batch
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return m.load_model(tiny_dir)
 
 
 @pytest.fixture(scope="module")
