@@ -28,7 +28,7 @@ from .layers import (
 )
 from .policies import Policy, select_keep
 from .positions import check_positions, reindex_slots
-from .state import Quantized, State, read, stored
+from .state import Quantized, State, read
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -67,14 +67,6 @@ def _head_average(policy: Policy, a):
         return a
     a = whole(a, a.ndim - 3)  # the heads of each row on one device (`sharding`)
     return jnp.broadcast_to(a.mean(-2, keepdims=True), a.shape)
-
-
-def _join(kept, new):
-    """Kept slots [..., C, D] and new entries [..., S, D] as C + S candidates (8 bits:
-    the data and the scales joined alike)."""
-    if isinstance(kept, Quantized):
-        return Quantized(jnp.concatenate([kept.data, new.data], -2), jnp.concatenate([kept.scale, new.scale], -1))
-    return jnp.concatenate([kept, new], -2)
 
 
 def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, score):
@@ -169,8 +161,8 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
         score = score + _head_average(policy, colsum)
         # the candidates as they will be stored (reindex: unrotated)
         if isinstance(K_kept, Quantized):  # the kept slots as they are, the chunk's tokens quantized
-            cand_k = _join(K_kept, stored(jnp.swapaxes(k, 1, 2), K_kept))
-            cand_v = _join(V_kept, stored(jnp.swapaxes(v, 1, 2), V_kept))
+            cand_k = K_kept.concat(Quantized.of(jnp.swapaxes(k, 1, 2), K_kept.kind))
+            cand_v = V_kept.concat(Quantized.of(jnp.swapaxes(v, 1, 2), V_kept.kind))
         else:
             if reindex:
                 keys = jnp.concatenate([jnp.swapaxes(K, 1, 2), k.astype(K.dtype)], 1)

@@ -84,6 +84,10 @@ class Quantized:
         q, s = quantize(x, self.kind)
         return Quantized(self.data.at[at].set(q, mode="drop"), self.scale.at[at].set(s, mode="drop"))
 
+    def concat(self, new: "Quantized") -> "Quantized":
+        """These slots [..., C, D] followed by `new` ones [..., S, D]: C + S slots."""
+        return Quantized(jnp.concatenate([self.data, new.data], -2), jnp.concatenate([self.scale, new.scale], -1))
+
     def take(self, idx, axis: int) -> "Quantized":
         """`take_along_axis` on a slot axis: idx [..., K] picks slots of both arrays."""
         return Quantized(jnp.take_along_axis(self.data, idx[..., None], axis),
@@ -93,11 +97,6 @@ class Quantized:
 def read(x, dtype=jnp.float32):
     """Slots as attention reads them: a plain array as it is, 8-bit ones dequantized."""
     return x.dequantize(dtype) if isinstance(x, Quantized) else x
-
-
-def stored(x, like):
-    """New slots x (full precision) in the storage of `like` (an array's dtype, or 8 bits)."""
-    return as_storage(x, like.kind if isinstance(like, Quantized) else like.dtype)
 
 
 def as_storage(x, dtype):
