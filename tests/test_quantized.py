@@ -137,11 +137,26 @@ def test_oneshot_prefill_matches_the_reference(kind):
         np.testing.assert_allclose(K[slot], by_pos[int(p)], atol=1e-6, rtol=1e-6)
 
 
-def test_the_pallas_kernels_refuse_an_8bit_state():
-    cfg = tiny_config("gqa")
-    with pytest.raises(InvalidArgument, match="8-bit"):
-        scan(tiny_params(cfg), cfg, policy_obj("tova"), State.init(cfg, 1, 6, "int8"),
-             jnp.ones((1, 3), jnp.int32), impl=StepImpl(attention="pallas"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model,positions,loop", [("gqa", "absolute", "scan"), ("mha", "reindex", "unroll"),
+                                                  ("gqa", "reindex", "scan")])
+def test_the_pallas_kernels_read_the_8bit_state_as_the_reference_stores_it(kind, model, positions, loop):
+    """attention="pallas" reads the codes and scales in place (dequantized in registers)
+    and keeps exactly the positions that the quantized reference keeps, with the codes the
+    einsum path stores."""
+    cfg = tiny_config(model)
+    params = tiny_params(cfg)
+    tokens = random_tokens(cfg, (1, 20), seed=11)
+    pol = policy_obj("tova")
+    impl = StepImpl(attention="pallas", layer_loop=loop)
+    logits, state, pos = scan(params, cfg, pol, State.init(cfg, 1, 16, kind), jnp.asarray(tokens),
+                              emit="logits+pos", impl=impl, positions=positions)
+    ref_logits, ref_pos = reference_run(params, cfg, "tova", 16, tokens[0], 2, state_dtype=kind,
+                                        positions=positions)
+    np.testing.assert_array_equal(sorted_pos(pos)[:, :, 0], ref_pos)
+    np.testing.assert_allclose(np.asarray(logits[0]), ref_logits, atol=1e-5, rtol=1e-5)
+    _, ein = scan(params, cfg, pol, State.init(cfg, 1, 16, kind), jnp.asarray(tokens), positions=positions)
+    assert (np.asarray(state.keys.data) == np.asarray(ein.keys.data)).mean() > 0.999
 
 
 def test_the_spec_checks_the_state_dtype():

@@ -451,8 +451,6 @@ def serve(args):
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
     impl = StepImpl(attention=args.attention)
-    if args.attention == "pallas" and args.state_dtype in ("int8", "fp8"):
-        raise InvalidArgument("the Pallas kernels do not read an 8-bit state yet: use --attention einsum")
     mesh = None
     if args.mesh is not None:  # the mesh's own errors before the server starts (heads: at load)
         from ..fast import sharding

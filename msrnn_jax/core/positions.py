@@ -139,7 +139,7 @@ class Reindex(Absolute):
         if attention.fused_reindex(impl) and cfg.rotary == cfg.head_dim:  # rotated inside the score product
             rot = (cos[rank], sin[rank])
         else:  # a rotated copy of the layer's keys
-            K, V, l = attention.rotated_copy(K, V, l, impl, lambda K: rotate(K, cos[rank], sin[rank]))
+            K, V, l = attention.rotated_copy(K, V, l, impl, lambda K: rotate(K, cos[rank], sin[rank]), q.dtype)
         return rotate_at(q, n, table), rotate_at(k, n, table), k, K, V, l, rot
 
     def advance(self, ranks, P, slot):

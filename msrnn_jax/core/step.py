@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..errors import InvalidArgument
 from ..fast import attention
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..fast.precision import exact_for_f32
@@ -74,10 +73,10 @@ def attend_and_choose(cfg: ModelConfig, policy: Policy, q, k, v, K, V, P, S, p, 
 
 
 def read_slots(K, V, dtype, impl: StepImpl = DEFAULT_IMPL):
-    """The slots as attention reads them: as stored, or dequantized from 8 bits (§13)."""
-    if isinstance(K, Quantized) and impl.attention == "pallas":
-        raise InvalidArgument("the Pallas kernels do not read an 8-bit state yet: use attention einsum",
-                              "state_dtype")
+    """The slots as attention reads them: as stored, or dequantized from 8 bits (§13).
+    The Pallas kernels read 8-bit slots in place and dequantize them in registers."""
+    if impl.attention == "pallas":
+        return K, V
     return read(K, dtype), read(V, dtype)
 
 

@@ -45,6 +45,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ..core.state import Quantized, read
 from ..errors import InvalidArgument, check_choice
 from . import kernels
 
@@ -155,7 +156,8 @@ def attend(q, k, v, keys, values, visible, impl: StepImpl = DEFAULT_IMPL, layer:
     e_old, e_new = jnp.exp(s_old - m[..., None]), jnp.exp(s_new - m)
     den = e_old.sum(-1) + e_new
     w_old, w_new = e_old / den[..., None], e_new / den
-    out = _slot_mix(w_old.astype(values.dtype), values, impl, layer)
+    # the weights in the values' dtype as read: an 8-bit state is read in the query's
+    out = _slot_mix(w_old.astype(q.dtype if isinstance(values, Quantized) else values.dtype), values, impl, layer)
     return out + w_new[..., None] * v[:, :, None, :].astype(F32), w_old, w_new
 
 
@@ -165,12 +167,13 @@ def layer_view(K, V, l, impl: StepImpl):
     return (K[l], V[l], 0) if impl.attention == "pallas" else (K, V, l)
 
 
-def rotated_copy(K, V, l, impl: StepImpl, rotate: Callable):
+def rotated_copy(K, V, l, impl: StepImpl, rotate: Callable, dtype=F32):
     """`reindex` keys as the attention reads them when they are not rotated inside the
     score product: a rotated copy of the layer's keys (`rotate(K [B,Hkv,C,D])`), handed to
-    Pallas as a one-layer buffer. Returns (K, V, l)."""
+    Pallas as a one-layer buffer (8-bit keys dequantized to `dtype` first: the rotation
+    meets the scale there). Returns (K, V, l)."""
     K, V, l = layer_view(K, V, l, impl)
-    K = rotate(K)
+    K = rotate(read(K, dtype))
     K, V = (K[None], V[None]) if impl.attention == "pallas" else (K, V)
     return K, V, l
 

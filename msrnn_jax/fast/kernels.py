@@ -17,6 +17,11 @@ rows padded to Triton's 16 and only the real rows stored. Timed alone on an H200
 at ~100% of the copy bandwidth (80-83% padded for tensor cores); Mistral's G=4 at
 73-79% on tensor cores (33-39% multiplying and summing). On the CPU the kernels run
 in Pallas' interpreter (tests).
+
+An 8-bit state (docs/design.md §13) is read in place: the kernels take its codes
+[L,B,Hkv,C,D] and scales [L,B,Hkv,C] and dequantize each block in registers, as
+`codes * scale` in float32 cast to the query's dtype: the numbers the einsum path reads
+from `Quantized.dequantize`, at half the bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from ..core.state import Quantized
 
 F32 = jnp.float32
 
@@ -81,6 +88,23 @@ def _store_rows(o_ref, val, rows: int):
     plt.store(o_ref, val, mask=jax.lax.broadcasted_iota(jnp.int32, val.shape, 0) < rows)
 
 
+def _parts(x):
+    """(the slots' stored array, their scales or None) of a float or 8-bit buffer."""
+    return (x.data, x.scale) if isinstance(x, Quantized) else (x, None)
+
+
+def _load(ref, scale_ref, dtype):
+    """A block of slots [Cb, D] as `dtype`: as stored, or dequantized in registers (the
+    rounding of `Quantized.dequantize(dtype)`)."""
+    if scale_ref is None:
+        return ref[...].astype(dtype)
+    return (ref[...].astype(F32) * scale_ref[...][:, None]).astype(dtype)
+
+
+def _scale_spec(scale, cb, index):
+    return [] if scale is None else [pl.BlockSpec((None, None, None, cb), index)]
+
+
 def _dot(a, b, contract):
     prec = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
     return jax.lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=F32)
@@ -90,33 +114,41 @@ def _dot(a, b, contract):
 def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool | None = None,
                 warps: int | None = None):
     """q [B,Hkv,G,D] . keys[layer] [B,Hkv,C,D] -> [B,Hkv,G,C] float32 (f32 sums).
-    mma: the product on tensor cores (query rows padded to 16, q cast to the keys' dtype;
-    None: when G >= 2); warps: Triton's num_warps (None: 8 with tensor cores, else Triton's)."""
+    keys: an array, or `Quantized` (8 bits and a scale per slot, dequantized in registers).
+    mma: the product on tensor cores (query rows padded to 16, q cast to the keys' dtype,
+    or kept in its own for 8-bit keys; None: when G >= 2); warps: Triton's num_warps
+    (None: 8 with tensor cores, else Triton's)."""
     B, H, G, D = q.shape
-    C = keys.shape[3]
+    data, scale = _parts(keys)
+    C = data.shape[3]
     cb = block or slot_block(C)
     gp, mma, warps = _choose(G, cb, mma, warps)
-    q = q.astype(keys.dtype) if mma else q
+    if mma and scale is None:
+        q = q.astype(data.dtype)
 
-    def kernel(q_ref, k_ref, o_ref):
+    def kernel(q_ref, k_ref, *refs):
+        s_ref, o_ref = (refs[0] if scale is not None else None), refs[-1]
         if mma:
-            _store_rows(o_ref, _dot(q_ref[...], k_ref[...], ((1,), (1,))), G)
+            k = _load(k_ref, s_ref, q_ref.dtype)
+            _store_rows(o_ref, _dot(q_ref[...], k, ((1,), (1,))), G)
             return
-        k = k_ref[...].astype(F32)  # [Cb, D]
+        k = _load(k_ref, s_ref, F32 if s_ref is None else q_ref.dtype).astype(F32)  # [Cb, D]
         for g in range(gp):
             o_ref[g, :] = jnp.sum(k * q_ref[g, :].astype(F32)[None, :], axis=1)
 
+    at = lambda b, h, c: (layer, b, h, c)  # noqa: E731
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, H, gp, C), F32),
         grid=(B, H, C // cb),
         in_specs=[pl.BlockSpec((None, None, gp, D), lambda b, h, c: (b, h, 0, 0)),
-                  pl.BlockSpec((None, None, None, cb, D), lambda b, h, c: (layer, b, h, c, 0))],
+                  pl.BlockSpec((None, None, None, cb, D), lambda b, h, c: (layer, b, h, c, 0))]
+                 + _scale_spec(scale, cb, at),
         out_specs=pl.BlockSpec((None, None, gp, cb), lambda b, h, c: (b, h, 0, c)),
         interpret=_interpret(),
         name="msrnn_slot_scores",
         **_call_options(warps),
-    )(_pad_rows(q, gp), keys)
+    )(_pad_rows(q, gp), data, *([] if scale is None else [scale]))
     return out[:, :, :G]
 
 
@@ -124,31 +156,38 @@ def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool | None 
 def slot_mix(w, values, layer: int, block: int | None = None, mma: bool | None = None,
              warps: int | None = None):
     """w [B,Hkv,G,C] . values[layer] [B,Hkv,C,D] -> [B,Hkv,G,D] float32 (w in any float
-    dtype; f32 sums; mma and warps as in slot_scores, w cast to the values' dtype with mma)."""
+    dtype; f32 sums; values an array or `Quantized`; mma and warps as in slot_scores, w
+    cast to the values' dtype with mma, or kept in its own for 8-bit values)."""
     B, H, G, C = w.shape
-    D = values.shape[4]
+    data, scale = _parts(values)
+    D = data.shape[4]
     cb = block or slot_block(C)
     gp, mma, warps = _choose(G, cb, mma, warps)
-    w = w.astype(values.dtype) if mma else w
+    if mma and scale is None:
+        w = w.astype(data.dtype)
     n = C // cb
 
-    def kernel(w_ref, v_ref, o_ref):
+    def kernel(w_ref, v_ref, *refs):
+        s_ref, o_ref = (refs[0] if scale is not None else None), refs[-1]
         if mma:
-            _store_rows(o_ref, _dot(w_ref[...], v_ref[...], ((1,), (0,))), G)
+            v = _load(v_ref, s_ref, w_ref.dtype)
+            _store_rows(o_ref, _dot(w_ref[...], v, ((1,), (0,))), G)
             return
-        v = v_ref[...].astype(F32)  # [Cb, D]
+        v = _load(v_ref, s_ref, F32 if s_ref is None else w_ref.dtype).astype(F32)  # [Cb, D]
         for g in range(gp):
             o_ref[g, :] = jnp.sum(w_ref[g, :].astype(F32)[:, None] * v, axis=0)
 
+    at = lambda b, h, c: (layer, b, h, c)  # noqa: E731
     part = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, H, n, gp, D), F32),
         grid=(B, H, n),
         in_specs=[pl.BlockSpec((None, None, gp, cb), lambda b, h, c: (b, h, 0, c)),
-                  pl.BlockSpec((None, None, None, cb, D), lambda b, h, c: (layer, b, h, c, 0))],
+                  pl.BlockSpec((None, None, None, cb, D), lambda b, h, c: (layer, b, h, c, 0))]
+                 + _scale_spec(scale, cb, at),
         out_specs=pl.BlockSpec((None, None, None, gp, D), lambda b, h, c: (b, h, c, 0, 0)),
         interpret=_interpret(),
         name="msrnn_slot_mix",
         **_call_options(warps),
-    )(_pad_rows(w, gp), values)
+    )(_pad_rows(w, gp), data, *([] if scale is None else [scale]))
     return part.sum(2)[:, :, :G]
