@@ -14,6 +14,12 @@ peer is *integrated*: step time is measured (16 new tokens) at cache lengths spr
 a 32-token-prompt, 4096-token decode. The JSON keeps every raw step time.
 
     python -m benchmarks.hf_peer --json part.json [--model llama2-7b] [--deadline EPOCH]
+
+With `--serve SPEC.json` it is instead `benchmarks.serve`'s transformers system, in a
+process of its own (serve.py starts it once its JAX systems have exited): continuous
+batching (`generate_batch`) over the request set SPEC describes, offline (and, if asked,
+a prefill-only run of the same requests, one token each, and the online arrivals), its
+record written to --json.
 """
 
 from __future__ import annotations
@@ -196,10 +202,71 @@ def summarise(runs, batch, cache, compile_):
             "runs": runs}
 
 
+def serve_peer(spec: dict, device: str | None = None, save=None) -> dict:
+    """`benchmarks.serve`'s transformers system on the request set of `spec` (see
+    serve.hf_spec): one model; `generate_batch` over the requests (or the slice `range`),
+    before it the same requests with one new token each (`prefill_only`, if `phases`),
+    then the online arrivals (if asked). A failure is kept in the record, not raised.
+    Also the memory free after the weights and the batch whose full cache would fit there
+    at the longest request (`batch_estimate`, 0.9 of it; None on a CPU). `save(result)`
+    is called after each run."""
+    import torch
+    import transformers
+
+    from .serve import arrival_sets, hf_offline, hf_online, requests
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = PRESETS[spec["model"]]
+    lo, hi = spec["prompt"]
+    prompts = requests(spec["requests"], lo, hi, p["vocab_size"])
+    a, b = spec.get("range") or (0, len(prompts))
+    import os
+    res = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device, "record": {},
+           "pid": os.getpid()}
+    rec = res["record"]
+    save = save or (lambda r: None)
+    try:
+        t0 = time.perf_counter()
+        model = build_model(spec["model"], device)
+        rec["build_s"] = time.perf_counter() - t0
+        if device == "cuda":
+            res["gpu"] = torch.cuda.get_device_name(0)
+            free = torch.cuda.mem_get_info()[0]
+            row = 2 * p["num_layers"] * p["num_kv_heads"] * p["head_dim"] * 2 * (hi + spec["gen"])
+            res["free_bytes_after_model"], res["batch_estimate"] = free, max(1, int(0.9 * free // row))
+        else:
+            res["batch_estimate"] = None
+        args = (spec["model"], prompts[a:b])
+        tail = (device, spec["batch_tokens"], spec.get("extra") or {})
+        if "offline" in spec["modes"]:
+            if spec.get("phases", True):
+                rec["prefill_only"] = hf_offline(*args, 1, *tail, model=model)
+                print("transformers prefill only", rec["prefill_only"], flush=True)
+                save(res)
+            rec["offline"] = hf_offline(*args, spec["gen"], *tail, model=model)
+            if spec.get("range"):
+                rec["offline"]["range"] = [a, b]
+            print("transformers offline", rec["offline"], flush=True)
+            save(res)
+        if "online" in spec["modes"] and spec.get("rates"):
+            arrivals = arrival_sets(spec["rates"], spec["online_requests"])
+            rec["online"] = hf_online(spec["model"], prompts[:spec["online_requests"]], spec["gen"], *tail, arrivals,
+                                      model=model)
+            rec["online_config"] = {"max_batch_tokens": spec["batch_tokens"], **(spec.get("extra") or {})}
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama2-7b")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--serve", metavar="SPEC_JSON", default=None,
+                    help="run benchmarks.serve's transformers system on the request set SPEC_JSON "
+                         "describes (serve.py writes it and starts this)")
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--lens", default="32,1056,2080,3104,4112",
@@ -212,6 +279,12 @@ def main(argv=None):
     ap.add_argument("--reserve-bytes", type=int, default=6 * GiB)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.serve:
+        import json
+        with open(args.serve) as f:
+            res = serve_peer(json.load(f), save=lambda r: write_json(args.json, r))
+        write_json(args.json, res)
+        return res
     import torch
     import transformers
     res = {"section": "hf", "model": args.model, "argv": sys.argv, "runs": [], "errors": [], "skipped": [],

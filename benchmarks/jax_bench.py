@@ -462,11 +462,36 @@ def section_decode(args, results, save):
     results["memory_end"] = memory_stats()
 
 
+def prefill_rate(cfg, rec, matmul):
+    """A prefill record's FLOPs (`bound.prefill_counts`: the serve benchmark's count, the
+    LM head once), achieved TFLOP/s and its fraction of the measured matmul rate."""
+    from .bound import prefill_counts
+    n = prefill_counts(cfg, [rec["prompt_tokens"]] * rec["batch"], True, rec["capacity"], rec["chunk"],
+                       rec["mode"] if rec["mode"] != "oneshot" else "causal")
+    rate = n["flops"] / rec["run_s"]
+    out = {"flops": n["flops"], "flops_attention": n["flops_attention"], "attention": n["attention"],
+           "achieved_tflops": rate / 1e12}
+    if "flops_computed" in n:
+        out["flops_computed"] = n["flops_computed"]
+    if matmul:
+        out["matmul_fraction"] = rate / matmul["flops_per_s"]
+    return out
+
+
 def section_prefill(args, results, save):
     dl = Deadline(args.deadline)
     cfg, params = _setup(results, args.model, 0)
     if args.variant:  # every mode reads the variant's layout (split: unrolled layers, `fast.layouts.scan_layers`)
         params = _use_variant(args.variant, params)
+    from .bound import matmul_rate as best_matmul_rate
+    on_cpu = jax.default_backend() == "cpu"  # the same path at a small size
+    try:
+        results["matmul"] = best_matmul_rate(min(args.matmul_n, 256) if on_cpu else args.matmul_n,
+                                             chain=2 if on_cpu else 8, reps=2 if on_cpu else 5)
+        print(f"matmul rate {results['matmul']['flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+    except Exception as e:  # noqa: BLE001  the timings go on without it
+        results["errors"].append({"matmul": repr(e)[:300]})
+        results["matmul"] = None
     save()
     T, C, pname = args.prefill_tokens, args.prefill_capacity, args.prefill_policy
     jobs = [(m, args.chunk if m == "chunked" else None) for m in args.prefill_modes.split(",")]
@@ -481,6 +506,11 @@ def section_prefill(args, results, save):
             else:
                 rec = time_prefill(params, cfg, pname, C, T, mode, chunk)
             rec["model"] = args.model
+            rec.update(prefill_rate(cfg, rec, results.get("matmul")))
+            print(f"prefill {rec['mode']}" + (f" S={rec['chunk']}" if rec["chunk"] else "") +
+                  f": {rec['tokens_per_s']:,.0f} tokens/s, {rec['achieved_tflops']:.1f} TFLOP/s"
+                  + (f", {rec['matmul_fraction']:.1%} of the matmul rate" if "matmul_fraction" in rec else ""),
+                  flush=True)
             results["prefill"].append(rec)
         except Exception as e:
             results["errors"].append({"prefill": mode, "error": repr(e)[:500], "oom": _is_oom(e)})

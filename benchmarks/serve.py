@@ -9,6 +9,17 @@ is reported in the results, not fatal.
     python -m benchmarks.serve --out $OUT                 # one H200, Llama-2-7B shape (~8 min)
     python -m benchmarks.serve --quick --out /tmp/serve   # CPU, the tiny shape, seconds
 
+Each system's run is set beside the physical bound of its workload (`benchmarks.bound`:
+the prompts' FLOPs at the bf16 matmul rate and the decode steps' bytes at the copy
+bandwidth, both measured at the start of the run), for prefill, decode and the whole:
+a table of measured s, bound s and bound / measured. `--state-dtype int8|fp8` stores the
+JAX systems' state in 8 bits (and a scale per slot), so that a larger batch fits.
+
+transformers runs in a process of its own (`python -m benchmarks.hf_peer --serve ...`),
+started once the JAX systems are done; those then run in a child process too, so that
+the GPU memory JAX held is free again when transformers starts. Without PyTorch the
+transformers system is skipped with one line.
+
 Writes serve.json, serve.md and serve.png (throughput against latency) under --out;
 --replot SERVE_JSON redraws the PNG of an earlier run; --merge A.json B.json ... writes
 the three files for runs of one request set measured in several commands (one system
@@ -36,7 +47,10 @@ from msrnn_jax.serve.engine import Engine
 from msrnn_jax.fast.layouts import fuse_projections, split_layers
 from msrnn_jax.core.policies import make_policy
 
-from .common import device_info, median_seconds, write_json
+from . import bound as bounds
+from .common import device_info, median_seconds, weight_bytes_per_step, write_json
+
+HF = "transformers generate_batch"
 
 
 def requests(n, lo, hi, vocab, seed=0):
@@ -100,6 +114,8 @@ def merge(runs, command):
                                             "generated_tokens": tokens, "wall_s": wall,
                                             "tokens_per_s": tokens / wall, "slices": offline},
                                 "commands": [rec["command"] for rec in recs]}
+        if all(rec.get("bound") for rec in recs):  # each slice's bound at its own run's rates
+            out["systems"][name]["bound"] = bounds.combine([rec["bound"] for rec in recs])
     return out
 
 
@@ -178,14 +194,17 @@ def config_items(text):
     return out
 
 
-def hf_offline(name, prompts, gen, device, batch_tokens, extra=None):
+def hf_offline(name, prompts, gen, device, batch_tokens, extra=None, model=None):
     """transformers' continuous batching on the same requests (guarded by the caller);
-    `extra` goes to its ContinuousBatchingConfig (e.g. use_cuda_graph)."""
+    `extra` goes to its ContinuousBatchingConfig (e.g. use_cuda_graph). `model`: one
+    already built (kept), else one is built and freed."""
     import torch
 
     from .hf_peer import build_model
 
-    model = build_model(name, device)  # sdpa: generate_batch switches it to "paged|sdpa" itself
+    own = model is None
+    if own:
+        model = build_model(name, device)  # sdpa: generate_batch switches it to "paged|sdpa" itself
     gc_, cbc = _hf_generation(gen, batch_tokens, extra)
     kw = {} if cbc is None else {"continuous_batching_config": cbc}
     try:
@@ -201,7 +220,9 @@ def hf_offline(name, prompts, gen, device, batch_tokens, extra=None):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     tokens = sum(len(o.generated_tokens) for o in out.values())
-    del model
+    del out
+    if own:
+        del model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -237,18 +258,21 @@ def _hf_generation(gen, batch_tokens, extra):
     return gc_, ContinuousBatchingConfig(max_batch_tokens=batch_tokens, **(extra or {}))
 
 
-def hf_online(name, prompts, gen, device, batch_tokens, extra, arrivals, timeout_s=1800.0):
+def hf_online(name, prompts, gen, device, batch_tokens, extra, arrivals, timeout_s=1800.0, model=None):
     """transformers' continuous batching under the same Poisson arrivals as the engine:
     its manager (`continuous_batching_context_manager`, CUDA graphs warmed up first) gets
     each request at its arrival time; transformers records each generated token's time
     (`record_timestamps`), so time to first token and inter-token latency are the times
     it produced them (ours are the times our engine handed them out: as early or
-    earlier than a client sees either). One row per rate, as `run_load`'s."""
+    earlier than a client sees either). One row per rate, as `run_load`'s. `model`: one
+    already built (kept), else one is built and freed."""
     import torch
 
     from .hf_peer import build_model
 
-    model = build_model(name, device)
+    own = model is None
+    if own:
+        model = build_model(name, device)
     gc_, cbc = _hf_generation(gen, batch_tokens, extra)
     rows = []
     with torch.no_grad(), model.continuous_batching_context_manager(
@@ -284,11 +308,77 @@ def hf_online(name, prompts, gen, device, batch_tokens, extra, arrivals, timeout
             row = {"rate": rate, **latency(ttft, itl, sum(len(r.generated_tokens) for r in done.values()), wall, n)}
             rows.append(row)
             print("transformers online", row, flush=True)
-    del model
+    if own:
+        del model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+class TimedEngine(Engine):
+    """The engine, each prompt piece waited for and timed (`stats["prefill_seconds"]`).
+    While rows decode the engine waits for each piece itself; before any row decodes its
+    pieces would otherwise be dispatched without waiting, so this adds one host round
+    trip per piece there (microseconds beside a piece of hundreds of tokens)."""
+
+    def _advance(self, pf):
+        t0 = time.perf_counter()
+        done = super()._advance(pf)
+        jax.block_until_ready(pf.logits)
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
+        return done
+
+
+def torch_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def state_dtype_name(arg, on_gpu: bool) -> str:
+    """The state's dtype as named in the results: --state-dtype, else the weights' dtype."""
+    return arg or ("bfloat16" if on_gpu else "float32")
+
+
+def fixed_batch_bound(cfg, rec, rates, capacity, state_dtype, itemsize):
+    """The fixed-batch decode's step against its bandwidth bound: every weight and every
+    row's C slots read once per step (`benchmarks.bound`)."""
+    B = rec["batch"]
+    step_bytes = (weight_bytes_per_step(cfg, itemsize, B)
+                  + B * capacity * cfg.num_layers * cfg.num_kv_heads * bounds.slot_bytes(cfg, state_dtype))
+    step_s = B / rec["fixed_batch_tokens_per_s"]
+    return {"bytes_per_step": step_bytes, "bound_step_s": step_bytes / rates["copy_bytes_per_s"],
+            "step_s": step_s, "fraction": step_bytes / rates["copy_bytes_per_s"] / step_s}
+
+
+def hf_bound(cfg, prompts, gen, rates, rec, batch_estimate):
+    """transformers' bound on the requests it ran: a full cache read at its length; its
+    steps are not recorded: decode tokens / the batch that fits (the child's estimate:
+    the KV of that many rows at the longest request in 0.9 of the memory free after the
+    weights; on a CPU every request at once)."""
+    off = rec["offline"]
+    a, b = off.get("range", (0, len(prompts)))
+    lens = [len(p) for p in prompts[a:b]]
+    batch = min(len(lens), batch_estimate or len(lens))
+    pre = rec.get("prefill_only")
+    pre_s = pre["wall_s"] if pre else None
+    # decode: the offline run less its prefill-only twin (None if that leaves nothing)
+    dec_s = None if pre_s is None or off["wall_s"] <= pre_s else off["wall_s"] - pre_s
+    return bounds.system_bound(cfg, lens, gen, rates, bounded=False, capacity=None, chunk=None, batch=batch,
+                               state_dtype="bfloat16", steps=None, prefill_s=pre_s, decode_s=dec_s,
+                               total_s=off["wall_s"], prefill_mode="causal")
+
+
+def run_child(cmd, what):
+    """A child process of this benchmark, its output passed through; raises if it fails."""
+    import subprocess
+    env = dict(os.environ)
+    if what == "transformers":  # should JAX be imported there, it stays off the GPU
+        env["JAX_PLATFORMS"] = "cpu"
+    print(f"[{what}] {' '.join(cmd)}", flush=True)
+    p = subprocess.run(cmd, env=env)
+    if p.returncode:
+        raise RuntimeError(f"the {what} process exited with {p.returncode}")
 
 
 def main(argv=None):
@@ -309,6 +399,9 @@ def main(argv=None):
     ap.add_argument("--tova-attention", default="einsum", choices=["einsum", "pallas"],
                     help="the same for tova: past batch ~128 of C=512 the autotuner's scratch copy "
                          "no longer fits an H200")
+    ap.add_argument("--state-dtype", default=None, choices=["bfloat16", "float32", "int8", "fp8"],
+                    help="how the JAX systems' state stores keys and values (default: as the weights, "
+                         "bfloat16 on a GPU; int8/fp8: 8 bits and a float32 scale per slot)")
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill piece")
     ap.add_argument("--steps-per-call", type=int, default=16)
     ap.add_argument("--prefill-share", type=float, default=0.4,
@@ -317,12 +410,16 @@ def main(argv=None):
     ap.add_argument("--rates", default="2,4,8", help="online Poisson arrival rates, requests/s")
     ap.add_argument("--online-requests", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
-    ap.add_argument("--systems", default="tova,full,hf",
-                    help="which systems run (tova, full, hf); one per process fits a run in a device call")
+    ap.add_argument("--systems", default=None,
+                    help="which systems run (tova, full, hf; default all three, --quick: tova,full); "
+                         "'' measures only the device's rates")
     ap.add_argument("--hf-batch-tokens", type=int, default=8192)
     ap.add_argument("--hf-modes", default="offline,online",
                     help="what transformers runs: offline (all --requests at once), online (the "
                          "--rates arrivals, its manager taking each request at its time), or both")
+    ap.add_argument("--no-hf-phases", dest="hf_phases", action="store_false",
+                    help="skip transformers' prefill-only run (the same requests, 1 token each), "
+                         "which splits its offline time into prefill and decode")
     ap.add_argument("--hf-range", type=request_range, default=None, metavar="A:B",
                     help="transformers runs only requests A..B-1 of the --requests set (the first k "
                          "requests of every set are the same, so the slices of one set add up: a run "
@@ -330,17 +427,24 @@ def main(argv=None):
     ap.add_argument("--hf-config", default="", metavar="KEY=VALUE,...",
                     help="more ContinuousBatchingConfig settings for transformers, e.g. "
                          "use_cuda_graph=true,max_memory_percent=0.9")
+    ap.add_argument("--hf-in-process", action="store_true",
+                    help="run transformers in this process after the JAX systems (the old way: JAX "
+                         "still holds its GPU memory)")
+    ap.add_argument("--matmul-n", type=int, default=None, help="the matmul rate's square product (8192)")
+    ap.add_argument("--copy-bytes", type=int, default=None, help="the copy bandwidth's array (4 GiB)")
     ap.add_argument("--replot", metavar="SERVE_JSON", help="only redraw serve.png under --out "
                                                         "from an earlier run's serve.json")
     ap.add_argument("--merge", nargs="+", metavar="SERVE_JSON",
                     help="only write serve.json, .md and .png under --out for these runs of one "
                          "request set as one (see `merge`)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    command = "python -m benchmarks.serve " + " ".join(argv)
     if args.merge:
         import json
         try:
             runs = [json.loads(open(p).read()) for p in args.merge]
-            out = merge(runs, "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]))
+            out = merge(runs, command)
         except (OSError, ValueError, KeyError) as e:
             ap.error(f"--merge: {e}")
         write_results(out, args.out)
@@ -353,52 +457,121 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         plot(out, os.path.join(args.out, "serve.png"))
         return
-    if args.quick:
-        args.model, args.requests, args.prompt, args.gen = "tiny", 12, "8,40", 8
+    if args.systems is None:
+        args.systems = "tova,full" if args.quick else "tova,full,hf"
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if set(systems) - {"tova", "full", "hf"}:
+        ap.error(f"--systems: unknown {sorted(set(systems) - {'tova', 'full', 'hf'})} (tova, full, hf)")
+    if args.quick:  # the tiny shape; the request set's sizes unless given
+        default = {k: ap.get_default(k) for k in ("requests", "gen", "rates", "online_requests")}
+        args.model, args.prompt = "tiny", "8,40"
         args.tova_batch, args.tova_capacity, args.full_batch, args.chunk = 4, 32, 2, 16
-        args.steps_per_call, args.rates, args.online_requests = 4, "50", 8
-        args.no_hf = True
+        args.steps_per_call = 4
+        for k, v in (("requests", 12), ("gen", 8), ("rates", "50"), ("online_requests", 8)):
+            if getattr(args, k) == default[k]:
+                setattr(args, k, v)
     os.makedirs(args.out, exist_ok=True)
+    run_hf = "hf" in systems and not args.no_hf
+    if run_hf and not torch_available():
+        print("transformers: skipped (PyTorch or transformers is not installed)", flush=True)
+        run_hf = False
+    jax_systems = [s for s in systems if s != "hf"]
+    if run_hf and not args.hf_in_process:
+        # JAX (its systems, or only the rates) in a child of its own: when it exits, the
+        # GPU memory it held is free for transformers, which then runs in another child
+        import json
+        part = os.path.join(args.out, "jax-part")
+        if os.path.exists(os.path.join(part, "serve.json")):
+            os.remove(os.path.join(part, "serve.json"))
+        err = None
+        try:
+            run_child([sys.executable, "-m", "benchmarks.serve", *argv, "--systems", ",".join(jax_systems),
+                       "--no-hf", "--out", part], "JAX")
+        except RuntimeError as e:  # what it wrote before it failed is kept; transformers still runs
+            err = str(e)
+        try:
+            with open(os.path.join(part, "serve.json")) as f:
+                out = json.load(f)
+        except OSError:
+            cfg, lo, hi, _ = request_set(args)
+            out = {"model": args.model, "requests": args.requests, "prompt_tokens": [lo, hi],
+                   "generated_tokens_each": args.gen, "device": {}, "systems": {}}
+        if err:
+            out["jax_error"] = err
+        out["command"] = command
+        hf_child(args, out, part)
+        write_results(out, args.out)
+        return
+    out = run_jax(args, jax_systems, command)
+    if run_hf:  # --hf-in-process
+        run_hf_here(args, out)
+    write_results(out, args.out)
+
+
+def request_set(args):
     cfg = preset(args.model)
+    lo, hi = map(int, args.prompt.split(","))
+    return cfg, lo, hi, requests(args.requests, lo, hi, cfg.vocab_size)
+
+
+def run_jax(args, systems, command) -> dict:
+    """The device's rates, then the JAX systems, in this process."""
+    cfg, lo, hi, prompts = request_set(args)
     on_gpu = jax.default_backend() != "cpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    sd = state_dtype_name(args.state_dtype, on_gpu)
+    rates = bounds.measure_rates(args.quick or not on_gpu, args.matmul_n, args.copy_bytes)
+    print(f"rates: matmul {rates['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s (bf16 [n,n]x[n,n], "
+          f"n={rates['matmul']['n']}), copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)",
+          flush=True)
+    rates_list = [float(r) for r in args.rates.split(",") if r]
+    arrivals = arrival_sets(rates_list, args.online_requests)
+    out = {"command": command, "device": device_info(), "model": args.model, "requests": args.requests,
+           "prompt_tokens": [lo, hi], "generated_tokens_each": args.gen, "steps_per_call": args.steps_per_call,
+           "prefill_share": args.prefill_share, "state_dtype": sd, "rates": rates, "pid": os.getpid(),
+           "prefill": f"chunked S={args.chunk}", "systems": {}}
+    if not systems:
+        return out
     params = testing.device_params(cfg, dtype)
     if on_gpu:  # the layout `load_model` gives on one accelerator: per-layer, q|k|v and gate|up joined
         params = fuse_projections(split_layers(params))
     model = Model(cfg, params, None, f"random {args.model}")
-    lo, hi = map(int, args.prompt.split(","))
-    prompts = requests(args.requests, lo, hi, cfg.vocab_size)
-    rates = [float(r) for r in args.rates.split(",") if r]
-    arrivals = arrival_sets(rates, args.online_requests)
-    out = {"command": "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "device": device_info(), "model": args.model, "requests": args.requests,
-           "prompt_tokens": [lo, hi], "generated_tokens_each": args.gen, "steps_per_call": args.steps_per_call,
-           "prefill_share": args.prefill_share,
-           "prefill": f"chunked S={args.chunk}", "systems": {}}
+    itemsize = jnp.dtype(dtype).itemsize
 
     def engine(policy, capacity, batch, impl):
         t0 = time.perf_counter()
-        eng = Engine(model, policy, capacity, max_batch=batch, max_queue=max(args.requests, args.online_requests),
-                     prefill="chunked", chunk=args.chunk, steps_per_call=args.steps_per_call,
-                     prefill_share=args.prefill_share, impl=impl, log_requests=False).start()
+        eng = TimedEngine(model, policy, capacity, max_batch=batch,
+                          max_queue=max(args.requests, args.online_requests), prefill="chunked", chunk=args.chunk,
+                          steps_per_call=args.steps_per_call, prefill_share=args.prefill_share, impl=impl,
+                          dtype=args.state_dtype, log_requests=False).start()
         eng.ready.wait()
         if eng.error:
             raise eng.error
         return eng, time.perf_counter() - t0
 
     full_c = -(-(hi + args.gen) // 64) * 64
-    systems = [s for s in args.systems.split(",") if s]
-    for label, policy, cap, batch in [(f"tova C={args.tova_capacity}", "tova", args.tova_capacity, args.tova_batch),
-                                      (f"full C={full_c}", "full", full_c, args.full_batch)]:
+    tag = f" {args.state_dtype}" if args.state_dtype else ""
+    lens = [len(p) for p in prompts]
+    for label, policy, cap, batch in [(f"tova C={args.tova_capacity}{tag}", "tova", args.tova_capacity, args.tova_batch),
+                                      (f"full C={full_c}{tag}", "full", full_c, args.full_batch)]:
         if policy not in systems:
             continue
         impl = StepImpl(attention=args.full_attention if policy == "full" else args.tova_attention)
-        rec = {"policy": policy, "capacity": cap, "batch": batch, "attention": impl.attention}
+        rec = {"policy": policy, "capacity": cap, "batch": batch, "attention": impl.attention, "state_dtype": sd}
         try:
             eng, rec["compile_s"] = engine(policy, cap, batch, impl)
+            eng.stats.clear()
             rec["offline"] = run_load(eng, prompts, args.gen)
+            st = {k: float(v) for k, v in eng.stats.items()}
+            rec["engine_stats"] = st
+            rec["bound"] = bounds.system_bound(
+                cfg, lens, args.gen, rates, bounded=policy != "full", capacity=cap, chunk=args.chunk, batch=batch,
+                state_dtype=sd, steps=int(st.get("chunks", 0)) * args.steps_per_call,
+                prefill_s=st.get("prefill_seconds"), decode_s=st.get("decode_seconds"),
+                total_s=rec["offline"]["wall_s"], weight_itemsize=itemsize, buffer=cap)
             print(label, "offline", rec["offline"], flush=True)
-            if rates:
+            print("\n".join(bounds.table_markdown(bounds.table_rows({label: rec}))), flush=True)
+            if arrivals:
                 rec["online"] = []
                 for rate, arr in arrivals:
                     r = {"rate": rate, **run_load(eng, prompts[:args.online_requests], args.gen, arr)}
@@ -407,6 +580,7 @@ def main(argv=None):
             if policy == "tova":
                 try:  # a second program beside the engine's: at a large batch it may not fit
                     rec["overhead"] = overhead(eng, prompts, max(args.gen, 8 * args.steps_per_call))
+                    rec["overhead"]["bound"] = fixed_batch_bound(cfg, rec["overhead"], rates, cap, sd, itemsize)
                     print(label, "overhead", rec["overhead"], flush=True)
                 except Exception as e:  # noqa: BLE001
                     rec["overhead_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -418,30 +592,67 @@ def main(argv=None):
         gc.collect()
         out["systems"][label] = rec
         write_json(os.path.join(args.out, "serve.json"), out)
-    hf_modes = {m for m in args.hf_modes.split(",") if m}
-    if not args.no_hf and "hf" in systems:
-        rec = out["systems"]["transformers generate_batch"] = {}
-        device, extra = "cuda" if on_gpu else "cpu", config_items(args.hf_config)
-        try:
-            if "offline" in hf_modes:
-                a, b = args.hf_range or (0, len(prompts))
-                rec["offline"] = hf_offline(args.model, prompts[a:b], args.gen, device, args.hf_batch_tokens, extra)
-                if args.hf_range:
-                    rec["offline"]["range"] = [a, b]
-                write_json(os.path.join(args.out, "serve.json"), out)
-            if "online" in hf_modes and arrivals:
-                rec["online"] = hf_online(args.model, prompts[:args.online_requests], args.gen, device,
-                                          args.hf_batch_tokens, extra, arrivals)
-                rec["online_config"] = {"max_batch_tokens": args.hf_batch_tokens, **extra}
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    write_results(out, args.out)
+    return out
+
+
+def hf_spec(args) -> dict:
+    """What the transformers child runs: the request set (it draws the same prompts) and
+    its settings."""
+    lo, hi = map(int, args.prompt.split(","))
+    return {"model": args.model, "requests": args.requests, "prompt": [lo, hi], "gen": args.gen,
+            "range": list(args.hf_range) if args.hf_range else None, "batch_tokens": args.hf_batch_tokens,
+            "extra": config_items(args.hf_config), "modes": [m for m in args.hf_modes.split(",") if m],
+            "rates": [float(r) for r in args.rates.split(",") if r], "online_requests": args.online_requests,
+            "phases": args.hf_phases}
+
+
+def hf_child(args, out, folder):
+    """transformers in a process of its own (`hf_peer --serve`); its record and bound
+    join `out` (a failure is reported there, not raised)."""
+    import json
+    spec_path, res_path = os.path.join(folder, "hf-spec.json"), os.path.join(folder, "hf.json")
+    os.makedirs(folder, exist_ok=True)
+    write_json(spec_path, hf_spec(args))
+    if os.path.exists(res_path):
+        os.remove(res_path)
+    err = None
+    try:
+        run_child([sys.executable, "-m", "benchmarks.hf_peer", "--serve", spec_path, "--json", res_path],
+                  "transformers")
+    except Exception as e:  # noqa: BLE001  what it wrote before (it saves after each run) is kept
+        err = f"{type(e).__name__}: {e}"
+    try:
+        with open(res_path) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        out["systems"][HF] = {"error": err or "the transformers process wrote no result"}
+        return
+    if err:
+        res["record"].setdefault("error", err)
+    add_hf(args, out, res)
+
+
+def add_hf(args, out, res):
+    rec = res["record"]
+    rec["process"] = {k: res.get(k) for k in ("pid", "torch", "transformers", "gpu", "free_bytes_after_model",
+                                                 "batch_estimate")}
+    if "offline" in rec and out.get("rates"):
+        cfg, _, _, prompts = request_set(args)
+        rec["bound"] = hf_bound(cfg, prompts, args.gen, out["rates"], rec, res.get("batch_estimate"))
+        print("\n".join(bounds.table_markdown(bounds.table_rows({HF: rec}))), flush=True)
+    out["systems"][HF] = rec
+
+
+def run_hf_here(args, out):
+    """--hf-in-process: the transformers peer in this process (JAX's memory still held)."""
+    from .hf_peer import serve_peer
+    add_hf(args, out, serve_peer(hf_spec(args), "cuda" if jax.default_backend() != "cpu" else "cpu"))
 
 
 def write_results(out, folder):
     """serve.json, serve.md and serve.png of `out` under `folder`; the table printed."""
     os.makedirs(folder, exist_ok=True)
+    out["bound_table"] = bounds.table_rows(out["systems"])
     write_json(os.path.join(folder, "serve.json"), out)
     text = markdown(out)
     with open(os.path.join(folder, "serve.md"), "w") as f:
@@ -513,6 +724,23 @@ def markdown(out) -> str:
             L.append(f"| {name} | {rec.get('batch', '')} | {o['tokens_per_s']:.1f} | {o['wall_s']:.1f} |")
         elif "error" in rec or not rec.get("online"):
             L.append(f"| {name} | {rec.get('batch', '')} | failed: {rec.get('error', '?')[:80]} | |")
+    rows = bounds.table_rows(out["systems"])
+    if rows:
+        L += ["", "The workload's physical bound, per system and phase (`benchmarks/bound.py`; "
+              "docs/performance.md): prefill FLOPs at the matmul rate, decode bytes at the copy bandwidth; "
+              "fraction = bound / measured (1 = at the bound):", ""]
+        L += bounds.table_markdown(rows)
+        seen = []
+        for name, rec in out["systems"].items():
+            b = rec.get("bound")
+            if b and b["rates"] not in seen:
+                seen.append(b["rates"])
+                L.append(f"\nRates ({name}): bf16 matmul {b['rates']['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s, "
+                         f"copy {b['rates']['copy_bytes_per_s'] / 1e12:.3f} TB/s (read + written).")
+            if b and "steps_from" in b.get("decode", {}):
+                d = b["decode"]
+                L.append(f"\n{name}: decode steps {d['steps']} ({d['steps_from']}; {d['steps_ideal']} at a full "
+                         f"batch of {d['batch']}); prefill attention: {b['prefill']['attention']}.")
     for name, rec in out["systems"].items():
         if rec.get("online"):
             L += ["", f"Online, {name} (Poisson arrivals):", "",
@@ -525,7 +753,9 @@ def markdown(out) -> str:
             o = rec["overhead"]
             L += ["", f"Engine overhead ({name}, batch {o['batch']}): {o['engine_tokens_per_s']:.1f} tokens/s "
                   f"against {o['fixed_batch_tokens_per_s']:.1f} for the fixed-batch decode "
-                  f"(ratio {o['ratio']:.3f}, overhead {o['overhead_pct']:.1f}%)"]
+                  f"(ratio {o['ratio']:.3f}, overhead {o['overhead_pct']:.1f}%)"
+                  + (f"; the fixed-batch step at {o['bound']['fraction']:.1%} of its bandwidth bound"
+                     if o.get("bound") else "")]
     return "\n".join(L) + "\n"
 
 

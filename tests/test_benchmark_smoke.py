@@ -378,3 +378,102 @@ def test_mesh_bench(tmp_path):
     assert all(rec[k] > 0 for k in ("plain_ms", "mesh_ms", "fused_ms", "mesh_fused_ms"))
     assert rec["ratio"] == rec["mesh_ms"] / rec["plain_ms"] and rec["ratio_fused"] == rec["mesh_fused_ms"] / rec["fused_ms"]
     assert rec["same_tokens"]["mesh"] is True and rec["same_tokens"]["mesh_fused"] is True, rec["same_tokens"]
+
+
+def _finite_positive(x):
+    return x is not None and np.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("state", ["float32", "int8"])
+def test_serve_quick_prints_the_bound_of_its_workload(tmp_path, state):
+    """`benchmarks.serve --quick` (as it is, and with an int8 state and no online load):
+    the device's rates measured in the run, and per system and phase (prefill, decode,
+    total) its measured time, its bound and bound / measured, in serve.json and the printed
+    table; the decode bound's bytes are the weights once per recorded step plus each
+    generated token's row of slots (8-bit: data, scales; and positions)."""
+    from benchmarks.bound import slot_bytes
+    from benchmarks.common import weight_bytes_per_step
+    from benchmarks.serve import requests
+
+    out = tmp_path / "s"
+    more = ["--rates", "", "--state-dtype", "int8"] if state == "int8" else []
+    text = bench("benchmarks.serve", "--quick", *more, "--out", out)
+    res = json.loads((out / "serve.json").read_text())
+    assert _finite_positive(res["rates"]["matmul_flops_per_s"]) and _finite_positive(res["rates"]["copy_bytes_per_s"])
+    tag = " int8" if more else ""
+    names = [f"tova C=32{tag}", f"full C=64{tag}"]
+    assert list(res["systems"]) == names, res["systems"]
+    rows = res["bound_table"]
+    assert [(r["system"], r["phase"]) for r in rows] == [(n, p) for n in names for p in ("prefill", "decode", "total")]
+    for r in rows:
+        assert _finite_positive(r["measured_s"]) and _finite_positive(r["bound_s"]) and _finite_positive(r["fraction"])
+        assert r["fraction"] == pytest.approx(r["bound_s"] / r["measured_s"])
+    assert "| system | phase | measured s | bound s | fraction |" in text and f"| {names[0]} | decode |" in text
+    cfg = preset("tiny")
+    tova = res["systems"][names[0]]
+    b, st = tova["bound"], tova["engine_stats"]
+    assert tova["state_dtype"] == state and b["decode"]["slot_bytes"] == slot_bytes(cfg, state)
+    assert b["decode"]["steps"] == st["chunks"] * 4 and b["decode"]["tokens"] == st["decode_tokens"] == 12 * 7
+    lens = [len(p) for p in requests(12, 8, 40, cfg.vocab_size)]
+    slots = sum(min(P + j - 1, 32) for P in lens for j in range(1, 8))
+    want = (b["decode"]["steps"] * weight_bytes_per_step(cfg, 4, 4)
+            + slots * cfg.num_layers * cfg.num_kv_heads * slot_bytes(cfg, state))
+    assert b["decode"]["bytes"] == pytest.approx(want)
+    assert b["prefill"]["measured_s"] == pytest.approx(st["prefill_seconds"])
+    assert b["total"]["bound_s"] == pytest.approx(b["prefill"]["bound_s"] + b["decode"]["bound_s"])
+    assert b["total"]["measured_s"] == tova["offline"]["wall_s"]
+    # the fixed-batch decode against its own bandwidth bound
+    assert 0 < tova["overhead"]["bound"]["fraction"] < float("inf")
+
+
+def test_bound_counts():
+    """benchmarks.bound: the Llama-2-7B prompt token's FLOPs (~13.5 G with chunked
+    attention at C = S = 512), causal pairs, slot bytes, and slices combined."""
+    from benchmarks import bound
+
+    cfg = preset("llama2-7b")
+    assert 2 * bound.matmul_params(cfg) == 2 * 32 * (4096 * 3 * 4096 + 4096 * 4096 + 3 * 4096 * 11008)
+    n = bound.prefill_counts(cfg, [4096], True, 512, 512)
+    per_token = (n["flops"] - n["flops_lm_head"]) / 4096
+    assert per_token == pytest.approx(2 * bound.matmul_params(cfg) + 4 * 32 * 128 * 32 * 1024)
+    assert 13.4e9 < per_token < 13.6e9
+    assert n["pieces"] == 8 and n["flops_computed"] > n["flops"]
+    causal = bound.prefill_counts(cfg, [3, 5], False)
+    assert causal["attention_pairs"] == 6 + 15
+    assert bound.slot_bytes(cfg, "bfloat16") == 2 * 128 * 2 + 4 and bound.slot_bytes(cfg, "fp8") == 2 * 132 + 4
+    d = bound.decode_counts(cfg, [600], 3, 1, True, 512, steps=None)
+    assert d["steps"] == 2 and d["state_bytes"] == 2 * 512 * 32 * 32 * bound.slot_bytes(cfg, "bfloat16")
+    rates = {"matmul_flops_per_s": 1e15, "copy_bytes_per_s": 4e12}
+    one = bound.system_bound(cfg, [600], 3, rates, bounded=True, capacity=512, chunk=512, batch=1,
+                             state_dtype="bfloat16", steps=None, prefill_s=1.0, decode_s=None, total_s=2.0)
+    assert one["decode"]["fraction"] is None and one["total"]["fraction"] == one["total"]["bound_s"] / 2.0
+    two = bound.combine([one, one])
+    assert two["total"]["bound_s"] == 2 * one["total"]["bound_s"] and two["total"]["measured_s"] == 4.0
+    assert two["decode"]["measured_s"] is None and two["prefill"]["fraction"] == one["prefill"]["fraction"]
+    # transformers: its decode time is its offline run less the prefill-only run of the same requests
+    from benchmarks.serve import hf_bound
+    rec = {"offline": {"wall_s": 10.0, "range": [1, 3]}, "prefill_only": {"wall_s": 4.0}}
+    hb = hf_bound(cfg, [[1] * 600, [1] * 700, [1] * 800], 3, rates, rec, 1)
+    assert (hb["prefill"]["measured_s"], hb["decode"]["measured_s"], hb["total"]["measured_s"]) == (4.0, 6.0, 10.0)
+    assert hb["prefill"]["tokens"] == 1500 and hb["decode"]["steps"] == 4  # 2 x (3 - 1) tokens, one row at a time
+
+
+def test_serve_runs_transformers_in_a_process_of_its_own(tmp_path):
+    """`benchmarks.serve` with tova and transformers: the JAX system and the transformers
+    peer each run in a child process (JAX's exits before transformers starts), and
+    transformers' record comes back as JSON with its bound (steps not recorded: decode
+    tokens / batch)."""
+    pytest.importorskip("torch", reason="transformers' PyTorch model (test extra 'torch')")
+    pytest.importorskip("transformers")
+    out = tmp_path / "s"
+    bench("benchmarks.serve", "--quick", "--systems", "tova,hf", "--requests", "3", "--gen", "4", "--rates", "",
+          "--hf-modes", "offline", "--no-hf-phases", "--out", out)
+    res = json.loads((out / "serve.json").read_text())
+    hf = res["systems"]["transformers generate_batch"]
+    assert "error" not in hf, hf
+    assert hf["offline"]["generated_tokens"] == 12 and hf["process"]["pid"] != res["pid"]
+    assert res["pid"] != os.getpid() and "tova C=32" in res["systems"]
+    b = hf["bound"]
+    assert b["decode"]["steps_from"].startswith("not recorded") and b["prefill"]["measured_s"] is None
+    assert _finite_positive(b["total"]["fraction"])
+    assert any(r["system"] == "transformers generate_batch" and r["phase"] == "total" for r in res["bound_table"])
