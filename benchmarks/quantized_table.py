@@ -7,6 +7,15 @@ float32 state, per book, policy and capacity, from `msrnn ppl --json` runs.
         > benchmarks/results/quantized/$book-$d.jsonl
     done; done
     python -m benchmarks.quantized_table benchmarks/results/quantized
+
+The long-context tasks on the same states (`--eval`: accuracy over every depth, from
+`msrnn eval TASK --json` runs saved as TASK-DTYPE.jsonl):
+
+    for task in passkey niah; do for d in float32 int8 fp8; do
+      msrnn eval $task --policy full,tova,h2o,sink,window --capacity 128,256 --lengths 1024 \
+        --samples 4 --state-dtype $d --json > benchmarks/results/quantized/eval/$task-$d.jsonl
+    done; done
+    python -m benchmarks.quantized_table --eval benchmarks/results/quantized/eval
 """
 
 from __future__ import annotations
@@ -50,10 +59,32 @@ def table(runs: dict) -> str:
     return "\n".join(out)
 
 
+def eval_table(folder: Path) -> str:
+    """Accuracy (correct / samples over every depth) per task, policy and capacity, on
+    each state dtype: TASK-DTYPE.jsonl files of `msrnn eval --json` lines."""
+    acc = {}  # (task, policy, capacity) -> {dtype: [correct, samples]}
+    for path in sorted(folder.glob("*.jsonl")):
+        _, dtype = path.stem.rsplit("-", 1)
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                c = acc.setdefault((r["task"], r["policy"], r["capacity"]), {}).setdefault(dtype, [0, 0])
+                c[0] += r["correct"]
+                c[1] += r["samples"]
+    dtypes = [d for d in DTYPES if any(d in v for v in acc.values())]
+    out = ["| task | policy | C | " + " | ".join(dtypes) + " |", "|---|---|---|" + "---:|" * len(dtypes)]
+    for (task, pol, cap), by in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][1], kv[0][2])):
+        cells = [f"{by[d][0]}/{by[d][1]}" if d in by else "" for d in dtypes]
+        out.append(f"| {task} | {pol} | {cap} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quantized_table")
     ap.add_argument("folder", type=Path)
-    print(table(load(ap.parse_args(argv).folder)))
+    ap.add_argument("--eval", action="store_true", help="the folder holds `msrnn eval --json` runs (TASK-DTYPE.jsonl)")
+    args = ap.parse_args(argv)
+    print(eval_table(args.folder) if args.eval else table(load(args.folder)))
     return 0
 
 

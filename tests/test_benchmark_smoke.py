@@ -477,3 +477,23 @@ def test_serve_runs_transformers_in_a_process_of_its_own(tmp_path):
     assert b["decode"]["steps_from"].startswith("not recorded") and b["prefill"]["measured_s"] is None
     assert _finite_positive(b["total"]["fraction"])
     assert any(r["system"] == "transformers generate_batch" and r["phase"] == "total" for r in res["bound_table"])
+
+
+def test_the_8bit_eval_table_sums_every_depth(tmp_path):
+    """benchmarks.quantized_table --eval: correct / samples over every depth, per task,
+    policy and capacity, one column per state dtype."""
+    import json as _json
+
+    from benchmarks.quantized_table import eval_table
+
+    def rec(pol, cap, depth, correct):
+        return {"task": "passkey", "policy": pol, "capacity": cap, "depth": depth, "samples": 4, "correct": correct}
+
+    (tmp_path / "passkey-float32.jsonl").write_text("\n".join(_json.dumps(r) for r in [
+        rec("full", 64, 0.0, 4), rec("full", 64, 1.0, 3), rec("tova", 32, 0.0, 1), rec("tova", 32, 1.0, 2)]))
+    (tmp_path / "passkey-int8.jsonl").write_text("\n".join(_json.dumps(r) for r in [
+        rec("full", 64, 0.0, 4), rec("full", 64, 1.0, 2), rec("tova", 32, 0.0, 0), rec("tova", 32, 1.0, 2)]))
+    lines = eval_table(tmp_path).splitlines()
+    assert lines[0] == "| task | policy | C | float32 | int8 |"
+    assert lines[2] == "| passkey | full | 64 | 7/8 | 6/8 |"
+    assert lines[3] == "| passkey | tova | 32 | 3/8 | 2/8 |"
