@@ -53,8 +53,9 @@ def test_tensor_cores_for_grouped_queries_only():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_read_an_8bit_state_in_place(kind, G, mma, dtype):
     """8-bit slots (codes and a scale per slot) read in place: the products equal the
-    float64 products with the slots as `Quantized.dequantize(dtype)` gives them, the
-    numbers the einsum path reads."""
+    float64 products with the slots dequantized: on tensor cores to `dtype`, as
+    `Quantized.dequantize(dtype)` gives them (the einsum path's numbers), in the float32
+    multiply-and-sum exactly (codes times scale)."""
     from msrnn_jax.core.state import Quantized
     rng = np.random.default_rng(G + 10 * mma)
     L, B, H, C, D = 3, 2, 2, 48, 16
@@ -64,11 +65,12 @@ def test_kernels_read_an_8bit_state_in_place(kind, G, mma, dtype):
     K = Quantized.of(jnp.asarray(rng.normal(size=(L, B, H, C, D)) * rng.uniform(0.1, 9, (L, B, H, C, 1))), kind)
     V = Quantized.of(jnp.asarray(rng.normal(size=(L, B, H, C, D)) * rng.uniform(0.1, 9, (L, B, H, C, 1))), kind)
     f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    read = dtype if mma else jnp.float32
     for layer in range(L):
         s = kernels.slot_scores(q, K, layer, mma=mma)
         m = kernels.slot_mix(w, V, layer, mma=mma)
         assert s.shape == (B, H, G, C) and s.dtype == jnp.float32 and m.shape == (B, H, G, D)
-        np.testing.assert_allclose(np.asarray(s), np.einsum("bhgd,bhcd->bhgc", f64(q), f64(K[layer].dequantize(dtype))),
+        np.testing.assert_allclose(np.asarray(s), np.einsum("bhgd,bhcd->bhgc", f64(q), f64(K[layer].dequantize(read))),
                                    rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(np.asarray(m), np.einsum("bhgc,bhcd->bhgd", f64(w), f64(V[layer].dequantize(dtype))),
+        np.testing.assert_allclose(np.asarray(m), np.einsum("bhgc,bhcd->bhgd", f64(w), f64(V[layer].dequantize(read))),
                                    rtol=1e-5, atol=1e-4)
