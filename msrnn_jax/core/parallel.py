@@ -21,8 +21,9 @@ from .layers import (
     logits_from_hidden,
     project,
     qkv,
+    embed,
     model_rope_table,
-    rms_norm,
+    norm,
     rotate_at,
     visible,
 )
@@ -44,11 +45,11 @@ def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
         lengths = jnp.full((B,), T, jnp.int32)
     t = jnp.arange(T, dtype=jnp.int32)
     pos = jnp.where(t[None] < lengths[:, None], t[None], -1)  # [B,T]
-    x = params["embed"][tokens]
+    x = embed(cfg, params, tokens)
     last = jnp.maximum(lengths - 1, 0)
 
     def layer(x, lp):
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        h = norm(cfg, x, lp["attn_norm"])
         q, k, v = qkv(cfg, lp, h, jnp.maximum(pos, 0))
         kpos = jnp.broadcast_to(pos[:, None, :], (B, cfg.num_kv_heads, T))
         out, w = _attend_heads(cfg, q, k, v, pos, kpos)
@@ -134,12 +135,12 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
     n_act = active.sum(1).astype(jnp.int32)  # active tokens form a prefix of the chunk
     qpos = jnp.where(active, state.length[:, None] + jnp.arange(S, dtype=jnp.int32)[None], -1)
     last = jnp.maximum(n_act - 1, 0)
-    x = params["embed"][tokens]
+    x = embed(cfg, params, tokens)
 
     def layer(x, xs):
         lp, K_kept, V_kept, P, Sc = xs  # K: [B,Hkv,C,D], P: [B,Hkv,C]
         K, V = read(K_kept, x.dtype), read(V_kept, x.dtype)  # an 8-bit state is read dequantized
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        h = norm(cfg, x, lp["attn_norm"])
         if reindex:  # keys are kept unrotated; attention sees them rotated by rank
             q, k, v = project(cfg, lp, h)
             K_rot, n = reindex_slots(K, P, table)

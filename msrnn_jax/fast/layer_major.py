@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..core.layers import F32, finish_layer, logits_from_hidden, project, rms_norm, token_nll
+from ..core.layers import F32, embed, finish_layer, logits_from_hidden, norm, project, token_nll
 from ..core.policies import Policy
 from ..core.positions import positions_of
 from ..core.state import State
@@ -42,7 +42,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
 
     def layer(x, xs):
         lp, K, V, P, S = xs  # this layer's slots
-        q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))  # [B, T, ...]
+        q, k, v = project(cfg, lp, norm(cfg, x, lp["attn_norm"]))  # [B, T, ...]
 
         def token(slots, t_in):
             K, V, P, S, ranks = slots
@@ -62,7 +62,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
         (K, V, P, S, _), out = jax.lax.scan(token, (K, V, P, S, ranks), t_major)
         return finish_layer(cfg, lp, x, jnp.swapaxes(out, 0, 1).reshape(B, T, -1)), (K, V, P, S)
 
-    x, (K, V, P, S) = scan_layers(layer, params["embed"][tokens], params,
+    x, (K, V, P, S) = scan_layers(layer, embed(cfg, params, tokens), params,
                                   state.keys, state.values, state.pos, state.score)
     return x, State(K, V, P, S if policy.uses_score else state.score, state.length + act.sum(1))
 
