@@ -24,6 +24,13 @@ from .positions import positions_of
 from .state import Groups, State
 
 
+def refuse_groups(cfg: ModelConfig, what: str) -> None:
+    """One clear line where a path does not run layer groups yet (docs/design.md §12)."""
+    if cfg.grouped:
+        raise InvalidArgument(f"{what} does not run models with layer groups ({cfg.family}: sliding and "
+                              "global layers) yet")
+
+
 def check_grouped_impl(impl: StepImpl) -> None:
     if impl.attention == "pallas":
         raise InvalidArgument("the Pallas kernels do not run layer groups (gemma3) yet: use attention einsum",

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.policies import Policy, policy_name
 from ..core.state import QUANTIZED, Quantized, State
+from ..core.groups import refuse_groups
 from ..errors import InvalidArgument, MsrnnError
 from .files import temp_folder, temporary
 
@@ -63,6 +64,7 @@ def _from_arrays(arrays: dict, dtype: str) -> State:
 def save_state(path, state: State, model, policy: Policy) -> None:
     import orbax.checkpoint as ocp
 
+    refuse_groups(model.cfg, "--save-state")
     path = check_state_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with temporary(temp_folder(path)) as tmp:
@@ -98,6 +100,7 @@ def load_state(path, model, policy: Policy | None = None, batch: int | None = No
                capacity: int | None = None) -> State:
     import orbax.checkpoint as ocp
 
+    refuse_groups(model.cfg, "--load-state")
     path = Path(path).absolute()
     meta = state_meta(path)
     if meta["model"] != model_fingerprint(model):
