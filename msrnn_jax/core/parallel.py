@@ -30,7 +30,7 @@ from .layers import (
 from .policies import Policy, select_keep
 from .positions import check_positions, reindex_slots
 from .groups import layer_params
-from .state import Groups, Quantized, State, read
+from .state import Groups, Quantized, State, check_single, read
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -170,6 +170,7 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
             keys, values, pos, score = reduce_candidates(pols[g], st.capacity, K, V, P, A, Sc)
             states.append(State(keys, values, pos, score, st.length + n_act))
         return logits_from_hidden(cfg, params, x), Groups(tuple(states), state.windows)
+    check_single(cfg, state)
     C = state.capacity
     layer = _chunk_layer(cfg, policy, C, B, S, qpos, last, reindex)
     x, (K, V, P, A, Sc) = scan_layers(layer, x, params, state.keys, state.values, state.pos, state.score)

@@ -122,6 +122,7 @@ class State:
         values are stored, a float dtype or "int8" / "fp8" (8 bits and a scale per slot)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        check_single(cfg, "State")
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         def empty():
             if isinstance(dtype, str) and dtype in QUANTIZED:
@@ -241,6 +242,16 @@ class Groups:
     def bounded_group(self) -> int | None:
         """The group that the user's policy and capacity bound (the global layers)."""
         return next((g for g, w in enumerate(self.windows) if not w), None)
+
+
+def check_single(cfg: ModelConfig, state) -> None:
+    """A model with layer groups runs on `Groups` only: one `State` would give every layer
+    one window and one RoPE (state: the state, or what was given in its place)."""
+    if cfg.grouped and not isinstance(state, Groups):
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument(f"a {cfg.family} model's layers differ (sliding and global): its state is "
+                              "`Groups` (`init_state`, `Model.empty_state`), not one State", "state")
 
 
 def window_slots(window: int) -> int:

@@ -25,7 +25,7 @@ from ..fast.sharding import whole
 from .layers import F32, embed, finish_layer, logits_from_hidden, norm, project, token_nll, visible
 from .policies import Policy, step_choice
 from .positions import ABSOLUTE, Absolute, positions_of
-from .state import Groups, Quantized, State, read
+from .state import Groups, Quantized, State, check_single, read
 
 
 # -- the recurrence ----------------------------------------------------------------------
@@ -130,6 +130,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state, tokens, active=None,
         logits, rnn = grouped_step(params, cfg, policy, rnn, tokens, active, impl, positions)
         return logits, (rnn if isinstance(state, Recurrence) else rnn.state)
     st, where = rnn.state, positions_of(positions)
+    check_single(cfg, st)
     active = jnp.ones((st.batch,), bool) if active is None else active
     p = st.length  # [B] the new token's original position (masks and `pos` use it)
     shared = where.shared(cfg, st.capacity)

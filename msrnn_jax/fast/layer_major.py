@@ -14,7 +14,7 @@ from ..core.layers import F32, embed, finish_layer, logits_from_hidden, norm, pr
 from ..core.policies import Policy
 from ..core.positions import positions_of
 from ..core.groups import check_grouped_impl, layer_params
-from ..core.state import Groups, State
+from ..core.state import Groups, State, check_single
 from ..core.step import attend_and_choose, write_slots
 from .attention import DEFAULT_IMPL, StepImpl
 from .layouts import scan_layers
@@ -52,6 +52,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
             K, V, P, S = jax.tree.map(lambda *a: jnp.stack(a), *outs[g])
             states.append(State(K, V, P, S if pols[g].uses_score else st.score, st.length + act.sum(1)))
         return x, Groups(tuple(states), state.windows)
+    check_single(cfg, state)
     layer = _layer(cfg, policy, state.capacity, B, T, pos, active, where, impl)
     x, (K, V, P, S) = scan_layers(layer, embed(cfg, params, tokens), params,
                                   state.keys, state.values, state.pos, state.score)
