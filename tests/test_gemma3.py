@@ -293,3 +293,15 @@ def test_real_configs_read_as_transformers_does():
         with pytest.raises(UnsupportedConfigError, match=needle) as e:
             ModelConfig.from_hf_config({**base, **change})
         assert "\n" not in str(e.value)
+
+
+def test_converted_folder_keeps_the_groups(gemma, tmp_path):
+    """`msrnn convert`'s folder restores the same config (its sliding layers, two RoPE
+    bases, scalar, softcap) and params."""
+    import msrnn_jax.convert as convert
+
+    _, folder, cfg, _ = gemma
+    out = convert.convert_cli(folder, tmp_path / "conv", dtype="float32")
+    a, b = convert.load_model(folder), convert.load_model(str(out))
+    assert a.cfg == b.cfg == cfg and b.cfg.grouped
+    assert jax.tree.all(jax.tree.map(np.array_equal, a.params, b.params))
