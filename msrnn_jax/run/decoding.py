@@ -24,7 +24,6 @@ from ..config import ModelConfig
 from ..core.parallel import chunk_step, prefill_oneshot
 from ..core.policies import Policy
 from ..core.positions import check_positions
-from ..core.groups import refuse_groups
 from ..core.state import Groups, State, as_storage, init_state
 from ..core.step import Recurrence, scan, step
 from ..errors import InvalidArgument, check_int
