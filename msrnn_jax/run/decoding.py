@@ -221,8 +221,9 @@ def generate_tokens(params, cfg: ModelConfig, spec: RunSpec, prompts: Sequence[S
             state = sharding.place_state(state, mesh)
     start = 0 if state is None else int(np.asarray(state.length).max())
     needed = start + max(len(p) for p in prompts) + max_new_tokens
-    slots = None if state is None else (state.capacity[state.bounded_group] if isinstance(state, Groups)
-                                        else state.capacity)
+    slots = None if state is None else state.capacity
+    if isinstance(state, Groups):  # the global layers' (none: every layer keeps its window)
+        slots = needed if state.bounded_group is None else slots[state.bounded_group]
     if not policy.bounded and state is not None and needed > slots:
         raise InvalidArgument(f"the full policy keeps every token, but the state has {slots} slots "
                               f"and this run needs up to {needed}", "max_new_tokens")
