@@ -122,7 +122,7 @@ class State:
         values are stored, a float dtype or "int8" / "fp8" (8 bits and a scale per slot)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        check_single(cfg, "State")
+        check_single(cfg, None)  # a model with layer groups gets `Groups.init`
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         def empty():
             if isinstance(dtype, str) and dtype in QUANTIZED:
@@ -183,7 +183,7 @@ class State:
 class Groups:
     """The state of a model whose layers differ in how far they attend (docs/design.md §12):
     one fixed-shape `State` per layer group (`ModelConfig.layer_groups`), each over its own
-    layers with its own capacity (and policy: `core.groups.group_policies`). All groups
+    layers with its own capacity (and policy: `Groups.policies`). All groups
     hold the same rows and lengths. A model of one group uses a plain `State`."""
 
     states: tuple  # of State, in the order of cfg.layer_groups
@@ -268,7 +268,3 @@ def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
     """An empty state for `cfg`: a `State`, or `Groups` when its layers differ (§12)."""
     return Groups.init(cfg, batch, capacity, dtype) if cfg.grouped else State.init(cfg, batch, capacity, dtype)
 
-
-def state_bytes(state) -> int:
-    """The bytes of a state's arrays, of every group."""
-    return state.nbytes()
