@@ -305,3 +305,34 @@ def test_converted_folder_keeps_the_groups(gemma, tmp_path):
     a, b = convert.load_model(folder), convert.load_model(str(out))
     assert a.cfg == b.cfg == cfg and b.cfg.grouped
     assert jax.tree.all(jax.tree.map(np.array_equal, a.params, b.params))
+
+
+def test_saved_groups_continue_alike(tmp_path, capsys):
+    """`msrnn generate --save-state` of a model with layer groups, then `--load-state`:
+    the restored groups continue exactly as the kept ones (int8, tova on the global layers)."""
+    from msrnn_jax import load_model
+    from msrnn_jax.io.state_io import load_state, state_meta
+
+    folder = save_tiny_model(tmp_path / "g", "gemma3")
+    args = ["--model", folder, "--greedy", "--max-new-tokens", "6", "--policy", "tova", "--capacity", "8",
+            "--state-dtype", "int8"]
+    assert main(["generate", "It was the best of times", *args, "--save-state", str(tmp_path / "s")]) == 0
+    meta = state_meta(tmp_path / "s")
+    assert (meta["capacity"], meta["capacities"], meta["windows"]) == (8, [4, 8], [5, None])
+    model = load_model(folder)
+    st = load_state(tmp_path / "s", model)
+    assert isinstance(st, Groups) and st.capacity == (4, 8) and st.dtype == "int8"
+    capsys.readouterr()
+    assert main(["generate", "Paris is", *args, "--load-state", str(tmp_path / "s")]) == 0
+    resumed = capsys.readouterr().out
+    first = generate_tokens(model.params, model.cfg, RunSpec.of("tova", 8, state_dtype="int8"),
+                            [model.encode("It was the best of times")], 6, eos_ids=model.eos_ids)
+    again = generate_tokens(model.params, model.cfg, RunSpec.of("tova", 8, state_dtype="int8"),
+                            [model.encode("Paris is")], 6, state=first.state, eos_ids=model.eos_ids)
+    assert resumed.strip() == model.decode(again.tokens[0]).strip()
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(first.state)))
+    assert (np.asarray(st.states[1].pos) >= 0).sum() == 8 * cfg_heads(model)  # the global layer: full at C = 8
+
+
+def cfg_heads(model):
+    return model.cfg.num_kv_heads * len(model.cfg.layer_groups[1][0])

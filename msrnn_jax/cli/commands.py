@@ -287,10 +287,6 @@ def generate(args):
             raise InvalidArgument("empty prompt")
         prompts = [text]
     model = _load(args)
-    if args.save_state:  # refused before any work, not after the generation
-        from ..core.groups import refuse_groups
-
-        refuse_groups(model.cfg, "--save-state")
     ids = api.prompt_ids(model, prompts, chat=args.chat)
     state = None
     if args.load_state:
