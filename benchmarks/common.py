@@ -59,10 +59,18 @@ def _slot_kv_bytes(cfg: ModelConfig, state_dtype) -> int:
     return 2 * cfg.head_dim * jnp.dtype(state_dtype).itemsize
 
 
+def layer_slots(cfg: ModelConfig, capacity: int) -> int:
+    """The slots of one row and KV head summed over the layers: L x C, or with layer groups
+    (gemma3) each group's layers at its capacity (a sliding group's: its window's)."""
+    from msrnn_jax.core.state import window_slots
+
+    return sum(len(layers) * (window_slots(w) if w else capacity) for layers, w in cfg.layer_groups)
+
+
 def state_row_bytes(cfg: ModelConfig, capacity: int, state_dtype=jnp.bfloat16) -> int:
-    """Bytes of one batch row of the state (keys, values, pos, score)."""
-    slots = cfg.num_layers * cfg.num_kv_heads * capacity
-    return slots * (_slot_kv_bytes(cfg, state_dtype) + 4 + 4) + 4
+    """Bytes of one batch row of the state (keys, values, pos, score; one length per group)."""
+    slots = layer_slots(cfg, capacity) * cfg.num_kv_heads
+    return slots * (_slot_kv_bytes(cfg, state_dtype) + 4 + 4) + 4 * len(cfg.layer_groups)
 
 
 def state_read_bytes_per_step(cfg: ModelConfig, batch: int, capacity: int, state_dtype=jnp.bfloat16,
@@ -71,7 +79,7 @@ def state_read_bytes_per_step(cfg: ModelConfig, batch: int, capacity: int, state
     (the step attends over the whole fixed-size buffer; empty slots are masked, not
     skipped), plus the score for H2O. The one-slot write per (layer, row, KV head) is
     negligible and not counted."""
-    slots = cfg.num_layers * batch * cfg.num_kv_heads * capacity
+    slots = layer_slots(cfg, capacity) * batch * cfg.num_kv_heads
     return slots * (_slot_kv_bytes(cfg, state_dtype) + 4 + (4 if uses_score else 0))
 
 
@@ -80,8 +88,9 @@ def step_flops(cfg: ModelConfig, batch: int, capacity: int) -> int:
     attention over capacity + 1 candidates."""
     E, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = E * (q + 2 * kv) + q * E + 3 * E * F + 2 * cfg.num_heads * (capacity + 1) * cfg.head_dim
-    return 2 * batch * (L * per_layer + E * V)
+    per_layer = E * (q + 2 * kv) + q * E + 3 * E * F
+    attention = 2 * cfg.num_heads * cfg.head_dim * (layer_slots(cfg, capacity) + L)  # C + 1 candidates a layer
+    return 2 * batch * (L * per_layer + attention + E * V)
 
 
 # -- measuring -------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 from msrnn_jax.fast.layouts import fuse_projections, split_layers, stacked_layers
 from msrnn_jax.run.decoding import prefill
 from msrnn_jax.core.policies import make_policy
-from msrnn_jax.core.state import State
+from msrnn_jax.core.state import init_state
 from msrnn_jax.fast.attention import DEFAULT_IMPL
 from msrnn_jax.config import preset as model_config
 from msrnn_jax.testing import (decode_inputs, device_params, fabricate_state, greedy_decode, hlo_large_buffers,
@@ -234,7 +234,7 @@ def time_exact_prefill(params, cfg, pname, capacity, n_tokens, batch=1, layer_ma
     from msrnn_jax.core.step import scan
     fn = layer_scan if layer_major else scan
     policy = make_policy(pname)
-    st = State.init(cfg, batch, capacity, DTYPE)
+    st = init_state(cfg, batch, capacity, DTYPE)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, n_tokens)), jnp.int32)
     active = jnp.ones(tokens.shape, bool)
     t0 = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Load a llama.cpp GGUF file (llama / mistral and mixtral as llama / qwen2 / qwen3 / qwen3moe / phi3)
-into params.
+"""Load a llama.cpp GGUF file (llama / mistral and mixtral as llama / qwen2 / qwen3 / qwen3moe / phi3 /
+gemma3) into params.
 
 Every tensor is dequantized with gguf-py's own `gguf.quants.dequantize` (exactly what
 transformers' GGUF loader does), reshaped to the reversed ggml shape, and renamed to the
@@ -28,8 +28,8 @@ from .gguf_tokenizer import build_tokenizer, tokenizer_metadata
 from .hf import assemble, expected_tensors
 
 ROPE_FACTORS = {"rope_factors_long.weight", "rope_factors_short.weight"}  # read into the config
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3")
-FAMILY = {"qwen3moe": "qwen3_moe"}  # GGUF architecture -> model_type, where they differ
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma3")
+FAMILY = {"qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}  # GGUF architecture -> model_type, where they differ
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -54,6 +54,12 @@ _LAYER_NAMES = {
 }
 # phi3 stores its joined gate | up projection as ffn_up
 _PHI3_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}
+# gemma3: its four norms per layer (ffn_norm is the pre-MLP one), all stored as 1 + w by
+# llama.cpp's converter (`GEMMA3_NORM_SHIFT`, undone on load)
+_GEMMA3_NAMES = {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                 "post_attention_norm.weight": "post_attention_layernorm.weight",
+                 "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+GEMMA3_NORM_SHIFT = 1.0
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -74,7 +80,7 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
-    names = {**_LAYER_NAMES, **_PHI3_NAMES} if arch == "phi3" else _LAYER_NAMES
+    names = {**_LAYER_NAMES, **{"phi3": _PHI3_NAMES, "gemma3": _GEMMA3_NAMES}.get(arch, {})}
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
@@ -144,7 +150,7 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
     if arch not in ARCHITECTURES:
         raise UnsupportedConfigError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, "
-            "mistral stored as llama, qwen2, qwen3, qwen3moe, phi3)")
+            "mistral stored as llama, qwen2, qwen3, qwen3moe, phi3, gemma3)")
     if int(_field(reader, "split.count", 1) or 1) > 1:
         raise UnsupportedConfigError(f"{path}: split GGUF files are not supported; merge them first")
 
@@ -165,6 +171,8 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
     mixtral = arch == "llama" and int(_field(reader, f"{arch}.expert_count", 0) or 0) > 0
     for key, neutral in _MATH_KEYS.items():
         if (arch == "qwen3moe" or mixtral) and key in ("expert_count", "expert_used_count"):
+            continue  # read below
+        if arch == "gemma3" and key in ("attention.scale", "final_logit_softcapping"):
             continue  # read below
         v = _field(reader, f"{arch}.{key}")
         if v is not None and v != neutral and not (neutral is None and v in (0, 0.0)):
@@ -224,7 +232,7 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
             scaling["original_max_position_embeddings"] = int(old)
 
     sliding = _field(reader, f"{arch}.attention.sliding_window")
-    if sliding and family not in ("mistral", "phi3"):
+    if sliding and family not in ("mistral", "phi3", "gemma3_text"):
         raise UnsupportedConfigError(f"{path}: unsupported GGUF metadata {arch}.attention.sliding_window")
 
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
@@ -260,6 +268,22 @@ def _config(reader, path: Path) -> tuple[ModelConfig, str]:
                   moe_intermediate_size=int(need("expert_feed_forward_length")),
                   # llama.cpp renormalises qwen3moe's chosen weights unless told otherwise
                   norm_topk_prob=True if norm is None else bool(norm))
+    if arch == "gemma3":  # llama.cpp's gemma3: global every 6th layer, local RoPE base 1e4 unless said
+        L = hf["num_hidden_layers"]
+        pattern = _field(reader, f"{arch}.attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # per layer: True = sliding
+            swa = [bool(x) for x in pattern]
+        else:
+            swa = [bool((i + 1) % int(pattern)) for i in range(L)]
+        scale = _field(reader, f"{arch}.attention.scale")
+        # llama.cpp scales scores by attention.scale, else (Gemma-3-27B, 62 layers) by
+        # 1/sqrt(E / H), else by 1/sqrt(head_dim)
+        qpas = 1.0 / float(scale) ** 2 if scale else (E / H if L == 62 else head_dim)
+        qpas = float(round(qpas)) if abs(qpas - round(qpas)) < 1e-4 * qpas else qpas  # a float32 scale's
+        cap = _field(reader, f"{arch}.final_logit_softcapping")
+        hf.update(layer_types=["sliding_attention" if x else "full_attention" for x in swa],
+                  rope_local_base_freq=_f32(_field(reader, f"{arch}.rope.freq_base_swa", 10000.0)),
+                  query_pre_attn_scalar=qpas, final_logit_softcapping=float(_f32(cap)) if cap else None)
     try:
         return ModelConfig.from_hf_config(hf), arch
     except MsrnnError as e:
@@ -296,6 +320,8 @@ def _load(path, dtype=np.float32, notify=None, tokenizer: bool = True):
                     raise MsrnnError(f"{path}: tensor {t.name!r} has shape {w.shape}, "
                                      f"not divisible into {n} heads")
                 w = unpermute_qk(w, n)
+            if arch == "gemma3" and t.name.endswith("norm.weight"):  # stored as 1 + w
+                w = (np.asarray(w, np.float32) - np.float32(GEMMA3_NORM_SHIFT))
             bar.update(1)
             return w if dt is None else w.astype(dt, copy=False)
         return read

@@ -45,6 +45,11 @@ LAYER_MAP = {
     "k_norm": ("self_attn.k_norm.weight", False),
     "router": ("mlp.gate.weight", True),
 }
+# gemma3: its norm before the MLP is pre_feedforward_layernorm, and post_attention_layernorm
+# is the sandwich norm of the attention's output
+GEMMA3_LAYER_MAP = {**LAYER_MAP, "mlp_norm": ("pre_feedforward_layernorm.weight", False),
+                    "post_attn_norm": ("post_attention_layernorm.weight", False),
+                    "post_mlp_norm": ("post_feedforward_layernorm.weight", False)}
 # routed experts: params key -> HF name inside model.layers.{i}.mlp.experts.{e}.
 EXPERT_MAP = {"experts_gate": "gate_proj.weight", "experts_up": "up_proj.weight",
               "experts_down": "down_proj.weight"}
@@ -73,7 +78,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, int | tuple | Non
                 for e in range(cfg.num_experts):
                     out[f"model.layers.{i}.mlp.experts.{e}.{EXPERT_MAP[key]}"] = (key, (i, e), True, per)
             continue
-        name, linear = LAYER_MAP[key]
+        name, linear = (GEMMA3_LAYER_MAP if cfg.gemma else LAYER_MAP)[key]
         per_layer = tuple(shape[1:])
         for i in range(cfg.num_layers):
             out[f"model.layers.{i}.{name}"] = (key, i, linear, per_layer[::-1] if linear else per_layer)
@@ -88,6 +93,11 @@ _STACKED = {"mlp.experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
             "mlp.experts.down_proj": ("down_proj.weight",), "mlp.experts.gate_proj": ("gate_proj.weight",),
             "mlp.experts.up_proj": ("up_proj.weight",)}
 _LAYER = re.compile(r"^(model\.layers\.\d+\.)(.+)$")
+# a gemma3 (multimodal) checkpoint: the text model under language_model, beside the vision
+# tower and its projector (not read: text only)
+_GEMMA3_TEXT = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                ("language_model.lm_head.", "lm_head."))
+_GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def canonical_tensors(cfg: ModelConfig, tensors: dict, where: str, display: dict) -> dict:
@@ -116,6 +126,14 @@ def canonical_tensors(cfg: ModelConfig, tensors: dict, where: str, display: dict
             display.setdefault(new, display.get(name, name))
 
     for name, t in tensors.items():
+        if cfg.gemma:
+            if name.startswith(_GEMMA3_VISION):
+                continue
+            for old, new in _GEMMA3_TEXT:
+                if name.startswith(old):
+                    display.setdefault(new + name[len(old):], name)
+                    name = new + name[len(old):]
+                    break
         m = _LAYER.match(name)
         pre, rest = m.groups() if m else ("", "")
         if rest == "self_attn.qkv_proj.weight":

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import UnsupportedConfigError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "gemma3_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
@@ -55,6 +55,16 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # gemma3_text: its norms (1 + w), sandwich norms, embedding times sqrt(hidden), GELU-tanh
+    # follow from the family; these are its numbers. sliding_layers: which layers attend
+    # over `sliding_window` only (empty: every layer alike, e.g. Mistral's window on all);
+    # those layers use RoPE base rope_local_theta without scaling, the others rope_theta
+    # with rope_scaling. Scores are scaled 1/sqrt(query_pre_attn_scalar) (None: head_dim);
+    # final_logit_softcapping: logits = cap tanh(logits / cap).
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -67,9 +77,57 @@ class ModelConfig:
         if self.head_dim % 2 or self.rotary % 2 or not 0 < self.rotary <= self.head_dim:
             raise UnsupportedConfigError(f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}: "
                                          "RoPE needs an even number of rotated dims, at most head_dim")
+        if self.sliding_layers and not (self.sliding_window and self.sliding_window >= 1
+                                        and all(0 <= l < self.num_layers for l in self.sliding_layers)):
+            raise UnsupportedConfigError(f"sliding layers {list(self.sliding_layers)} need a sliding_window >= 1 "
+                                         f"and layer indices below {self.num_layers}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise UnsupportedConfigError(f"num_experts_per_tok={self.experts_per_token} with "
                                          f"{self.num_experts} experts")
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma 3's layer: norms (1 + w), sandwich norms, the scaled embedding, GELU-tanh."""
+        return self.family == "gemma3_text"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the layers differ in how far they attend: the state is then `Groups`
+        (docs/design.md §12), one fixed-shape state per `layer_groups` entry."""
+        return bool(self.sliding_layers)
+
+    @property
+    def layer_groups(self) -> tuple[tuple[tuple[int, ...], int | None], ...]:
+        """((layers, window or None), ...): the layers of each group in order. A window
+        group keeps exactly its window (policy window); the None group (the global layers)
+        is bounded by the user's policy and capacity. One group of every layer when the
+        layers do not differ."""
+        L = self.num_layers
+        if not self.grouped:
+            return ((tuple(range(L)), None),)
+        local = tuple(sorted(self.sliding_layers))
+        glob = tuple(l for l in range(L) if l not in self.sliding_layers)
+        return tuple(g for g in ((local, self.sliding_window), (glob, None)) if g[0])
+
+    @property
+    def layer_slots(self) -> tuple[tuple[int, int], ...]:
+        """For each layer, (its group, its index within the group's state)."""
+        where = {}
+        for g, (layers, _) in enumerate(self.layer_groups):
+            for i, l in enumerate(layers):
+                where[l] = (g, i)
+        return tuple(where[l] for l in range(self.num_layers))
+
+    def group_config(self, g: int) -> "ModelConfig":
+        """The config that the layers of group g compute with: one kind of layer (its
+        window, its RoPE), no groups. Every layer-level function takes it unchanged."""
+        if not self.grouped:
+            return self
+        _, window = self.layer_groups[g]
+        if window is not None:
+            return dataclasses.replace(self, sliding_layers=(), sliding_window=window,
+                                       rope_theta=self.rope_local_theta or self.rope_theta, rope_scaling=None)
+        return dataclasses.replace(self, sliding_layers=(), sliding_window=None)
 
     @property
     def rotary(self) -> int:
@@ -148,7 +206,7 @@ class ModelConfig:
         d["rope_scaling"] = ([list(x) if isinstance(x, tuple) else x for x in self.rope_scaling]
                              if self.rope_scaling else None)
         d["eos_token_ids"] = list(self.eos_token_ids)
-
+        d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
@@ -157,6 +215,7 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = tuple(tuple(x) if isinstance(x, list) else x for x in d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        d["sliding_layers"] = tuple(d.get("sliding_layers") or ())
 
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -294,12 +353,101 @@ def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
 
 
+# Gemma3TextConfig's defaults: a `gemma3` (multimodal) config.json lists only the text
+# fields that differ from them in its text_config
+GEMMA3_TEXT_DEFAULTS = dict(
+    model_type="gemma3_text", vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+    sliding_window=4096, sliding_window_pattern=6, final_logit_softcapping=None,
+    attn_logit_softcapping=None, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1)
+_GEMMA3_KEYS = {"hidden_activation", "rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern",
+                "cache_implementation", "use_bidirectional_attention", "text_config"}
+
+
+def _gemma3(hf: dict[str, Any]) -> ModelConfig:
+    """A gemma3_text config (or the text part of a gemma3 one): sliding layers by
+    `layer_types` or every `sliding_window_pattern`-th layer global, two RoPE bases."""
+    if hf.get("model_type") == "gemma3":
+        text = hf.get("text_config") or {}
+        hf = {**GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k.endswith("softcapping")},
+              "model_type": "gemma3_text"}
+        for key in ("bos_token_id", "eos_token_id"):
+            hf[key] = text.get(key, GEMMA3_TEXT_DEFAULTS[key])
+    unknown = sorted(k for k in hf if k not in _IGNORED and k not in _GEMMA3_KEYS)
+    if unknown:
+        raise UnsupportedConfigError(f"unsupported config field {unknown[0]!r}"
+                                     + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedConfigError(f"unsupported config field hidden_activation={act!r}")
+    for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention", "quantization_config"):
+        if hf.get(key):
+            raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r}")
+    if hf.get("attn_logit_softcapping") is not None:
+        raise UnsupportedConfigError(f"unsupported config field attn_logit_softcapping={hf['attn_logit_softcapping']!r}")
+    L = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types")
+    if types is None:
+        pattern = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
+    if len(types) != L or any(t not in ("sliding_attention", "full_attention") for t in types):
+        raise UnsupportedConfigError(f"unsupported config field layer_types={sorted(set(types))} "
+                                     f"({len(types)} for {L} layers)")
+    heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and set(params) & {"full_attention", "sliding_attention"}:
+        glob, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        if local.get("rope_type", local.get("type", "default")) != "default":
+            raise UnsupportedConfigError(f"unsupported config field rope_parameters.sliding_attention "
+                                         f"rope_type {local.get('rope_type')!r}")
+        local_theta = float(local.get("rope_theta", 10_000.0))
+        theta, scaling, _ = _rope({"model_type": "gemma3_text", "rope_parameters": glob,
+                                   "max_position_embeddings": hf.get("max_position_embeddings")}, head_dim)
+    else:
+        local_theta = float(hf.get("rope_local_base_freq", 10_000.0))
+        theta, scaling, _ = _rope({k: v for k, v in hf.items() if k != "partial_rotary_factor"}, head_dim)
+    if scaling is not None and scaling[0] != "linear":
+        raise UnsupportedConfigError(f"unsupported config field rope_scaling type {scaling[0]!r} (gemma3: linear)")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    window = hf.get("sliding_window")
+    if sliding and not window:
+        raise UnsupportedConfigError("sliding_attention layers without a sliding_window")
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    softcap = hf.get("final_logit_softcapping")
+    qpas = hf.get("query_pre_attn_scalar")
+    return ModelConfig(
+        family="gemma3_text",
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=L,
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        sliding_window=int(window) if sliding else None,
+        qk_norm=True,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 131072)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        sliding_layers=sliding,
+        rope_local_theta=local_theta,
+        query_pre_attn_scalar=float(qpas) if qpas is not None else None,
+        final_logit_softcapping=float(softcap) if softcap is not None else None,
+    )
+
+
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     family = hf.get("model_type")
     if family in ("gemma3", "gemma3_text"):
-        raise UnsupportedConfigError(
-            f"model type {family!r} is not supported yet: its sliding-window and global layers need "
-            "a state of layer groups (docs/design.md, model families)")
+        return _gemma3(hf)
     if family not in FAMILIES:
         raise UnsupportedConfigError(
             f"unknown model type {family!r} (supported: {', '.join(FAMILIES)})")
@@ -386,6 +534,14 @@ PRESETS = {
                           num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
                           rope_theta=1e6, max_position_embeddings=40960, qk_norm=True, num_experts=128,
                           experts_per_token=8, moe_intermediate_size=768, norm_topk_prob=True),
+    # Gemma-3-12B's text shapes: 48 layers, five sliding (window 1024, RoPE base 1e4) per
+    # global one (RoPE 1e6, linear scaling 8), head_dim 256, 8 KV heads
+    "gemma-3-12b": dict(family="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                        num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256, rms_norm_eps=1e-6,
+                        rope_theta=1e6, rope_scaling=("linear", 8.0), tie_word_embeddings=True,
+                        sliding_window=1024, qk_norm=True, max_position_embeddings=131072,
+                        sliding_layers=tuple(i for i in range(48) if (i + 1) % 6), rope_local_theta=1e4,
+                        query_pre_attn_scalar=256.0),
     "tiny": dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0),
 }

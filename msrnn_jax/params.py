@@ -8,7 +8,9 @@ Shapes (E hidden, F intermediate, V vocab, L layers, Hq/Hkv heads, D head dim)::
     layers/wk            [L, E, Hkv*D]
     layers/wv            [L, E, Hkv*D]
     layers/bq, bk, bv    [L, Hq*D], [L, Hkv*D], [L, Hkv*D]   (qwen2 only)
-    layers/q_norm, k_norm [L, D]           (qwen3: `qk_norm`)
+    layers/q_norm, k_norm [L, D]           (qwen3, gemma3: `qk_norm`)
+    layers/post_attn_norm, post_mlp_norm [L, E]   (gemma3's sandwich norms; its norms
+                                           scale by 1 + w, and mlp_norm is its pre-MLP norm)
     layers/wo            [L, Hq*D, E]
     layers/mlp_norm      [L, E]
     layers/w_gate        [L, E, F]
@@ -51,6 +53,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
     if cfg.qk_norm:
         layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    if cfg.gemma:
+        layers.update(post_attn_norm=(L, E), post_mlp_norm=(L, E))
     shapes = {"embed": (V, E), "layers": layers, "final_norm": (E,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (E, V)
@@ -82,8 +86,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
              jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
     out = []
     for k, shape, path in zip(keys, leaves, paths):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
+        if "norm" in path:  # a scale of 1 (gemma3's norms scale by 1 + w)
+            out.append((jnp.zeros if cfg.gemma else jnp.ones)(shape, dtype))
         else:
             out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

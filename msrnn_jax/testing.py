@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .core.state import QUANTIZED, State, as_storage
+from .core.state import QUANTIZED, Groups, State, as_storage, group_view, init_state, window_slots
 from .fast.attention import DEFAULT_IMPL, StepImpl
 from .params import param_shapes
 from .run.decoding import decode_rows
@@ -48,8 +48,8 @@ def device_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> dict:
         shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
     out = []
     for i, (shape, path) in enumerate(zip(leaves, paths)):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
+        if "norm" in path:  # a scale of 1 (gemma3's norms scale by 1 + w)
+            out.append((jnp.zeros if cfg.gemma else jnp.ones)(shape, dtype))
         else:
             out.append(_hash_fill(shape, seed * 1000 + i, dtype, 0.0346))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -64,8 +64,13 @@ def fabricate_state(cfg: ModelConfig, batch: int, capacity: int, position, dtype
     every KV head, as layer-wise policies keep it; otherwise slots [0, position) hold
     positions 0..position-1 and the rest are empty. `length` = position for every row.
     Step cost does not depend on these contents: the step reads every slot of the
-    fixed-size buffer and masks empty ones.
+    fixed-size buffer and masks empty ones. A model with layer groups gets `Groups`, each
+    group fabricated alike at its own capacity (a sliding group: its window's).
     """
+    if cfg.grouped:
+        return Groups(tuple(fabricate_state(group_view(cfg, layers), batch, window_slots(w) if w else capacity,
+                                            position, dtype) for layers, w in cfg.layer_groups),
+                      tuple(w for _, w in cfg.layer_groups))
     L, Hkv, D, C, B = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, batch
     shape = (L, B, Hkv, C, D)
     fill = jnp.bfloat16 if dtype in QUANTIZED else dtype  # an 8-bit state stores these quantized
@@ -89,6 +94,8 @@ def fabricate_state(cfg: ModelConfig, batch: int, capacity: int, position, dtype
 @functools.partial(jax.jit, donate_argnums=(0,))
 def move_state(state: State, position) -> State:
     """Shift a full state's positions so that it sits at `position` (same kept set)."""
+    if isinstance(state, Groups):
+        return Groups(tuple(move_state.__wrapped__(s, position) for s in state.states), state.windows)
     shift = jnp.asarray(position, jnp.int32) - state.length[0]
     return state.replace(pos=jnp.where(state.pos >= 0, state.pos + shift, -1),
                           length=state.length + shift)
@@ -96,7 +103,7 @@ def move_state(state: State, position) -> State:
 
 def decode_inputs(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16):
     """Abstract (state, first token) arguments of `greedy_decode`, for lowering it."""
-    st = jax.eval_shape(lambda: State.init(cfg, batch, capacity, dtype))
+    st = jax.eval_shape(lambda: init_state(cfg, batch, capacity, dtype))
     return st, jax.ShapeDtypeStruct((batch,), jnp.int32)
 
 

@@ -56,6 +56,16 @@ FAMILIES = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 {"num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
                  "intermediate_size": 48}),
+    # sliding layers (window 5) and global ones (every 3rd: pattern 3), two RoPE bases, the
+    # global one scaled (linear), query_pre_attn_scalar != head_dim, a final softcap, tied
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               {"num_hidden_layers": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 5,
+                "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": 100000.0}},
+                "query_pre_attn_scalar": 24, "final_logit_softcapping": 3.0, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 512}),
 }
 
 
@@ -70,8 +80,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     model = model_cls(config).eval().to(torch.float32)
     with torch.no_grad():  # norms at 1.0 hide bugs in where they are applied: randomise them
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            if "norm" in name:  # (gemma3 scales by 1 + w: around 1 too)
+                p.copy_((0.0 if family == "gemma3" else 1.0) + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model

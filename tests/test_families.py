@@ -360,7 +360,7 @@ def test_phi4_mini_config_reads_as_transformers_does():
     ("qwen3-moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
     ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e6}}, "dynamic"),
     ("qwen3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ("qwen3", {"model_type": "gemma3_text"}, "gemma3_text"),
+    ("qwen3", {"model_type": "gemma3_text"}, "hidden_activation='silu'"),
 ])
 def test_unhandled_config_fields_are_refused(tmp_path, family, changes, needle):
     folder = tmp_path / family

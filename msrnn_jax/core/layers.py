@@ -13,10 +13,28 @@ from ..fast.sharding import whole
 F32 = jnp.float32
 
 
-def rms_norm(x, w, eps):
+def rms_norm(x, w, eps, plus_one: bool = False):
+    """RMS norm of x [..., E] scaled by w, or (plus_one: Gemma's) by 1 + w in float32
+    before the cast back, as transformers' Gemma3RMSNorm."""
     x32 = x.astype(F32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+    if plus_one:
+        return (x32 * (1.0 + w.astype(F32))).astype(x.dtype)
     return w * x32.astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, x, w):
+    """The family's RMS norm of x with weight w (gemma3: scaled by 1 + w)."""
+    return rms_norm(x, w, cfg.rms_norm_eps, cfg.gemma)
+
+
+def embed(cfg: ModelConfig, params, tokens):
+    """The token embeddings [..., E] (gemma3: times sqrt(E), rounded to their dtype first,
+    as transformers' Gemma3TextScaledWordEmbedding)."""
+    x = params["embed"][tokens]
+    if cfg.gemma:
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+    return x
 
 
 def rope(x, positions, inv_freq):
@@ -91,8 +109,12 @@ def project(cfg: ModelConfig, lp, h):
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     D = cfg.head_dim
     q, k = q.reshape(*q.shape[:-1], cfg.num_heads, D), k.reshape(*k.shape[:-1], cfg.num_kv_heads, D)
-    if cfg.qk_norm:  # qwen3: each head's q and k RMS-normed before RoPE
-        q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    if cfg.qk_norm:  # qwen3, gemma3: each head's q and k RMS-normed before RoPE
+        q, k = norm(cfg, q, lp["q_norm"]), norm(cfg, k, lp["k_norm"])
+    if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != D:
+        # scores scaled 1/sqrt(query_pre_attn_scalar) instead of 1/sqrt(D): the query carries
+        # the ratio (RoPE is linear), so every attention path keeps its 1/sqrt(D)
+        q = q * jnp.asarray((D / cfg.query_pre_attn_scalar) ** 0.5, q.dtype)
     return q, k, v.reshape(*v.shape[:-1], cfg.num_kv_heads, D)
 
 
@@ -110,7 +132,8 @@ def mlp(cfg: ModelConfig, lp, h):
         gate, up = jnp.split(h @ lp["w_gateup"], 2, -1)
     else:
         gate, up = h @ lp["w_gate"], h @ lp["w_up"]
-    return whole(jax.nn.silu(gate) * up) @ lp["w_down"]
+    act = jax.nn.gelu(gate, approximate=True) if cfg.gemma else jax.nn.silu(gate)  # gemma3: GELU-tanh
+    return whole(act * up) @ lp["w_down"]
 
 
 def route(cfg: ModelConfig, lp, h):
@@ -158,14 +181,21 @@ def finish_layer(cfg: ModelConfig, lp, x, out):
     """The rest of a layer once attention has run: x + out @ wo, then x + MLP(norm(x)).
     x [..., E]; out [..., Hq*D]. `whole` keeps every sum on one device under a mesh
     (`sharding`): the same numbers as one device."""
+    if cfg.gemma:  # sandwich norms: around the attention's output and around the MLP
+        x = whole(x + norm(cfg, whole(out.astype(x.dtype)) @ lp["wo"], lp["post_attn_norm"]))
+        return whole(x + norm(cfg, mlp(cfg, lp, norm(cfg, x, lp["mlp_norm"])), lp["post_mlp_norm"]))
     x = whole(x + whole(out.astype(x.dtype)) @ lp["wo"])
     return whole(x + mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)))
 
 
 def logits_from_hidden(cfg: ModelConfig, params, x):
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    x = norm(cfg, x, params["final_norm"])
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.matmul(x, head, preferred_element_type=F32)
+    logits = jnp.matmul(x, head, preferred_element_type=F32)
+    if cfg.final_logit_softcapping is not None:  # gemma: cap tanh(logits / cap)
+        cap = F32(cfg.final_logit_softcapping)
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
 
 
 def token_nll(logits, targets):

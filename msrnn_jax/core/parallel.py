@@ -21,14 +21,16 @@ from .layers import (
     logits_from_hidden,
     project,
     qkv,
+    embed,
     model_rope_table,
-    rms_norm,
+    norm,
     rotate_at,
     visible,
 )
 from .policies import Policy, select_keep
 from .positions import check_positions, reindex_slots
-from .state import Quantized, State, read
+from .groups import layer_params
+from .state import Groups, Quantized, State, check_single, read
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -44,11 +46,11 @@ def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
         lengths = jnp.full((B,), T, jnp.int32)
     t = jnp.arange(T, dtype=jnp.int32)
     pos = jnp.where(t[None] < lengths[:, None], t[None], -1)  # [B,T]
-    x = params["embed"][tokens]
+    x = embed(cfg, params, tokens)
     last = jnp.maximum(lengths - 1, 0)
 
-    def layer(x, lp):
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    def layer(cfg, x, lp):  # cfg: the layer's (its group's, `ModelConfig.group_config`)
+        h = norm(cfg, x, lp["attn_norm"])
         q, k, v = qkv(cfg, lp, h, jnp.maximum(pos, 0))
         kpos = jnp.broadcast_to(pos[:, None, :], (B, cfg.num_kv_heads, T))
         out, w = _attend_heads(cfg, q, k, v, pos, kpos)
@@ -57,7 +59,14 @@ def forward_parallel(params, cfg: ModelConfig, tokens, lengths=None):
         colsum = w.sum(3)  # [B,Hkv,G,N]
         return x, (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), w_last.mean(2), colsum.mean(2))
 
-    x, (K, V, a_last, colsum) = scan_layers(lambda x, xs: layer(x, xs[0]), x, params)
+    if cfg.grouped:  # layer groups: unrolled, each layer with its group's config
+        outs = []
+        for l, (g, _) in enumerate(cfg.layer_slots):
+            x, out = layer(cfg.group_config(g), x, layer_params(params["layers"], l))
+            outs.append(out)
+        K, V, a_last, colsum = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    else:
+        x, (K, V, a_last, colsum) = scan_layers(lambda x, xs: layer(cfg, x, xs[0]), x, params)
     return logits_from_hidden(cfg, params, x), K, V, a_last, colsum
 
 
@@ -108,6 +117,17 @@ def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tok
     t = jnp.arange(T, dtype=jnp.int32)
     pos = jnp.where(t[None] < lengths[:, None], t[None], -1)  # [B,T]
     pos = jnp.broadcast_to(pos[None, :, None, :], K.shape[:-1])
+    if cfg.grouped:  # each group keeps its own capacity by its own policy
+        empty = Groups.init(cfg, 1, capacity)
+        states = []
+        for (layers, _), pol, st in zip(cfg.layer_groups, empty.policies(policy), empty.states):
+            at = jnp.asarray(layers)
+            keys, values, kpos, score = reduce_candidates(pol, st.capacity, K[at], V[at], pos[at],
+                                                          _head_average(pol, a_last[at]),
+                                                          _head_average(pol, colsum[at]))
+            states.append(State(keys.astype(params["embed"].dtype), values.astype(params["embed"].dtype),
+                                kpos, score, lengths.astype(jnp.int32)))
+        return logits, Groups(tuple(states), empty.windows)
     keys, values, pos, score = reduce_candidates(
         policy, capacity, K, V, pos, _head_average(policy, a_last), _head_average(policy, colsum))
     state = State(keys.astype(params["embed"].dtype), values.astype(params["embed"].dtype),
@@ -126,20 +146,47 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
     slots of a head are rotated by their ranks and the chunk's tokens by n..n+S-1.
     Returns (logits [B,S,V], state)."""
     B, S = tokens.shape
-    C = state.capacity
     reindex = check_positions(positions) == "reindex"
-    table = model_rope_table(cfg, C + S) if reindex else None
     if active is None:
         active = jnp.ones(tokens.shape, bool)
     n_act = active.sum(1).astype(jnp.int32)  # active tokens form a prefix of the chunk
     qpos = jnp.where(active, state.length[:, None] + jnp.arange(S, dtype=jnp.int32)[None], -1)
     last = jnp.maximum(n_act - 1, 0)
-    x = params["embed"][tokens]
+    x = embed(cfg, params, tokens)
+    if isinstance(state, Groups):  # layer groups: unrolled, each layer with its group's config and policy
+        pols = state.policies(policy)
+        cfgs = [cfg.group_config(g) for g in range(len(state.states))]
+        layer_fns = [_chunk_layer(c, pol, st.capacity, B, S, qpos, last, reindex)
+                     for c, pol, st in zip(cfgs, pols, state.states)]
+        outs = [[] for _ in state.states]
+        for l, (g, i) in enumerate(cfg.layer_slots):
+            st = state.states[g]
+            x, out = layer_fns[g](x, (layer_params(params["layers"], l), st.keys[i], st.values[i], st.pos[i],
+                                      st.score[i]))
+            outs[g].append(out)
+        states = []
+        for g, st in enumerate(state.states):
+            K, V, P, A, Sc = jax.tree.map(lambda *a: jnp.stack(a), *outs[g])
+            keys, values, pos, score = reduce_candidates(pols[g], st.capacity, K, V, P, A, Sc)
+            states.append(State(keys, values, pos, score, st.length + n_act))
+        return logits_from_hidden(cfg, params, x), Groups(tuple(states), state.windows)
+    check_single(cfg, state)
+    C = state.capacity
+    layer = _chunk_layer(cfg, policy, C, B, S, qpos, last, reindex)
+    x, (K, V, P, A, Sc) = scan_layers(layer, x, params, state.keys, state.values, state.pos, state.score)
+    keys, values, pos, score = reduce_candidates(policy, C, K, V, P, A, Sc)
+    state = State(keys, values, pos, score, state.length + n_act)
+    return logits_from_hidden(cfg, params, x), state
+
+
+def _chunk_layer(cfg: ModelConfig, policy: Policy, C: int, B: int, S: int, qpos, last, reindex: bool):
+    """`chunk_step`'s layer: (x, (lp, K, V, P, Sc) of one layer) -> (x, its C + S candidates)."""
+    table = model_rope_table(cfg, C + S) if reindex else None
 
     def layer(x, xs):
         lp, K_kept, V_kept, P, Sc = xs  # K: [B,Hkv,C,D], P: [B,Hkv,C]
         K, V = read(K_kept, x.dtype), read(V_kept, x.dtype)  # an 8-bit state is read dequantized
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        h = norm(cfg, x, lp["attn_norm"])
         if reindex:  # keys are kept unrotated; attention sees them rotated by rank
             q, k, v = project(cfg, lp, h)
             K_rot, n = reindex_slots(K, P, table)
@@ -169,10 +216,7 @@ def chunk_step(params, cfg: ModelConfig, policy: Policy, state: State, tokens, a
             cand_k, cand_v = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2)
         return x, (cand_k, cand_v, kpos, _head_average(policy, a_last), score)
 
-    x, (K, V, P, A, Sc) = scan_layers(layer, x, params, state.keys, state.values, state.pos, state.score)
-    keys, values, pos, score = reduce_candidates(policy, C, K, V, P, A, Sc)
-    state = State(keys, values, pos, score, state.length + n_act)
-    return logits_from_hidden(cfg, params, x), state
+    return layer
 
 
 def _attend_heads(cfg, q, k, v, q_pos, k_pos):

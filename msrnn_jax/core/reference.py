@@ -13,6 +13,13 @@ Every layer keeps, per KV head, a Python list of `Entry(pos, k, v, score)`. A st
 3. attention over the visible candidates, float32 softmax;
 4. the policy: fewer than C kept -> append; else drop exactly one of the C+1 candidates.
 
+Layer groups (§12, Gemma 3): a sliding layer of window W sees the token itself and the
+W - 1 before it; it keeps exactly those (`window` at W - 1 entries) and rotates with its
+own RoPE base; the user's policy and capacity apply to the other (global) layers only.
+Gemma's layer: norms scaled by 1 + w, norms around the attention's output and around the
+MLP, the embedding times sqrt(E), scores scaled 1/sqrt(query_pre_attn_scalar), GELU-tanh,
+logits capped by cap tanh(logits / cap).
+
 The `oneshot` and `chunked` prefill modes reduce many candidates to C at once with one
 "keep" rule (ties: the smallest position is dropped first), written separately from the
 one-step "drop" rule so that `chunked S=1 == exact` is a real check.
@@ -101,13 +108,32 @@ class ReferenceMSRNN:
             raise ValueError("sink needs capacity > sinks")
         self.p = numpy_params(params)
         self.cfg = cfg
-        self.policy = policy
-        self.C = int(capacity)
+        self.policy = self.user_policy = policy
+        self.C = self.user_C = int(capacity)
         self.sinks = int(sinks)
         self.inv_freq = np.asarray(cfg.inv_freq(), F32)
+        self.gemma = cfg.family == "gemma3_text"
+        self.sliding = set(getattr(cfg, "sliding_layers", ()) or ())  # empty: every layer alike
+        self.layer = 0
         self.G = cfg.num_heads // cfg.num_kv_heads
         self.kept = [[[] for _ in range(cfg.num_kv_heads)] for _ in range(cfg.num_layers)]
         self.length = 0
+
+    # -- layer groups -----------------------------------------------------------------
+    def _enter(self, layer):
+        """Work on `layer` from here: its policy and capacity (a sliding layer of window W:
+        window, W - 1 entries; any other: the user's)."""
+        self.layer = layer
+        if layer in self.sliding:
+            self.policy, self.C = "window", max(self.cfg.sliding_window - 1, 1)
+        else:
+            self.policy, self.C = self.user_policy, self.user_C
+
+    def _window(self):
+        """The current layer's window, or None."""
+        if self.sliding:
+            return self.cfg.sliding_window if self.layer in self.sliding else None
+        return self.cfg.sliding_window
 
     # -- model pieces ------------------------------------------------------------------
     def _lp(self, name, layer):
@@ -116,7 +142,8 @@ class ReferenceMSRNN:
     def _rms(self, x, w):
         x = x.astype(F32)
         var = np.mean(x * x, axis=-1, keepdims=True, dtype=F32)
-        return (w * (x / np.sqrt(var + F32(self.cfg.rms_norm_eps)))).astype(F32)
+        scale = (F32(1) + w).astype(F32) if self.gemma else w  # gemma: 1 + w
+        return (scale * (x / np.sqrt(var + F32(self.cfg.rms_norm_eps)))).astype(F32)
 
     def _rope(self, x, pos):
         """Rotate-half RoPE of one token's heads x [H, D] at position `pos`, on the first R
@@ -125,6 +152,10 @@ class ReferenceMSRNN:
         attention factor."""
         inv, mscale = self.inv_freq, F32(1)
         scaling = self.cfg.rope_scaling
+        if self.layer in self.sliding:  # a sliding layer: its own base, no scaling
+            R = self.cfg.head_dim
+            inv = (1.0 / (F32(self.cfg.rope_local_theta) ** (np.arange(0, R, 2).astype(F32) / F32(R)))).astype(F32)
+            scaling = None
         if scaling is not None and scaling[0] == "longrope":
             inv = np.asarray(self.cfg.inv_freq(long=pos >= scaling[3]), F32)
         if scaling is not None and scaling[0] in ("longrope", "yarn"):
@@ -161,6 +192,10 @@ class ReferenceMSRNN:
 
     def _mlp(self, layer, h):
         """The MLP of one token h [E] or of several [S, E]."""
+        if self.gemma:  # GELU (tanh approximation) of the gate
+            g = (h @ self._lp("w_gate", layer)).astype(F32)
+            gelu = F32(0.5) * g * (F32(1) + np.tanh(F32(math.sqrt(2 / math.pi)) * (g + F32(0.044715) * g ** 3)))
+            return ((gelu * (h @ self._lp("w_up", layer))).astype(F32) @ self._lp("w_down", layer)).astype(F32)
         if self.cfg.num_experts:
             return np.stack([self._experts(layer, x) for x in h]) if h.ndim == 2 else self._experts(layer, h)
         return self._swiglu(h, self._lp("w_gate", layer), self._lp("w_up", layer), self._lp("w_down", layer))
@@ -191,10 +226,26 @@ class ReferenceMSRNN:
     def _logits(self, x):
         h = self._rms(x, self.p["final_norm"])
         head = self.p["embed"].T if self.cfg.tie_word_embeddings else self.p["lm_head"]
-        return (h @ head).astype(F32)
+        logits = (h @ head).astype(F32)
+        cap = getattr(self.cfg, "final_logit_softcapping", None)
+        return logits if cap is None else (np.tanh(logits / F32(cap)) * F32(cap)).astype(F32)
+
+    def _embed(self, tokens):
+        x = self.p["embed"][tokens].astype(F32)
+        return (x * F32(math.sqrt(self.cfg.hidden_size))).astype(F32) if self.gemma else x
+
+    def _residual(self, layer, x, attn_out):
+        """x plus the attention's output [.., Hq*D] projected (gemma: normed), then plus the MLP."""
+        o = (attn_out @ self._lp("wo", layer)).astype(F32)
+        if self.gemma:
+            x = (x + self._rms(o, self._lp("post_attn_norm", layer))).astype(F32)
+            m = self._mlp(layer, self._rms(x, self._lp("mlp_norm", layer)))
+            return (x + self._rms(m, self._lp("post_mlp_norm", layer))).astype(F32)
+        x = (x + o).astype(F32)
+        return (x + self._mlp(layer, self._rms(x, self._lp("mlp_norm", layer)))).astype(F32)
 
     def _visible(self, key_pos, query_pos):
-        W = self.cfg.sliding_window
+        W = self._window()
         return key_pos <= query_pos and (W is None or key_pos > query_pos - W)
 
     def _attend(self, q_heads, entries, query_pos):
@@ -214,7 +265,8 @@ class ReferenceMSRNN:
             K = np.stack([e.k for e in entries])             # [n, D]
         V = np.stack([e.v for e in entries])
         visible = np.array([self._visible(e.pos, query_pos) for e in entries])
-        scale = F32(1.0 / math.sqrt(self.cfg.head_dim))
+        qpas = getattr(self.cfg, "query_pre_attn_scalar", None)
+        scale = F32(1.0 / math.sqrt(qpas or self.cfg.head_dim))
         ws, outs = [], []
         for q in q_heads:
             s = (K @ q).astype(F32) * scale
@@ -308,8 +360,9 @@ class ReferenceMSRNN:
         """Exact mode: one token through every layer. Returns logits [V]."""
         cfg = self.cfg
         p = self.length
-        x = self.p["embed"][int(token)].astype(F32)
+        x = self._embed(int(token))
         for layer in range(cfg.num_layers):
+            self._enter(layer)
             h = self._rms(x, self._lp("attn_norm", layer))
             q, k, v = self._qkv(layer, h, p)
             out = np.zeros((cfg.num_heads, cfg.head_dim), F32)
@@ -320,10 +373,9 @@ class ReferenceMSRNN:
                 out[kh * self.G:(kh + 1) * self.G] = o
                 cand_lists.append(cands)
                 weights.append(w)
-            x = (x + out.reshape(-1) @ self._lp("wo", layer)).astype(F32)
             self._apply_step_policy(layer, cand_lists, weights)
             self._store_new(layer, p)
-            x = (x + self._mlp(layer, self._rms(x, self._lp("mlp_norm", layer)))).astype(F32)
+            x = self._residual(layer, x, out.reshape(-1))
         self.length += 1
         return self._logits(x)
 
@@ -336,8 +388,9 @@ class ReferenceMSRNN:
         S = len(tokens)
         p0 = self.length
         G = self.G
-        xs = self.p["embed"][tokens].astype(F32)             # [S, E]
+        xs = self._embed(tokens)                             # [S, E]
         for layer in range(cfg.num_layers):
+            self._enter(layer)
             hs = self._rms(xs, self._lp("attn_norm", layer))
             qkv = [self._qkv(layer, hs[s], p0 + s) for s in range(S)]
             out = np.zeros((S, cfg.num_heads, cfg.head_dim), F32)
@@ -353,7 +406,7 @@ class ReferenceMSRNN:
                 cand_lists.append(cands)
                 last_rows.append(rows[-1])
                 col_sums.append(np.stack(rows))              # [S, G, n]
-            xs = (xs + out.reshape(S, -1) @ self._lp("wo", layer)).astype(F32)
+            xs_attn = out.reshape(S, -1)
             if self.policy in ("h2o", "h2o-head"):
                 if self.policy in HEADWISE:
                     cols = [r.mean(1, dtype=F32).sum(0, dtype=F32) for r in col_sums]
@@ -368,7 +421,7 @@ class ReferenceMSRNN:
                 avgs = self._averages(cand_lists, last_rows)
             self._apply_keep(layer, cand_lists, avgs)
             self._store_new(layer, p0)
-            xs = (xs + self._mlp(layer, self._rms(xs, self._lp("mlp_norm", layer)))).astype(F32)
+            xs = self._residual(layer, xs, xs_attn)
         self.length += S
         return np.stack([self._logits(x) for x in xs])
 
@@ -383,8 +436,9 @@ class ReferenceMSRNN:
         tokens = [int(t) for t in tokens]
         T = len(tokens)
         G = self.G
-        xs = self.p["embed"][tokens].astype(F32)
+        xs = self._embed(tokens)
         for layer in range(cfg.num_layers):
+            self._enter(layer)
             hs = self._rms(xs, self._lp("attn_norm", layer))
             qkv = [self._qkv(layer, hs[t], t) for t in range(T)]
             out = np.zeros((T, cfg.num_heads, cfg.head_dim), F32)
@@ -399,7 +453,7 @@ class ReferenceMSRNN:
                 cand_lists.append(cands)
                 last_rows.append(rows[-1])
                 all_rows.append(np.stack(rows))              # [T, G, T]
-            xs = (xs + out.reshape(T, -1) @ self._lp("wo", layer)).astype(F32)
+            xs_attn = out.reshape(T, -1)
             if self.policy in ("h2o", "h2o-head"):
                 if self.policy in HEADWISE:
                     cols = [r.mean(1, dtype=F32).sum(0, dtype=F32) for r in all_rows]
@@ -414,7 +468,7 @@ class ReferenceMSRNN:
                 avgs = self._averages(cand_lists, last_rows)
             self._apply_keep(layer, cand_lists, avgs)
             self._store_new(layer, 0)
-            xs = (xs + self._mlp(layer, self._rms(xs, self._lp("mlp_norm", layer)))).astype(F32)
+            xs = self._residual(layer, xs, xs_attn)
         self.length = T
         return np.stack([self._logits(x) for x in xs])
 
@@ -427,15 +481,25 @@ class ReferenceMSRNN:
                     e.k, e.v = stored(e.k, self.state_dtype), stored(e.v, self.state_dtype)
 
     # -- inspection ------------------------------------------------------------------------
-    def kept_positions(self, width: int | None = None) -> np.ndarray:
+    def kept_positions(self, width: int | None = None):
         """[L, Hkv, width] int32: kept positions padded with -1, sorted ascending (so the
-        -1 padding comes first, like `np.sort` of the implementation's `pos`)."""
-        width = self.C if width is None else width
-        L, H = self.cfg.num_layers, self.cfg.num_kv_heads
+        -1 padding comes first, like `np.sort` of the implementation's `pos`). With layer
+        groups: a tuple (the sliding layers' [Ls, Hkv, W - 1], the other layers' [Lg, Hkv,
+        width]), each group's layers in order."""
+        width = self.user_C if width is None else width
+        if self.sliding:
+            glob = [l for l in range(self.cfg.num_layers) if l not in self.sliding]
+            groups = ((sorted(self.sliding), max(self.cfg.sliding_window - 1, 1)), (glob, width))
+            return tuple(self._kept(layers, w) for layers, w in groups if layers)
+        return self._kept(range(self.cfg.num_layers), width)
+
+    def _kept(self, layers, width: int) -> np.ndarray:
+        layers = list(layers)
+        L, H = len(layers), self.cfg.num_kv_heads
         out = np.full((L, H, width), -1, np.int32)
         for layer in range(L):
             for h in range(H):
-                ps = [e.pos for e in self.kept[layer][h]]
+                ps = [e.pos for e in self.kept[layers[layer]][h]]
                 assert len(ps) <= width
                 out[layer, h, :len(ps)] = ps
         return np.sort(out, axis=-1)
@@ -461,6 +525,8 @@ def reference_run(params, cfg, policy: str, capacity: int, tokens, sinks: int = 
     for t in tokens:
         logits.append(ref.step(t))
         kept.append(ref.kept_positions())
+    if isinstance(kept[0], tuple):  # layer groups: one [T, Lg, Hkv, Cg] per group
+        return np.stack(logits), tuple(np.stack(k) for k in zip(*kept))
     return np.stack(logits), np.stack(kept)
 
 
@@ -481,6 +547,8 @@ def reference_chunked(params, cfg, policy: str, capacity: int, tokens, chunk: in
     for start in range(0, len(tokens), chunk):
         logits.append(ref.chunk(tokens[start:start + chunk]))
         kept.append(ref.kept_positions())
+    if isinstance(kept[0], tuple):
+        return np.concatenate(logits), tuple(np.stack(k) for k in zip(*kept)), ref
     return np.concatenate(logits), np.stack(kept), ref
 
 

@@ -122,6 +122,7 @@ class State:
         values are stored, a float dtype or "int8" / "fp8" (8 bits and a scale per slot)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        check_single(cfg, None)  # a model with layer groups gets `Groups.init`
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         def empty():
             if isinstance(dtype, str) and dtype in QUANTIZED:
@@ -176,3 +177,94 @@ class State:
         rows = jnp.asarray(rows)
         return State(self.keys[:, rows], self.values[:, rows], self.pos[:, rows],
                      self.score[:, rows], self.length[rows])
+
+
+@struct.dataclass
+class Groups:
+    """The state of a model whose layers differ in how far they attend (docs/design.md §12):
+    one fixed-shape `State` per layer group (`ModelConfig.layer_groups`), each over its own
+    layers with its own capacity (and policy: `Groups.policies`). All groups
+    hold the same rows and lengths. A model of one group uses a plain `State`."""
+
+    states: tuple  # of State, in the order of cfg.layer_groups
+    windows: tuple = struct.field(pytree_node=False, default=())  # each group's window, or None (global)
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "Groups":
+        """Empty groups: a window group keeps its window W - 1 earlier tokens (a token sees
+        itself and the W - 1 before it, as transformers' sliding layers), the global group
+        `capacity` slots."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        return cls(tuple(State.init(group_view(cfg, layers), batch, window_slots(window) if window else capacity, dtype)
+                         for layers, window in cfg.layer_groups), tuple(w for _, w in cfg.layer_groups))
+
+    @property
+    def length(self):
+        return self.states[0].length
+
+    @property
+    def batch(self) -> int:
+        return self.states[0].batch
+
+    @property
+    def capacity(self) -> tuple[int, ...]:
+        return tuple(s.capacity for s in self.states)
+
+    @property
+    def pos(self) -> tuple:
+        return tuple(s.pos for s in self.states)
+
+    @property
+    def dtype(self) -> str:
+        return self.states[0].dtype
+
+    def kept(self) -> tuple:
+        return tuple(s.kept() for s in self.states)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.states)
+
+    def copy(self) -> "Groups":
+        return jax.tree.map(jnp.copy, self)
+
+    def take_rows(self, rows) -> "Groups":
+        return Groups(tuple(s.take_rows(rows) for s in self.states), self.windows)
+
+    def policies(self, policy) -> tuple:
+        """Each group's policy: `window` for a sliding group (its capacity is its window,
+        so it forgets only what the model cannot see), `policy` for the global one."""
+        from .policies import Window
+
+        return tuple(Window() if w else policy for w in self.windows)
+
+    @property
+    def bounded_group(self) -> int | None:
+        """The group that the user's policy and capacity bound (the global layers)."""
+        return next((g for g, w in enumerate(self.windows) if not w), None)
+
+
+def check_single(cfg: ModelConfig, state) -> None:
+    """A model with layer groups runs on `Groups` only: one `State` would give every layer
+    one window and one RoPE (state: the state, or what was given in its place)."""
+    if cfg.grouped and not isinstance(state, Groups):
+        from ..errors import InvalidArgument
+
+        raise InvalidArgument(f"a {cfg.family} model's layers differ (sliding and global): its state is "
+                              "`Groups` (`init_state`, `Model.empty_state`), not one State", "state")
+
+
+def window_slots(window: int) -> int:
+    """The slots of a sliding layer of window W: the W - 1 tokens before the current one."""
+    return max(int(window) - 1, 1)
+
+
+def group_view(cfg: ModelConfig, layers) -> ModelConfig:
+    """`cfg` with only `layers`' count: the shapes of a group's `State`."""
+    return dataclasses.replace(cfg, num_layers=len(layers), sliding_layers=())
+
+
+def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
+    """An empty state for `cfg`: a `State`, or `Groups` when its layers differ (§12)."""
+    return Groups.init(cfg, batch, capacity, dtype) if cfg.grouped else State.init(cfg, batch, capacity, dtype)
+

@@ -22,10 +22,10 @@ from ..fast import attention
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from ..fast.precision import exact_for_f32
 from ..fast.sharding import whole
-from .layers import F32, finish_layer, logits_from_hidden, project, rms_norm, token_nll, visible
+from .layers import F32, embed, finish_layer, logits_from_hidden, norm, project, token_nll, visible
 from .policies import Policy, step_choice
 from .positions import ABSOLUTE, Absolute, positions_of
-from .state import Quantized, State, read
+from .state import Groups, Quantized, State, check_single, read
 
 
 # -- the recurrence ----------------------------------------------------------------------
@@ -38,7 +38,7 @@ def layer_step(cfg: ModelConfig, policy: Policy, lp, x, K, V, P, S, p, active,
     positions' carry after the write))."""
     B, Hkv, G, D = x.shape[0], cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     # 1. q, k, v of the new token (rotated below, by the positions' rule)
-    q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))
+    q, k, v = project(cfg, lp, norm(cfg, x, lp["attn_norm"]))
     # 2-4. attend over the kept slots plus the new token; the policy picks the drop
     out, writes = attend_and_choose(cfg, policy, q.reshape(B, Hkv, G, D), k, v, K, V, P, S, p, active,
                                     impl, l, where, shared, carry)
@@ -105,7 +105,10 @@ class Recurrence(NamedTuple):
 
     @classmethod
     def start(cls, state: State, positions: str = "absolute", policy: Policy | None = None) -> "Recurrence":
-        return cls(state, positions_of(positions).start(policy, state.pos))
+        where = positions_of(positions)
+        if isinstance(state, Groups):  # one carry per group, under the group's policy
+            return cls(state, tuple(where.start(pol, s.pos) for pol, s in zip(state.policies(policy), state.states)))
+        return cls(state, where.start(policy, state.pos))
 
 
 @exact_for_f32  # fp32 params: exact matmuls, also when called eagerly (precision.py)
@@ -121,7 +124,13 @@ def step(params, cfg: ModelConfig, policy: Policy, state, tokens, active=None,
     (keys stored unrotated and rotated by their rank among the kept slots, §8).
     Returns (logits [B, V] f32, the new state)."""
     rnn = state if isinstance(state, Recurrence) else Recurrence(state)
+    if isinstance(rnn.state, Groups):  # layer groups (docs/design.md §12): `groups.step`
+        from .groups import grouped_step
+
+        logits, rnn = grouped_step(params, cfg, policy, rnn, tokens, active, impl, positions)
+        return logits, (rnn if isinstance(state, Recurrence) else rnn.state)
     st, where = rnn.state, positions_of(positions)
+    check_single(cfg, st)
     active = jnp.ones((st.batch,), bool) if active is None else active
     p = st.length  # [B] the new token's original position (masks and `pos` use it)
     shared = where.shared(cfg, st.capacity)
@@ -132,7 +141,7 @@ def step(params, cfg: ModelConfig, policy: Policy, state, tokens, active=None,
 
     # every layer reads the old state; all layers' new entries are written afterwards in
     # one in-place scatter (`fast.attention.over_layers`)
-    x, (k, v, slot, score, carry) = attention.over_layers(layer, params["embed"][tokens], params["layers"],
+    x, (k, v, slot, score, carry) = attention.over_layers(layer, embed(cfg, params, tokens), params["layers"],
                                                           st, impl, carry)
     keys, values, pos = write_slots(st.keys, st.values, st.pos, slot, k, v, p[None, :, None])
     st = State(keys=keys, values=values, pos=pos, score=score if policy.uses_score else st.score,

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..core.layers import F32, finish_layer, logits_from_hidden, project, rms_norm, token_nll
+from ..core.layers import F32, embed, finish_layer, logits_from_hidden, norm, project, token_nll
 from ..core.policies import Policy
 from ..core.positions import positions_of
-from ..core.state import State
+from ..core.groups import check_grouped_impl, layer_params
+from ..core.state import Groups, State, check_single
 from ..core.step import attend_and_choose, write_slots
 from .attention import DEFAULT_IMPL, StepImpl
 from .layouts import scan_layers
@@ -33,16 +34,40 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
     call instead of once per token. Results equal the scan's up to the float rounding of
     the larger products (tests/test_layer_major.py)."""
     B, T = tokens.shape
-    C, Hkv, G, D = state.capacity, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     act = active.astype(jnp.int32)
     pos = state.length[:, None] + jnp.cumsum(act, 1) - act  # [B, T] each token's position
     where = positions_of(positions)
+    if isinstance(state, Groups):  # layer groups: unrolled, each layer with its group's config and policy
+        check_grouped_impl(impl)
+        pols = state.policies(policy)
+        fns = [_layer(cfg.group_config(g), pols[g], st.capacity, B, T, pos, active, where, impl)
+               for g, st in enumerate(state.states)]
+        x, outs = embed(cfg, params, tokens), [[] for _ in state.states]
+        for l, (g, i) in enumerate(cfg.layer_slots):
+            st = state.states[g]
+            x, out = fns[g](x, (layer_params(params["layers"], l), st.keys[i], st.values[i], st.pos[i], st.score[i]))
+            outs[g].append(out)
+        states = []
+        for g, st in enumerate(state.states):
+            K, V, P, S = jax.tree.map(lambda *a: jnp.stack(a), *outs[g])
+            states.append(State(K, V, P, S if pols[g].uses_score else st.score, st.length + act.sum(1)))
+        return x, Groups(tuple(states), state.windows)
+    check_single(cfg, state)
+    layer = _layer(cfg, policy, state.capacity, B, T, pos, active, where, impl)
+    x, (K, V, P, S) = scan_layers(layer, embed(cfg, params, tokens), params,
+                                  state.keys, state.values, state.pos, state.score)
+    return x, State(K, V, P, S if policy.uses_score else state.score, state.length + act.sum(1))
+
+
+def _layer(cfg: ModelConfig, policy: Policy, C: int, B: int, T: int, pos, active, where, impl: StepImpl):
+    """`layer_major`'s layer: (x [B, T, E], (lp, K, V, P, S) of one layer) -> (x, its slots)."""
+    Hkv, G, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     table = where.shared(cfg, C)
     view = (lambda a: a[None]) if impl.attention == "pallas" else (lambda a: a)  # kernels read [L,...]
 
     def layer(x, xs):
         lp, K, V, P, S = xs  # this layer's slots
-        q, k, v = project(cfg, lp, rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps))  # [B, T, ...]
+        q, k, v = project(cfg, lp, norm(cfg, x, lp["attn_norm"]))  # [B, T, ...]
 
         def token(slots, t_in):
             K, V, P, S, ranks = slots
@@ -62,9 +87,7 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
         (K, V, P, S, _), out = jax.lax.scan(token, (K, V, P, S, ranks), t_major)
         return finish_layer(cfg, lp, x, jnp.swapaxes(out, 0, 1).reshape(B, T, -1)), (K, V, P, S)
 
-    x, (K, V, P, S) = scan_layers(layer, params["embed"][tokens], params,
-                                  state.keys, state.values, state.pos, state.score)
-    return x, State(K, V, P, S if policy.uses_score else state.score, state.length + act.sum(1))
+    return layer
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "emit", "positions", "impl"),

@@ -192,6 +192,9 @@ def mesh_size(mesh: Mesh, axis: str) -> int:
 
 def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     """Heads are never split: M must divide the query and the KV heads."""
+    if cfg.grouped:
+        raise InvalidArgument(f"--mesh does not run models with layer groups ({cfg.family}: sliding and "
+                              "global layers) yet", "mesh")
     M = mesh_size(mesh, "model")
     for what, n in (("KV heads", cfg.num_kv_heads), ("query heads", cfg.num_heads)):
         if n % M:

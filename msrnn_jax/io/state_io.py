@@ -1,7 +1,9 @@
 """Keep a state: save it with orbax, restore it, and refuse one from another model.
 
 A saved state is a folder with `state.json` (which model, policy, capacity, dtype)
-and the arrays under `arrays/`, written atomically like converted checkpoints.
+and the arrays under `arrays/`, written atomically like converted checkpoints. A state of
+layer groups (`Groups`, docs/design.md §12) keeps each group's arrays under its index; its
+`capacity` is the global layers' (the user's), `capacities` every group's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.policies import Policy, policy_name
-from ..core.state import QUANTIZED, Quantized, State
+from ..core.state import QUANTIZED, Groups, Quantized, State
 from ..errors import InvalidArgument, MsrnnError
 from .files import temp_folder, temporary
 
@@ -39,7 +41,13 @@ def check_state_folder(path) -> Path:
     return path
 
 
-def _arrays(state: State) -> dict:
+def _arrays(state) -> dict:
+    if isinstance(state, Groups):
+        return {"groups": {str(g): _state_arrays(s) for g, s in enumerate(state.states)}}
+    return _state_arrays(state)
+
+
+def _state_arrays(state: State) -> dict:
     """The state as numpy arrays for orbax; 8-bit slots as {"data": raw bytes (uint8),
     "scale"}, which every checkpoint backend stores."""
     def plain(v):
@@ -71,6 +79,10 @@ def save_state(path, state: State, model, policy: Policy) -> None:
         meta = {"format": FORMAT, "model": model_fingerprint(model), "policy": policy_name(policy),
                 "capacity": state.capacity, "batch": state.batch, "dtype": state.dtype,
                 "length": [int(x) for x in np.asarray(state.length)]}
+        if isinstance(state, Groups):  # the user's capacity is the global layers'
+            g = state.bounded_group
+            meta.update(capacity=None if g is None else state.capacity[g], capacities=list(state.capacity),
+                        windows=list(state.windows))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         if path.exists():
             path.rmdir()
@@ -112,10 +124,23 @@ def load_state(path, model, policy: Policy | None = None, batch: int | None = No
     try:
         with ocp.StandardCheckpointer() as ckpt:
             arrays = ckpt.restore(path / "arrays")
-        state = _from_arrays(arrays, meta.get("dtype", ""))
+        if model.cfg.grouped:
+            state = Groups(tuple(_from_arrays(arrays["groups"][str(g)], meta.get("dtype", ""))
+                                 for g in range(len(model.cfg.layer_groups))),
+                           tuple(w for _, w in model.cfg.layer_groups))
+        else:
+            state = _from_arrays(arrays, meta.get("dtype", ""))
     except Exception as e:  # noqa: BLE001
         raise MsrnnError(f"corrupt saved state {path}: {type(e).__name__}") from None
     cfg = model.cfg
+    if isinstance(state, Groups):
+        caps = meta.get("capacities") or []
+        for g, ((layers, _), st) in enumerate(zip(cfg.layer_groups, state.states)):
+            want = (len(layers), meta["batch"], cfg.num_kv_heads, caps[g] if g < len(caps) else -1, cfg.head_dim)
+            if st.keys.shape != want:
+                raise MsrnnError(f"corrupt saved state {path}: group {g}'s keys have shape {st.keys.shape}, "
+                                 f"expected {want}")
+        return state
     want = (cfg.num_layers, meta["batch"], cfg.num_kv_heads, meta["capacity"], cfg.head_dim)
     if state.keys.shape != want:
         raise MsrnnError(f"corrupt saved state {path}: keys have shape {state.keys.shape}, expected {want}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..core.layers import token_nll
 from ..core.policies import Policy, make_policy, policy_name, side_by_side
+from ..core.groups import refuse_groups
 from ..core.state import State
 from ..core.step import scan
 from ..errors import InvalidArgument
@@ -112,6 +113,7 @@ def record_run(model, policy: str | Policy, capacity: int | None, tokens,
     targets = np.zeros_like(inputs)
     targets[:, : T - 1] = tokens[:, 1:]  # step t predicts token t + 1
 
+    refuse_groups(cfg, "recording kept positions")
     state = State.init(cfg, B, capacity, params["embed"].dtype)
     nll, pos = [], []
     for c in range(n_calls):

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..core.policies import Policy
-from ..core.state import State
+from ..core.state import State, init_state
 from ..errors import InvalidArgument, MsrnnError, check_choice
 from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
@@ -65,8 +65,8 @@ class Model:
         the weights' dtype; "int8" / "fp8": 8 bits), made in the mesh's shardings when the
         model has one."""
         dtype = dtype or self.params["embed"].dtype
-        if self.mesh is None:
-            return State.init(self.cfg, batch, capacity, dtype)
+        if self.mesh is None:  # layer groups (gemma3): `Groups`, the global layers at `capacity`
+            return init_state(self.cfg, batch, capacity, dtype)
         return sharding.init_state(self.cfg, batch, capacity, dtype, self.mesh)
 
     def _tok(self):

@@ -24,7 +24,7 @@ from ..config import ModelConfig
 from ..core.parallel import chunk_step, prefill_oneshot
 from ..core.policies import Policy
 from ..core.positions import check_positions
-from ..core.state import State, as_storage
+from ..core.state import Groups, State, as_storage, init_state
 from ..core.step import Recurrence, scan, step
 from ..errors import InvalidArgument, check_int
 from ..fast import sharding
@@ -104,12 +104,13 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
             raise InvalidArgument("oneshot prefill reads a prompt into an empty state; use exact or chunked")
         lengths = active.sum(1).astype(np.int32)
         logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
-        state = state.replace(keys=as_storage(state.keys, dtype), values=as_storage(state.values, dtype))
+        store = lambda st: st.replace(keys=as_storage(st.keys, dtype), values=as_storage(st.values, dtype))  # noqa: E731
+        state = Groups(tuple(map(store, state.states)), state.windows) if isinstance(state, Groups) else store(state)
         if mesh is not None:
             state = sharding.place_state(state, mesh)
         return _row_last(logits, lengths), state
     if state is None:
-        state = State.init(cfg, B, capacity, dtype) if mesh is None else sharding.init_state(cfg, B, capacity, dtype, mesh)
+        state = init_state(cfg, B, capacity, dtype) if mesh is None else sharding.init_state(cfg, B, capacity, dtype, mesh)
     if mode == "exact":
         run = layer_scan if layer_major else scan
         return run(params, cfg, policy, state, jnp.asarray(tokens), jnp.asarray(active), emit="last",
@@ -220,8 +221,11 @@ def generate_tokens(params, cfg: ModelConfig, spec: RunSpec, prompts: Sequence[S
             state = sharding.place_state(state, mesh)
     start = 0 if state is None else int(np.asarray(state.length).max())
     needed = start + max(len(p) for p in prompts) + max_new_tokens
-    if not policy.bounded and state is not None and needed > state.capacity:
-        raise InvalidArgument(f"the full policy keeps every token, but the state has {state.capacity} slots "
+    slots = None if state is None else state.capacity
+    if isinstance(state, Groups):  # the global layers' (none: every layer keeps its window)
+        slots = needed if state.bounded_group is None else slots[state.bounded_group]
+    if not policy.bounded and state is not None and needed > slots:
+        raise InvalidArgument(f"the full policy keeps every token, but the state has {slots} slots "
                               f"and this run needs up to {needed}", "max_new_tokens")
     check_context(cfg, policy, needed, positions, capacity)
     t0 = time.perf_counter()

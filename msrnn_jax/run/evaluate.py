@@ -19,7 +19,7 @@ import numpy as np
 from ..core.layers import token_nll
 from ..core.parallel import chunk_step
 from ..core.policies import Policy
-from ..core.state import State
+from ..core.state import State, init_state
 from ..core.step import scan
 from ..errors import InvalidArgument, check_int
 from ..fast import sharding
@@ -139,7 +139,7 @@ def run_spec(model: Model, spec: RunSpec, tokens: np.ndarray, steps_per_call: in
 
     def new_state():
         if mesh is None:
-            return State.init(model.cfg, Bp, cap, dtype)
+            return init_state(model.cfg, Bp, cap, dtype)
         return sharding.init_state(model.cfg, Bp, cap, dtype, mesh)
 
     with precision_scope(getattr(model, "precision", None)), sharding.use(mesh):

@@ -230,6 +230,9 @@ def answer_once(model: Model, members: Sequence[Policy], capacity: int, compress
     from .decoding import generate_tokens, prefill
     from .spec import RunSpec
 
+    from ..core.groups import refuse_groups
+
+    refuse_groups(model.cfg, "ruler --mode once")
     extra = max(len(r) for r in rest) + max_new
     with model.scope():
         states = [_widen(prefill(model.params, model.cfg, p, None, capacity, compressed, "oneshot")[1], extra)

@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.policies import PerRow, Policy, make_policy, policy_name
+from ..core.groups import refuse_groups
 from ..core.state import State
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
 from ..fast import sharding
@@ -180,6 +181,7 @@ class Engine:
                  log_requests: bool = True, positions: str = "absolute", max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, echo_top: int = 5):
         self.model, self.cfg = model, model.cfg
+        refuse_groups(model.cfg, "msrnn serve")
         self.sinks = sinks
         self.policies = served_policies(policy, sinks)
         # one policy, or several side by side as batch rows: row b follows policies[b % n]
