@@ -57,6 +57,19 @@ def test_exact_step_every_bounded_policy_matches_one_device(results, family):
         assert set(meshes) == {"1x2", "2x1", "2x2", "2x4"}
 
 
+def test_layer_groups_on_a_mesh_match_one_device(results):
+    """gemma3 (sliding and global layers, a `Groups` state) on a 2x2 mesh: every bounded
+    policy's kept positions in every group after every step, prefill (oneshot, chunked),
+    perplexity and greedy generation equal one device."""
+    r = _get(results, "groups")
+    assert r["exact"]["groups"] == 2 and r["exact"]["spec"] == "P(None, 'data', 'model')"
+    assert r["exact"]["pos"] and r["exact"]["final_pos"] and r["exact"]["logits"] < TOL, r["exact"]
+    for mode in ("oneshot", "chunked"):
+        assert r[mode]["pos"] and r[mode]["logits"] < TOL, (mode, r[mode])
+    assert r["ppl"]["pos"] and r["ppl"]["nll"] < TOL, r["ppl"]
+    assert r["generate"]["tokens"] and r["generate"]["pos"], r["generate"]
+
+
 def test_prefill_modes_every_policy_match_one_device(results):
     """oneshot (with a ragged row) and chunked prefill, all seven policies, mesh 2x2: the
     same kept positions, logits within 1e-5, and the state stays split (rows over data,

@@ -55,7 +55,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import ModelConfig
-from ..core.state import Quantized, State, check_state_dtype
+from ..core.state import Groups, Quantized, State, check_state_dtype
 from ..errors import InvalidArgument, check_int
 
 AXES = ("data", "model")
@@ -91,6 +91,7 @@ LAYER_AXES = {
     "wo": ("heads_in", "out"),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp_in", "out"),
     "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "post_attn_norm": ("embed",), "post_mlp_norm": ("embed",),  # gemma3's sandwich norms
     # routed experts: each expert's MLP columns split as w_gate's; the router and the
     # expert axis whole on every device (a token's experts are gathered where it is)
     "router": ("embed", "experts"), "experts_gate": ("experts", "embed", "mlp"),
@@ -192,9 +193,6 @@ def mesh_size(mesh: Mesh, axis: str) -> int:
 
 def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     """Heads are never split: M must divide the query and the KV heads."""
-    if cfg.grouped:
-        raise InvalidArgument(f"--mesh does not run models with layer groups ({cfg.family}: sliding and "
-                              "global layers) yet", "mesh")
     M = mesh_size(mesh, "model")
     for what, n in (("KV heads", cfg.num_kv_heads), ("query heads", cfg.num_heads)):
         if n % M:
@@ -239,7 +237,10 @@ def param_shardings(params, mesh: Mesh):
 
 def state_specs(state_like, mesh) -> State:
     """The PartitionSpec of each State array (rows over data, KV heads over model); an
-    8-bit field's scales [..., C] are split as `pos`."""
+    8-bit field's scales [..., C] are split as `pos`; layer groups (`Groups`): each group's
+    State alike."""
+    if isinstance(state_like, Groups):
+        return Groups(tuple(state_specs(s, mesh) for s in state_like.states), state_like.windows)
     d = state_like.as_dict() if isinstance(state_like, State) else state_like
 
     def spec(name, v):
@@ -285,10 +286,13 @@ def put_rows(x, mesh: Mesh) -> jax.Array:
 
 
 def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype, mesh: Mesh) -> State:
-    """An empty State made directly in its shardings (nothing is gathered anywhere)."""
+    """An empty State (or `Groups`, for a model with layer groups) made directly in its
+    shardings (nothing is gathered anywhere)."""
+    from ..core.state import init_state as empty
+
     check_rows(batch, mesh)
-    abstract = jax.eval_shape(lambda: State.init(cfg, batch, capacity, dtype))
-    make = jax.jit(lambda: State.init(cfg, batch, capacity, dtype),
+    abstract = jax.eval_shape(lambda: empty(cfg, batch, capacity, dtype))
+    make = jax.jit(lambda: empty(cfg, batch, capacity, dtype),
                    out_shardings=state_shardings(abstract, mesh))
     return make()
 
