@@ -186,11 +186,6 @@ def test_cli_ppl_generate_and_bounded_global_layers(tmp_path, capsys):
     assert len(new) >= 8
     assert main(["generate", prompt, "--model", folder, "--greedy", "--max-new-tokens", "32"]) == 0
     assert capsys.readouterr().out.strip() == tok.decode(new, skip_special_tokens=True).strip()
-    from msrnn_jax import load_model
-    from msrnn_jax.serve.engine import Engine
-
-    with pytest.raises(InvalidArgument, match="layer groups"):  # not built yet: one line
-        Engine(load_model(folder), "tova", 8)
 
 
 def write_gemma3_gguf(path, cfg, sd):
@@ -336,3 +331,80 @@ def test_saved_groups_continue_alike(tmp_path, capsys):
 
 def cfg_heads(model):
     return model.cfg.num_kv_heads * len(model.cfg.layer_groups[1][0])
+
+
+def test_serve_equals_generate(tmp_path):
+    """A real `msrnn serve` process on a tiny Gemma 3 folder (layer groups): three greedy
+    completions, sent at once to two rows (one waits for a row), of prompts longer than the
+    window, equal offline `generate`'s tokens, under `--policy tova --capacity 8` (the global
+    layer bounded) and under `full`."""
+    import concurrent.futures as cf
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    httpx = pytest.importorskip("httpx")
+    from msrnn_jax import generate, load_model
+
+    folder = save_tiny_model(tmp_path / "g", "gemma3")
+    model = load_model(folder)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, model.cfg.vocab_size, 20 + 4 * k).tolist() for k in range(6)]
+    # prompts whose answers differ under tova (C = 8) and full (the random model repeats itself)
+    prompts = [model.encode("Paris is the capital of France and a city"), rows[2], rows[5]]
+    assert min(map(len, prompts)) > 4 * model.cfg.layer_groups[0][1]  # past the window (5)
+    n, answers = 12, {}
+    root = Path(__file__).resolve().parents[1]
+    for policy, capacity in (("tova", 8), ("full", None)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        log = tmp_path / f"{policy}.log"
+        args = ["--policy", policy, *(["--capacity", str(capacity)] if capacity else []), "--max-batch", "2",
+                "--steps-per-call", "4", "--served-model-name", "gemma3"]
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "msrnn_jax.cli", "serve", "--model", folder,
+                                     "--port", str(port), *args], cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root)))
+        try:
+            end = time.time() + 240
+            while True:
+                assert proc.poll() is None, log.read_text()
+                assert time.time() < end, f"not ready in 240 s:\n{log.read_text()}"
+                try:
+                    health = httpx.get(url + "/health", timeout=5)
+                    if health.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            assert health.json()["policies"] == [policy]
+
+            def complete(ids):
+                r = httpx.post(url + "/v1/completions", timeout=120, json={
+                    "model": "gemma3", "prompt": ids, "max_tokens": n, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            with cf.ThreadPoolExecutor(len(prompts)) as pool:
+                got = list(pool.map(complete, prompts))
+            for ids, r in zip(prompts, got):
+                want = generate(model, [ids], n, policy=policy, capacity=capacity).tokens[0]
+                assert r["choices"][0]["text"] == model.decode(want), (policy, ids)
+                assert r["usage"]["completion_tokens"] == len(want)
+                answers.setdefault(policy, []).append(list(want))
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        assert proc.returncode == 0, log.read_text()
+    assert all(a != b for a, b in zip(answers["tova"], answers["full"]))  # the bound on the global layer shows

@@ -231,6 +231,13 @@ class Groups:
     def take_rows(self, rows) -> "Groups":
         return Groups(tuple(s.take_rows(rows) for s in self.states), self.windows)
 
+    def map(self, fn, *others: "Groups") -> "Groups":
+        """Groups of fn(this group's State, the others' same group's), group by group (the
+        same windows): e.g. one row write applied to every group."""
+        if any(o.windows != self.windows for o in others):
+            raise ValueError(f"layer groups differ: windows {self.windows} and {[o.windows for o in others]}")
+        return Groups(tuple(fn(*ss) for ss in zip(self.states, *(o.states for o in others))), self.windows)
+
     def policies(self, policy) -> tuple:
         """Each group's policy: `window` for a sliding group (its capacity is its window,
         so it forgets only what the model cannot see), `policy` for the global one."""

@@ -1,6 +1,8 @@
 """Continuous batching over one fixed-shape state: the engine behind `msrnn serve`.
 
-B batch rows of one `State` are B requests. A loop on its own thread alternates
+B batch rows of one `State` are B requests (a model with layer groups, Gemma 3: one
+`Groups`, every group holding the same B rows; docs/design.md §12). A loop on its own
+thread alternates
 
 1. admission: every waiting request that finds a free row takes it (oldest first); its
    prompt is read into a 1-row state of its own in fixed-size pieces (exact: `layer_scan`
@@ -67,8 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.policies import PerRow, Policy, make_policy, policy_name
-from ..core.groups import refuse_groups
-from ..core.state import State
+from ..core.groups import check_grouped_impl
+from ..core.state import Groups, State, init_state
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
 from ..fast import sharding
 from ..fast.attention import DEFAULT_IMPL, StepImpl
@@ -181,7 +183,8 @@ class Engine:
                  log_requests: bool = True, positions: str = "absolute", max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, echo_top: int = 5):
         self.model, self.cfg = model, model.cfg
-        refuse_groups(model.cfg, "msrnn serve")
+        if self.cfg.grouped:  # layer groups (gemma3): every program runs `Groups` (docs/design.md §12)
+            check_grouped_impl(impl)
         self.sinks = sinks
         self.policies = served_policies(policy, sinks)
         # one policy, or several side by side as batch rows: row b follows policies[b % n]
@@ -402,9 +405,9 @@ class Engine:
                  time.perf_counter() - t0, self.name, self.capacity, self.B, self.prefill_mode,
                  self.piece, self.steps)
 
-    def _empty_state(self, rows: int) -> State:
-        if self.mesh is None:
-            return State.init(self.cfg, rows, self.capacity, self.dtype)
+    def _empty_state(self, rows: int) -> State | Groups:
+        if self.mesh is None:  # layer groups: `Groups`, the global layers at C, the sliding at their window
+            return init_state(self.cfg, rows, self.capacity, self.dtype)
         return sharding.init_state(self.cfg, rows, self.capacity, self.dtype, self.mesh)
 
     def _placed(self, state: State) -> State:

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..core.parallel import chunk_step
 from ..core.policies import Policy
 from ..core.layers import logits_from_hidden
-from ..core.state import State
+from ..core.state import Groups, State
 from ..fast.attention import DEFAULT_IMPL
 from ..fast.layer_major import layer_major, layer_scan
 from ..fast.precision import exact_for_f32
@@ -56,8 +56,15 @@ def exact_piece(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def insert_row(state: State, row: State, b) -> State:
-    """Write the 1-row state `row` into row b (a traced int) of `state`, in place."""
+def insert_row(state: State | Groups, row: State | Groups, b) -> State | Groups:
+    """Write the 1-row state `row` into row b (a traced int) of `state`, in place. Layer
+    groups (docs/design.md §12): the same write into every group's state."""
+    if isinstance(state, Groups):
+        return state.map(lambda s, r: _insert_row(s, r, b), row)
+    return _insert_row(state, row, b)
+
+
+def _insert_row(state: State, row: State, b) -> State:
     def put(s, r, axis):
         return jax.lax.dynamic_update_index_in_dim(s, jnp.take(r, 0, axis), b, axis)
 
