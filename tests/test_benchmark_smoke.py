@@ -351,7 +351,8 @@ def test_serve_transformers_online_peer():
         from benchmarks.serve import arrival_sets, hf_online, requests
         sets = arrival_sets([8.0], 4)
         assert np.array_equal(sets[0][1], arrival_sets([8.0], 4)[0][1]) and (np.diff(sets[0][1]) > 0).all()
-        rows = hf_online("tiny", requests(4, 8, 20, 100), 5, "cpu", 256, {}, sets, timeout_s=120)
+        # a paged cache for these 4 requests (sized by the free memory it took 10.8 GB of RAM)
+        rows = hf_online("tiny", requests(4, 8, 20, 100), 5, "cpu", 256, {"num_blocks": 16}, sets, timeout_s=120)
         print(json.dumps({"last_arrival": float(sets[0][1][-1]), "rows": rows}))
     """
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
