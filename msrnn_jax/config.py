@@ -366,6 +366,20 @@ _GEMMA3_KEYS = {"hidden_activation", "rope_local_base_freq", "sliding_window_pat
                 "cache_implementation", "use_bidirectional_attention", "text_config"}
 
 
+def _hf_shape(hf: dict[str, Any]) -> dict[str, Any]:
+    """The fields every family reads alike from a Hugging Face config: sizes, heads, the
+    norm's epsilon, the special tokens."""
+    heads = int(hf["num_attention_heads"])
+    eos = hf.get("eos_token_id")
+    return dict(vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+                intermediate_size=int(hf["intermediate_size"]), num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
+                                    if e is not None))
+
+
 def _gemma3(hf: dict[str, Any]) -> ModelConfig:
     """A gemma3_text config (or the text part of a gemma3 one): sliding layers by
     `layer_types` or every `sliding_window_pattern`-th layer global, two RoPE bases."""
@@ -395,8 +409,8 @@ def _gemma3(hf: dict[str, Any]) -> ModelConfig:
     if len(types) != L or any(t not in ("sliding_attention", "full_attention") for t in types):
         raise UnsupportedConfigError(f"unsupported config field layer_types={sorted(set(types))} "
                                      f"({len(types)} for {L} layers)")
-    heads = int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+    shape = _hf_shape(hf)
+    head_dim = shape["head_dim"]
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and set(params) & {"full_attention", "sliding_attention"}:
         glob, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
@@ -415,28 +429,18 @@ def _gemma3(hf: dict[str, Any]) -> ModelConfig:
     window = hf.get("sliding_window")
     if sliding and not window:
         raise UnsupportedConfigError("sliding_attention layers without a sliding_window")
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
     softcap = hf.get("final_logit_softcapping")
     qpas = hf.get("query_pre_attn_scalar")
     return ModelConfig(
         family="gemma3_text",
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
+        **shape,
         num_layers=L,
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         sliding_window=int(window) if sliding else None,
         qk_norm=True,
         max_position_embeddings=int(hf.get("max_position_embeddings", 131072)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids,
         sliding_layers=sliding,
         rope_local_theta=local_theta,
         query_pre_attn_scalar=float(qpas) if qpas is not None else None,
@@ -481,21 +485,12 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise UnsupportedConfigError(f"unsupported config field {key}={hf[key]!r}")
     if hf.get("router_jitter_noise") and family != "mixtral":
         raise UnsupportedConfigError(f"unsupported config field router_jitter_noise={hf['router_jitter_noise']!r}")
-    heads = int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
-    theta, scaling, rotary = _rope(hf, head_dim)
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    shape = _hf_shape(hf)
+    theta, scaling, rotary = _rope(hf, shape["head_dim"])
     return ModelConfig(
         family=family,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
+        **shape,
         num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -504,8 +499,6 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         qk_norm=family in ("qwen3", "qwen3_moe"),
         rotary_dim=rotary,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids,
         **_experts(hf, family),
     )
 
