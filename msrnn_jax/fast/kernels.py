@@ -90,9 +90,18 @@ def _store_rows(o_ref, val, rows: int):
     plt.store(o_ref, val, mask=jax.lax.broadcasted_iota(jnp.int32, val.shape, 0) < rows)
 
 
-def _parts(x):
-    """(the slots' stored array, their scales or None) of a float or 8-bit buffer."""
-    return (x.data, x.scale) if isinstance(x, Quantized) else (x, None)
+def _slots(x, cb: int, layer: int):
+    """A float or 8-bit buffer as a kernel reads it: (the stored slots [L,B,Hkv,C,D], the
+    extra operands and their block specs: an 8-bit buffer's scales [L,B,Hkv,C], Cb at a
+    time beside their slots)."""
+    if not isinstance(x, Quantized):
+        return x, [], []
+    return x.data, [x.scale], [pl.BlockSpec((None, None, None, cb), lambda b, h, c: (layer, b, h, c))]
+
+
+def _refs(refs):
+    """A kernel's (scale ref or None, output ref) after its two inputs."""
+    return (refs[0] if len(refs) == 2 else None), refs[-1]
 
 
 def _load(ref, scale_ref, dtype):
@@ -101,10 +110,6 @@ def _load(ref, scale_ref, dtype):
     if scale_ref is None:
         return ref[...].astype(dtype)
     return (ref[...].astype(F32) * scale_ref[...][:, None]).astype(dtype)
-
-
-def _scale_spec(scale, cb, index):
-    return [] if scale is None else [pl.BlockSpec((None, None, None, cb), index)]
 
 
 def _dot(a, b, contract):
@@ -121,15 +126,15 @@ def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool | None 
     or kept in its own for 8-bit keys; None: when G >= 2); warps: Triton's num_warps
     (None: 8 with tensor cores, else Triton's)."""
     B, H, G, D = q.shape
-    data, scale = _parts(keys)
-    C = data.shape[3]
+    C = keys.shape[3]
     cb = block or slot_block(C)
+    data, scales, scale_specs = _slots(keys, cb, layer)
     gp, mma, warps = _choose(G, cb, mma, warps)
-    if mma and scale is None:
+    if mma and not scales:
         q = q.astype(data.dtype)
 
     def kernel(q_ref, k_ref, *refs):
-        s_ref, o_ref = (refs[0] if scale is not None else None), refs[-1]
+        s_ref, o_ref = _refs(refs)
         if mma:
             k = _load(k_ref, s_ref, q_ref.dtype)
             _store_rows(o_ref, _dot(q_ref[...], k, ((1,), (1,))), G)
@@ -139,19 +144,18 @@ def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool | None 
             row = jnp.sum(k * q_ref[g, :].astype(F32)[None, :], axis=1)
             o_ref[g, :] = row if s_ref is None else row * s_ref[...]
 
-    at = lambda b, h, c: (layer, b, h, c)  # noqa: E731
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, H, gp, C), F32),
         grid=(B, H, C // cb),
         in_specs=[pl.BlockSpec((None, None, gp, D), lambda b, h, c: (b, h, 0, 0)),
                   pl.BlockSpec((None, None, None, cb, D), lambda b, h, c: (layer, b, h, c, 0))]
-                 + _scale_spec(scale, cb, at),
+                 + scale_specs,
         out_specs=pl.BlockSpec((None, None, gp, cb), lambda b, h, c: (b, h, 0, c)),
         interpret=_interpret(),
         name="msrnn_slot_scores",
         **_call_options(warps),
-    )(_pad_rows(q, gp), data, *([] if scale is None else [scale]))
+    )(_pad_rows(q, gp), data, *scales)
     return out[:, :, :G]
 
 
@@ -162,16 +166,16 @@ def slot_mix(w, values, layer: int, block: int | None = None, mma: bool | None =
     dtype; f32 sums; values an array or `Quantized`; mma and warps as in slot_scores, w
     cast to the values' dtype with mma, or kept in its own for 8-bit values)."""
     B, H, G, C = w.shape
-    data, scale = _parts(values)
-    D = data.shape[4]
+    D = values.shape[4]
     cb = block or slot_block(C)
+    data, scales, scale_specs = _slots(values, cb, layer)
     gp, mma, warps = _choose(G, cb, mma, warps)
-    if mma and scale is None:
+    if mma and not scales:
         w = w.astype(data.dtype)
     n = C // cb
 
     def kernel(w_ref, v_ref, *refs):
-        s_ref, o_ref = (refs[0] if scale is not None else None), refs[-1]
+        s_ref, o_ref = _refs(refs)
         if mma:
             v = _load(v_ref, s_ref, w_ref.dtype)
             _store_rows(o_ref, _dot(w_ref[...], v, ((1,), (0,))), G)
@@ -181,17 +185,16 @@ def slot_mix(w, values, layer: int, block: int | None = None, mma: bool | None =
             wg = w_ref[g, :].astype(F32) if s_ref is None else w_ref[g, :].astype(F32) * s_ref[...]
             o_ref[g, :] = jnp.sum(wg[:, None] * v, axis=0)
 
-    at = lambda b, h, c: (layer, b, h, c)  # noqa: E731
     part = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, H, n, gp, D), F32),
         grid=(B, H, n),
         in_specs=[pl.BlockSpec((None, None, gp, cb), lambda b, h, c: (b, h, 0, c)),
                   pl.BlockSpec((None, None, None, cb, D), lambda b, h, c: (layer, b, h, c, 0))]
-                 + _scale_spec(scale, cb, at),
+                 + scale_specs,
         out_specs=pl.BlockSpec((None, None, None, gp, D), lambda b, h, c: (b, h, c, 0, 0)),
         interpret=_interpret(),
         name="msrnn_slot_mix",
         **_call_options(warps),
-    )(_pad_rows(w, gp), data, *([] if scale is None else [scale]))
+    )(_pad_rows(w, gp), data, *scales)
     return part.sum(2)[:, :, :G]
