@@ -64,6 +64,15 @@ def build_model(name: str, device: str, dtype=None):
                                           moe_intermediate_size=spec["moe_intermediate_size"],
                                           norm_topk_prob=spec["norm_topk_prob"], **common)
         cls = transformers.Qwen3MoeForCausalLM
+    elif spec["family"] == "gemma3_text":
+        n = spec["num_layers"]
+        cfg = transformers.Gemma3TextConfig(
+            rope_theta=spec["rope_theta"], rope_local_base_freq=spec["rope_local_theta"],
+            rope_scaling={"rope_type": spec["rope_scaling"][0], "factor": spec["rope_scaling"][1]},
+            sliding_window=spec["sliding_window"], query_pre_attn_scalar=int(spec["query_pre_attn_scalar"]),
+            layer_types=["sliding_attention" if i in spec["sliding_layers"] else "full_attention" for i in range(n)],
+            **{**common, "tie_word_embeddings": True})
+        cls = transformers.Gemma3ForCausalLM
     else:
         cfg = transformers.LlamaConfig(**common)
         cls = transformers.LlamaForCausalLM

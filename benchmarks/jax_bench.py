@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msrnn_jax.fast import kernels
 from msrnn_jax.fast.layouts import fuse_projections, split_layers, stacked_layers
 from msrnn_jax.run.decoding import prefill
 from msrnn_jax.core.policies import make_policy
@@ -617,7 +618,13 @@ def main(argv=None):
                     help="decode section: configurations compiled at once")
     ap.add_argument("--state-dtype", default="bfloat16", choices=["bfloat16", "float32", "int8", "fp8"],
                     help="how the decode state stores keys and values (int8/fp8: 8 bits and a scale per slot)")
+    ap.add_argument("--kernel-tuning", action="append", default=[], metavar="BYTES:BLOCK:WARPS",
+                    help="the Pallas kernels' slots per program (limit) and num_warps (0: Triton's) for states of "
+                         "BYTES bytes per number (kernels.TUNING; e.g. 1:512:8 for int8/fp8)")
     args = ap.parse_args(argv)
+    for item in args.kernel_tuning:
+        nbytes, block, warps = (int(x) for x in item.split(":"))
+        kernels.TUNING[nbytes] = (block, warps or None)
     global STATE_DTYPE
     STATE_DTYPE = args.state_dtype if args.state_dtype in ("int8", "fp8") else jnp.dtype(args.state_dtype)
     COMPILER_OPTIONS.update(parse_compiler_options(args.compiler_option))
@@ -626,7 +633,8 @@ def main(argv=None):
     except Exception:  # pragma: no cover (option absent)
         pass
     results = {"section": args.section, "model": args.model, "argv": sys.argv, "variant": args.variant or "scan:einsum", "decode": [], "prefill": [],
-               "probe": [], "profile": [], "errors": [], "skipped": [], "started": time.time()}
+               "probe": [], "profile": [], "errors": [], "skipped": [], "started": time.time(),
+               "kernel_tuning": {str(k): list(v) for k, v in kernels.TUNING.items()}}
 
     def save():
         results["elapsed_s"] = time.time() - results["started"]

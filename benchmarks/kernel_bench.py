@@ -3,7 +3,7 @@
 batches. Reports each kernel's time per call and the state bytes it reads per second, as
 a fraction of the device-to-device copy bandwidth measured in the same run.
 
-    python -m benchmarks.kernel_bench --json kernels.json [--cases ...] [--variants ...]
+    python -m benchmarks.kernel_bench --json kernels.json [--cases ...] [--variants ...] [--state-dtype int8]
 
 A case is name:B:Hkv:G:C (D = 128). A variant is `xla`, or `vpu/Cb/warps`, `mma/Cb/warps` or
 `auto/Cb/warps` (Cb: slots per program, 0 = kernels.slot_block; warps: Triton num_warps,
@@ -11,7 +11,9 @@ A case is name:B:Hkv:G:C (D = 128). A variant is `xla`, or `vpu/Cb/warps`, `mma/
 f32 accumulation, auto = the kernels' own choice). The `xla` figures are not comparable:
 XLA merges the repeated products that share the state into one (it reads it once).
 One jitted call runs the kernel `--repeat` times on distinct queries (nothing to fold),
-timed as the median of `--reps` calls.
+timed as the median of `--reps` calls. `--state-dtype int8|fp8` stores the keys and values
+as the 8-bit state does (`Quantized`: codes and a float32 scale per slot; the bytes read
+count both), the first variant's output the reference of the others.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from msrnn_jax.core.state import Quantized
 from msrnn_jax.fast import kernels
 
 from .common import GiB, copy_bandwidth, device_info, median_seconds, now_tag, write_json
@@ -36,8 +39,10 @@ DEFAULT_VARIANTS = "auto/0/0,vpu/0/0,vpu/64/2,mma/0/4,mma/128/8,mma/0/8"
 def _kernel_fns(variant: str, layer: int):
     """(scores(q, K), mix(w, V)) for a variant; K and V are [2, B, H, C, D] buffers."""
     if variant == "xla":
-        return (lambda q, K: jnp.einsum("bhgd,bhcd->bhgc", q, K[layer], preferred_element_type=F32),
-                lambda w, V: jnp.einsum("bhgc,bhcd->bhgd", w, V[layer], preferred_element_type=F32))
+        def read(X):
+            return X[layer].dequantize(jnp.bfloat16) if isinstance(X, Quantized) else X[layer]
+        return (lambda q, K: jnp.einsum("bhgd,bhcd->bhgc", q, read(K), preferred_element_type=F32),
+                lambda w, V: jnp.einsum("bhgc,bhcd->bhgd", w, read(V), preferred_element_type=F32))
     kind, cb, warps = variant.split("/")
     opts = {"block": int(cb) or None, "mma": {"vpu": False, "mma": True}.get(kind), "warps": int(warps) or None}
     if kind not in ("vpu", "mma", "auto"):
@@ -53,7 +58,7 @@ def _repeated(fn, repeat: int):
     return run
 
 
-def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float) -> dict:
+def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float, state_dtype="bfloat16") -> dict:
     name, B, H, G, C = case.split(":")
     B, H, G, C, D = int(B), int(H), int(G), int(C), 128
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -62,6 +67,9 @@ def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float
     q = jax.random.normal(k3, (B, H, G, D), jnp.bfloat16)
     w = jax.nn.softmax(jax.random.normal(k4, (B, H, G, C), F32), -1).astype(jnp.bfloat16)
     layer_bytes = B * H * C * D * 2
+    if state_dtype in ("int8", "fp8"):
+        K, V = (jax.jit(Quantized.of, static_argnums=1)(X, state_dtype) for X in (K, V))
+        layer_bytes = B * H * C * (D + 4)  # the codes and each slot's float32 scale
     ref_s = ref_m = None
     rows = []
     for variant in variants:
@@ -82,6 +90,7 @@ def bench_case(case: str, variants: list[str], repeat: int, reps: int, bw: float
         print(name, row, file=sys.stderr, flush=True)
     del K, V
     return {"case": name, "batch": B, "kv_heads": H, "group": G, "capacity": C, "head_dim": D,
+            "state_dtype": state_dtype,
             "layer_state_bytes": layer_bytes, "rows": rows}
 
 
@@ -98,7 +107,8 @@ def render(out: dict) -> str:
           "Triton num_warps (0 = default)\n")]
     for c in out["cases"]:
         L.append(f"## {c['case']}: B={c['batch']}, Hkv={c['kv_heads']}, G={c['group']}, C={c['capacity']}, "
-                 f"D={c['head_dim']} ({c['layer_state_bytes'] / 1e9:.2f} GB per layer and buffer)\n")
+                 f"D={c['head_dim']}, {c.get('state_dtype', 'bfloat16')} "
+                 f"({c['layer_state_bytes'] / 1e9:.2f} GB per layer and buffer)\n")
         L.append("| variant | scores µs | scores fraction | mix µs | mix fraction | max abs diff vs first |")
         L.append("|---|---|---|---|---|---|")
         for r in c["rows"]:
@@ -127,13 +137,15 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bw-bytes", type=int, default=4 * GiB, help="bytes of the copy-bandwidth measurement")
+    ap.add_argument("--state-dtype", default="bfloat16", choices=["bfloat16", "int8", "fp8"],
+                    help="how the keys and values are stored (int8 / fp8: 8-bit codes and a scale per slot)")
     args = ap.parse_args(argv)
     bw = copy_bandwidth(args.bw_bytes)
     out = {"command": " ".join(["python -m benchmarks.kernel_bench", *(sys.argv[1:] if argv is None else argv)]),
            "date": now_tag(), "device": device_info(), "jax": jax.__version__, "bandwidth": bw, "cases": []}
     for case in args.cases.split(","):
         out["cases"].append(bench_case(case, args.variants.split(","), args.repeat, args.reps,
-                                       bw["copy_bytes_per_s"]))
+                                       bw["copy_bytes_per_s"], args.state_dtype))
         _write(args.json, out)
     _write(args.json, out)
 

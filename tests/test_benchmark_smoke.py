@@ -137,6 +137,43 @@ def test_kernel_bench_runs_every_variant_on_the_cpu(tmp_path):
     assert (tmp_path / "k.md").exists()
 
 
+def test_kernel_bench_reads_an_8bit_state(tmp_path):
+    """--state-dtype int8: the kernels read the codes and scales (the bytes counted are both);
+    on tensor cores (G=4) they dequantize to the query's bf16 as XLA's einsum of the
+    dequantized buffer does, and the f32 multiply-and-sum (vpu) of codes x scale differs
+    from those by bf16's rounding of the dequantized numbers alone."""
+    out = tmp_path / "k8.json"
+    bench("benchmarks.kernel_bench", "--json", out, "--cases", "t:2:2:4:32", "--variants",
+          "auto/0/0,xla,vpu/16/0,vpu/32/4", "--repeat", "2", "--reps", "1", "--bw-bytes", "4000000",
+          "--state-dtype", "int8")
+    case = json.loads(out.read_text())["cases"][0]
+    assert case["state_dtype"] == "int8" and case["layer_state_bytes"] == 2 * 2 * 32 * (128 + 4)
+    rows = {r["variant"]: r for r in case["rows"]}
+    assert all("error" not in r and r["scores_us"] > 0 for r in rows.values())
+    assert max(rows["xla"]["max_abs_diff"]) < 1e-4
+    for v in ("vpu/16/0", "vpu/32/4"):  # scores ~ N(0, 128): bf16's relative 2^-8, not more
+        assert 1e-6 < rows[v]["max_abs_diff"][0] < 0.25 and rows[v]["max_abs_diff"][1] < 1e-2
+    assert "int8" in (tmp_path / "k8.md").read_text()
+
+
+def test_jax_bench_sets_the_kernels_tuning(tmp_path):
+    """--kernel-tuning 1:64:2 reaches kernels.TUNING (and the result file) for 8-bit states."""
+    from benchmarks import jax_bench
+    from msrnn_jax.fast import kernels
+
+    before = dict(kernels.TUNING)
+    try:
+        res = jax_bench.main(["--section", "probe", "--model", "tiny", "--json", str(tmp_path / "p.json"),
+                              "--kernel-tuning", "1:64:2", "--probe-cases", "tova/16/1", "--variants",
+                              "split:pallas", "--n-steps", "1", "--reps", "1", "--bw-bytes", "0",
+                              "--no-probe-window", "--state-dtype", "int8"])
+        assert kernels.TUNING[1] == (64, 2) and res["kernel_tuning"]["1"] == [64, 2]
+        assert not res["errors"] and res["probe"]
+    finally:
+        kernels.TUNING.clear()
+        kernels.TUNING.update(before)
+
+
 def test_rotated_scores_bench_times_every_form(tmp_path):
     """benchmarks.rotated_scores --quick: the plain product and both forms of the rotated
     one, with shared and per-head ranks, each timed once, in the JSON and the table."""

@@ -38,6 +38,11 @@ from ..core.state import Quantized
 
 F32 = jnp.float32
 
+# (slots per program limit, Triton num_warps or None) by the stored slots' bytes per number.
+# The 16-bit choice was tuned on an H200 (benchmarks/results/kernels-*.md); an 8-bit block of
+# the same slots is half the bytes, so its own entry (benchmarks.kernel_bench --state-dtype).
+TUNING = {2: (256, None), 4: (256, None), 1: (256, None)}
+
 
 def slot_block(capacity: int, limit: int = 256) -> int:
     """The slots per program: the largest power of two <= limit dividing C (Triton blocks
@@ -90,6 +95,13 @@ def _store_rows(o_ref, val, rows: int):
     plt.store(o_ref, val, mask=jax.lax.broadcasted_iota(jnp.int32, val.shape, 0) < rows)
 
 
+def _tuned(x, C: int, block: int | None, warps: int | None) -> tuple[int, int | None]:
+    """The block of slots per program and num_warps for buffer x of capacity C: the
+    caller's, else TUNING's for the bytes of its stored numbers."""
+    limit, w = TUNING[jnp.dtype((x.data if isinstance(x, Quantized) else x).dtype).itemsize]
+    return block or slot_block(C, limit), (w if warps is None else warps)
+
+
 def _slots(x, cb: int, layer: int):
     """A float or 8-bit buffer as a kernel reads it: (the stored slots [L,B,Hkv,C,D], the
     extra operands and their block specs: an 8-bit buffer's scales [L,B,Hkv,C], Cb at a
@@ -127,7 +139,7 @@ def slot_scores(q, keys, layer: int, block: int | None = None, mma: bool | None 
     (None: 8 with tensor cores, else Triton's)."""
     B, H, G, D = q.shape
     C = keys.shape[3]
-    cb = block or slot_block(C)
+    cb, warps = _tuned(keys, C, block, warps)
     data, scales, scale_specs = _slots(keys, cb, layer)
     gp, mma, warps = _choose(G, cb, mma, warps)
     if mma and not scales:
@@ -167,7 +179,7 @@ def slot_mix(w, values, layer: int, block: int | None = None, mma: bool | None =
     cast to the values' dtype with mma, or kept in its own for 8-bit values)."""
     B, H, G, C = w.shape
     D = values.shape[4]
-    cb = block or slot_block(C)
+    cb, warps = _tuned(values, C, block, warps)
     data, scales, scale_specs = _slots(values, cb, layer)
     gp, mma, warps = _choose(G, cb, mma, warps)
     if mma and not scales:
