@@ -45,7 +45,6 @@ from msrnn_jax.run.api import Model
 from msrnn_jax.fast.attention import StepImpl
 from msrnn_jax.serve.engine import Engine
 from msrnn_jax.fast.layouts import fuse_projections, split_layers
-from msrnn_jax.core.policies import make_policy
 
 from . import bound as bounds
 from .common import device_info, median_seconds, weight_bytes_per_step, write_json

@@ -6,6 +6,7 @@ layers (sliding, sliding, global, sliding), window 5, every prompt longer than t
 
 from __future__ import annotations
 
+import csv
 import json
 
 import jax
@@ -408,3 +409,41 @@ def test_serve_equals_generate(tmp_path):
                 proc.wait(10)
         assert proc.returncode == 0, log.read_text()
     assert all(a != b for a, b in zip(answers["tova"], answers["full"]))  # the bound on the global layer shows
+
+
+def test_ruler_once_compresses_the_global_layers_alone(tmp_path):
+    """`msrnn eval ruler --mode once` on a tiny Gemma 3: each policy's answers are those of a
+    oneshot prefill of the context (the global layer cut to C, the sliding ones at their
+    window), the global group alone widened for the rest, then greedy decoding run alone;
+    the sliding group of the continued state is the window's, as in the model."""
+    from msrnn_jax import load_model
+    from msrnn_jax.core.policies import make_policy
+    from msrnn_jax.run import ruler as R
+    from msrnn_jax.run.decoding import prefill
+
+    folder = save_tiny_model(tmp_path / "g", "gemma3")
+    out = tmp_path / "once"
+    argv = ["eval", "ruler", "--model", folder, "--policy", "full,tova,window", "--ratio", "0.5", "--lengths", "512",
+            "--samples", "2", "--tasks", "niah_single_1", "--out", str(out)]
+    assert main(argv) == 0
+    model = load_model(folder)
+    frame = R.prompt_frame(model)
+    samples = R.build_samples(model, ["niah_single_1"], 512, 2, 0, frame=frame)["niah_single_1"]
+    parts = [R.prompt_ids(model, s, False, frame) for s in samples]
+    ctx, rest = [a for a, _ in parts], [b for _, b in parts]
+    window = model.cfg.layer_groups[0][1]
+    for name in ("tova", "window"):
+        with open(out / f"ruler__512__g__{name}__0.50" / "predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        cap = int(rows[0]["capacity"])
+        assert cap == int(0.5 * max(map(len, ctx))) > window
+        pol = make_policy(name)
+        extra = max(map(len, rest)) + 128
+        _, state = prefill(model.params, model.cfg, pol, None, cap, ctx, "oneshot")
+        wide = R._widen(state, extra)
+        assert isinstance(wide, Groups) and wide.capacity == (window - 1, cap + extra)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(wide.states[0]), jax.tree.leaves(state.states[0])))
+        assert (np.asarray(wide.states[1].pos)[..., cap:] == -1).all()
+        res = generate_tokens(model.params, model.cfg, RunSpec(pol, cap + extra), rest, 128, state=wide,
+                              eos_ids=model.eos_ids)
+        assert [r["predicted_answer"] for r in rows] == [model.decode(t) for t in res.tokens], name

@@ -65,6 +65,7 @@ from ..core.policies import (
     policy_name,
     side_by_side,
 )
+from ..core.state import Groups
 from ..errors import InvalidArgument, MsrnnError, check_choice, check_float, check_int
 from . import ruler_tasks as rt
 
@@ -198,7 +199,12 @@ def prompt_ids(model: Model, sample: rt.Sample, query_aware: bool = False, frame
 def _widen(state, extra: int):
     """The state with `extra` empty slots more (filled before anything is evicted). Every
     leaf has the slot axis third ([L, B, Hkv, C, ...]; a quantized store's data and scale
-    alike)."""
+    alike). Layer groups (`Groups`): the global groups alone; a sliding group keeps its
+    window, as the model does."""
+    if isinstance(state, Groups):
+        return Groups(tuple(s if w else _widen(s, extra) for s, w in zip(state.states, state.windows)),
+                      state.windows)
+
     def pad(value):
         return lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, extra)] + [(0, 0)] * (a.ndim - 4), constant_values=value)
 
@@ -218,6 +224,8 @@ def _interleave(states):
 
     if len(states) == 1:
         return states[0]
+    if isinstance(states[0], Groups):  # group by group
+        return states[0].map(lambda *ss: _interleave(ss), *states[1:])
     fields = {f: jax.tree.map(mix(1), *(getattr(s, f) for s in states)) for f in ("keys", "values", "pos", "score")}
     return states[0].replace(length=mix(0)(*(s.length for s in states)), **fields)
 
@@ -230,9 +238,6 @@ def answer_once(model: Model, members: Sequence[Policy], capacity: int, compress
     from .decoding import generate_tokens, prefill
     from .spec import RunSpec
 
-    from ..core.groups import refuse_groups
-
-    refuse_groups(model.cfg, "ruler --mode once")
     extra = max(len(r) for r in rest) + max_new
     with model.scope():
         states = [_widen(prefill(model.params, model.cfg, p, None, capacity, compressed, "oneshot")[1], extra)
