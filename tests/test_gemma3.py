@@ -110,6 +110,33 @@ def test_every_policy_matches_reference(gemma):
     np.testing.assert_allclose(np.asarray(logits)[0], ref_logits, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("positions,state_dtype", [("absolute", "float32"), ("reindex", "float32"),
+                                                     ("absolute", "int8")])
+def test_pallas_kernels_run_the_groups(gemma, positions, state_dtype):
+    """`attention="pallas"` over layer groups: each layer's kernels read its slots inside its
+    group's whole buffers. Every policy side by side keeps exactly the reference's positions
+    in both groups; the scan (layer after layer) and `layer_major` alike."""
+    from msrnn_jax.fast.attention import StepImpl
+    from msrnn_jax.fast.layer_major import layer_major
+
+    _, _, cfg, params = gemma
+    tokens = tokens_of(cfg, T, 8 if state_dtype == "int8" else 7)  # (seed 7: an int8 rounding on its boundary)
+    pol = PerRow(policies=tuple(policy_obj(n, i) for n, i in POLICIES))
+    impl = StepImpl(attention="pallas")
+    spread = jnp.asarray(pol.spread(tokens[None]))
+    logits, st, pos = scan(params, cfg, pol, init_state(cfg, len(POLICIES), C, state_dtype), spread, impl=impl,
+                           positions=positions, emit="logits+pos")
+    for row, (name, sinks) in enumerate(POLICIES):
+        ref_logits, ref_pos = reference_run(params, cfg, name, C, tokens, sinks, positions=positions,
+                                            state_dtype=None if state_dtype == "float32" else state_dtype)
+        same_kept([sorted_pos(p)[:, :, row] for p in pos], ref_pos, f"{name} pallas")
+        np.testing.assert_allclose(np.asarray(logits)[row], ref_logits, atol=ATOL, rtol=RTOL, err_msg=name)
+    _, lm = layer_major(params, cfg, pol, init_state(cfg, len(POLICIES), C, state_dtype), spread,
+                        jnp.ones(spread.shape, bool), impl, positions)
+    for a, b in zip(lm.states, st.states):
+        assert np.array_equal(np.asarray(a.pos), np.asarray(b.pos))
+
+
 def test_prefill_modes_and_reindex_match_reference(gemma):
     """oneshot (h2o), chunked (tova, S=5) and exact under `reindex` positions (tova)."""
     _, _, cfg, params = gemma

@@ -31,12 +31,6 @@ def refuse_groups(cfg: ModelConfig, what: str) -> None:
                               "global layers) yet")
 
 
-def check_grouped_impl(impl: StepImpl) -> None:
-    if impl.attention == "pallas":
-        raise InvalidArgument("the Pallas kernels do not run layer groups (gemma3) yet: use attention einsum",
-                              "attention")
-
-
 def layer_params(layers, l: int):
     """Layer l's params from stacked ([L, ...]) or per-layer (a list) layers."""
     return layers[l] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[l], layers)
@@ -48,7 +42,6 @@ def grouped_step(params, cfg: ModelConfig, policy: Policy, rnn, tokens, active=N
     and whose carry is one per group. Returns (logits [B, V] f32, the new Recurrence)."""
     from .step import Recurrence, layer_step, write_slots
 
-    check_grouped_impl(impl)
     st: Groups = rnn.state
     where = positions_of(positions)
     pols = st.policies(policy)
@@ -65,9 +58,10 @@ def grouped_step(params, cfg: ModelConfig, policy: Policy, rnn, tokens, active=N
         s = st.states[g]
         if l and impl.unroll_barrier:
             x = jax.lax.optimization_barrier(x)
-        x, w = layer_step(cfgs[g], pols[g], layer_params(params["layers"], l), x, s.keys[i], s.values[i],
-                          s.pos[i], s.score[i], p, active, impl, 0, where, shared[g],
-                          jax.tree.map(lambda a: a[i], carry[g]))
+        # Pallas: the kernels read the group's layer i inside its whole buffers
+        K, V, li = (s.keys, s.values, i) if impl.attention == "pallas" else (s.keys[i], s.values[i], 0)
+        x, w = layer_step(cfgs[g], pols[g], layer_params(params["layers"], l), x, K, V, s.pos[i], s.score[i], p,
+                          active, impl, li, where, shared[g], jax.tree.map(lambda a: a[i], carry[g]))
         writes[g].append(w)
     states, carries = [], []
     for g, s in enumerate(st.states):

@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from ..core.layers import F32, embed, finish_layer, logits_from_hidden, norm, project, token_nll
 from ..core.policies import Policy
 from ..core.positions import positions_of
-from ..core.groups import check_grouped_impl, layer_params
+from ..core.groups import layer_params
 from ..core.state import Groups, State, check_single
 from ..core.step import attend_and_choose, write_slots
 from .attention import DEFAULT_IMPL, StepImpl
@@ -38,7 +38,6 @@ def layer_major(params, cfg: ModelConfig, policy: Policy, state: State, tokens, 
     pos = state.length[:, None] + jnp.cumsum(act, 1) - act  # [B, T] each token's position
     where = positions_of(positions)
     if isinstance(state, Groups):  # layer groups: unrolled, each layer with its group's config and policy
-        check_grouped_impl(impl)
         pols = state.policies(policy)
         fns = [_layer(cfg.group_config(g), pols[g], st.capacity, B, T, pos, active, where, impl)
                for g, st in enumerate(state.states)]

@@ -69,7 +69,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.policies import PerRow, Policy, make_policy, policy_name
-from ..core.groups import check_grouped_impl
 from ..core.state import Groups, State, init_state
 from ..errors import InvalidArgument, MsrnnError, check_float, check_int
 from ..fast import sharding
@@ -183,8 +182,6 @@ class Engine:
                  log_requests: bool = True, positions: str = "absolute", max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, echo_top: int = 5):
         self.model, self.cfg = model, model.cfg
-        if self.cfg.grouped:  # layer groups (gemma3): every program runs `Groups` (docs/design.md §12)
-            check_grouped_impl(impl)
         self.sinks = sinks
         self.policies = served_policies(policy, sinks)
         # one policy, or several side by side as batch rows: row b follows policies[b % n]
