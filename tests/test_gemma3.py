@@ -137,6 +137,28 @@ def test_pallas_kernels_run_the_groups(gemma, positions, state_dtype):
         assert np.array_equal(np.asarray(a.pos), np.asarray(b.pos))
 
 
+def test_record_run_keeps_every_layers_positions(gemma):
+    """`record_run` (the analysis' recording) on layer groups: every layer's kept positions in
+    the model's order, the sliding layers' W - 1 slots padded with -1 to the global layer's C,
+    each equal to the reference's; the NLL that of the step's logits."""
+    from msrnn_jax.run.analysis import record_run
+    from msrnn_jax.run.api import Model
+
+    _, _, cfg, params = gemma
+    tokens = tokens_of(cfg, T, 7)
+    rec = record_run(Model(cfg, params), "tova", C, tokens, steps_per_call=5)
+    assert rec.pos.shape == (T, cfg.num_layers, 1, cfg.num_kv_heads, C)
+    ref_logits, ref_pos = reference_run(params, cfg, "tova", C, tokens)
+    for l, (g, i) in enumerate(cfg.layer_slots):
+        Cg = ref_pos[g].shape[-1]
+        assert (rec.pos[:, l, 0, :, Cg:] == -1).all()
+        assert np.array_equal(sorted_pos(rec.pos[:, l, 0, :, :Cg]), sorted_pos(ref_pos[g][:, i])), l
+    assert len({ref_pos[g].shape[-1] for g, _ in cfg.layer_slots}) == 2
+    logp = jax.nn.log_softmax(jnp.asarray(ref_logits[:-1]), -1)
+    want = -np.take_along_axis(np.asarray(logp), tokens[1:, None], 1)[:, 0]
+    np.testing.assert_allclose(rec.nll[0], want, atol=1e-5, rtol=1e-5)
+
+
 def test_prefill_modes_and_reindex_match_reference(gemma):
     """oneshot (h2o), chunked (tova, S=5) and exact under `reindex` positions (tova)."""
     _, _, cfg, params = gemma

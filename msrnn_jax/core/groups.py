@@ -16,19 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..errors import InvalidArgument
 from ..fast.attention import DEFAULT_IMPL, StepImpl
 from .layers import embed, logits_from_hidden
 from .policies import Policy
 from .positions import positions_of
 from .state import Groups, State
-
-
-def refuse_groups(cfg: ModelConfig, what: str) -> None:
-    """One clear line where a path does not run layer groups yet (docs/design.md §12)."""
-    if cfg.grouped:
-        raise InvalidArgument(f"{what} does not run models with layer groups ({cfg.family}: sliding and "
-                              "global layers) yet")
 
 
 def layer_params(layers, l: int):

@@ -29,8 +29,7 @@ import numpy as np
 
 from ..core.layers import token_nll
 from ..core.policies import Policy, make_policy, policy_name, side_by_side
-from ..core.groups import refuse_groups
-from ..core.state import State
+from ..core.state import init_state
 from ..core.step import scan
 from ..errors import InvalidArgument
 from .evaluate import NLLSummary, token_rows
@@ -85,6 +84,7 @@ class Recording(NLLSummary):
     tokens: np.ndarray  # [B, T] int32
     nll: np.ndarray     # [B, T-1] NLL of each next-token prediction
     pos: np.ndarray     # [T, L, B, Hkv, C] int32 kept positions after step t; -1 = empty
+    # (layer groups: every layer in the model's order, each group's slots padded with -1 to the largest)
 
 
 def record_run(model, policy: str | Policy, capacity: int | None, tokens,
@@ -113,18 +113,29 @@ def record_run(model, policy: str | Policy, capacity: int | None, tokens,
     targets = np.zeros_like(inputs)
     targets[:, : T - 1] = tokens[:, 1:]  # step t predicts token t + 1
 
-    refuse_groups(cfg, "recording kept positions")
-    state = State.init(cfg, B, capacity, params["embed"].dtype)
+    state = init_state(cfg, B, capacity, params["embed"].dtype)
     nll, pos = [], []
     for c in range(n_calls):
         sl = slice(c * width, (c + 1) * width)
         logits, state, p = scan(params, cfg, pol, state, jnp.asarray(inputs[:, sl]),
                                        jnp.asarray(active[:, sl]), emit="logits+pos")
         nll.append(np.asarray(token_nll(logits, jnp.asarray(targets[:, sl]))))
-        pos.append(np.asarray(p))
+        pos.append(layer_positions(cfg, p))
     nll = np.concatenate(nll, 1)[:, : T - 1]
     pos = np.concatenate(pos, 0)[:T]
     return Recording(policy_name(pol), int(capacity), tokens, nll, pos)
+
+
+def layer_positions(cfg, pos) -> np.ndarray:
+    """Kept positions [T, L, B, Hkv, C] from a scan's `emit="logits+pos"`: as they are, or
+    (layer groups: one [T, Lg, B, Hkv, Cg] per group) every layer in the model's order, a
+    group's slots padded with -1 to the largest group's."""
+    if not isinstance(pos, tuple):
+        return np.asarray(pos)
+    pos = [np.asarray(p) for p in pos]
+    C = max(p.shape[-1] for p in pos)
+    return np.stack([np.pad(pos[g][:, i], [(0, 0)] * 3 + [(0, C - pos[g].shape[-1])], constant_values=-1)
+                     for g, i in cfg.layer_slots], 1)
 
 
 def record_policies(model, policies: Sequence[str | Policy], capacity: int,
