@@ -16,6 +16,12 @@ The long-context tasks on the same states (`--eval`: accuracy over every depth, 
         --samples 4 --state-dtype $d --json > benchmarks/results/quantized/eval/$task-$d.jsonl
     done; done
     python -m benchmarks.quantized_table --eval benchmarks/results/quantized/eval
+
+Beside transformers' quantized KV cache on the same tokens (`benchmarks.hf_quantized`'s
+BOOK.jsonl files; `full` alone, since transformers does not evict):
+
+    python -m benchmarks.hf_quantized --out benchmarks/results/quantized/hf
+    python -m benchmarks.quantized_table benchmarks/results/quantized --hf benchmarks/results/quantized/hf
 """
 
 from __future__ import annotations
@@ -79,12 +85,44 @@ def eval_table(folder: Path) -> str:
     return "\n".join(out)
 
 
+def hf_table(runs: dict, hf_folder: Path) -> str:
+    """Each book's perplexity with every token read from the stored cache, `full` (nothing
+    evicted): msrnn's float32 state and its int8 / fp8 deltas, beside transformers' float32
+    `DynamicCache` and the deltas of its `QuantizedCache` backends (BOOK.jsonl of
+    benchmarks.hf_quantized)."""
+    out = ["| book | tokens | msrnn float32 ppl | int8 | fp8 | transformers float32 ppl | "
+           + "cache: delta |", "|---|---:|---:|---:|---:|---:|---|"]
+    for path in sorted(hf_folder.glob("*.jsonl"), reverse=True):
+        book = path.stem
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        done = {r["cache"]: r for r in rows if "ppl" in r}
+        base = done.get("float32")
+        mine = {d: next((r for (p, _), r in runs.get((book, d), {}).items() if p == "full"), None) for d in DTYPES}
+        if base is None or mine["float32"] is None or mine["float32"]["tokens"] != base["tokens"]:
+            continue  # not the same tokens
+        ours = [f"{100 * (mine[d]['ppl'] / mine['float32']['ppl'] - 1):+.2f}%" if mine[d] else "" for d in DTYPES[1:]]
+        theirs = "; ".join([f"{name} {100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" for name, r in done.items()
+                            if name != "float32"] + [f"{r['cache']} not run ({r['skipped']})" for r in rows
+                                                     if "skipped" in r])
+        out.append(f"| {book} | {base['tokens']} | {mine['float32']['ppl']:.2f} | {ours[0]} | {ours[1]} | "
+                   f"{base['ppl']:.2f} | {theirs} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quantized_table")
     ap.add_argument("folder", type=Path)
     ap.add_argument("--eval", action="store_true", help="the folder holds `msrnn eval --json` runs (TASK-DTYPE.jsonl)")
+    ap.add_argument("--hf", type=Path, default=None,
+                    help="also the table beside transformers' quantized cache (benchmarks.hf_quantized's folder)")
     args = ap.parse_args(argv)
-    print(eval_table(args.folder) if args.eval else table(load(args.folder)))
+    if args.eval:
+        print(eval_table(args.folder))
+    else:
+        runs = load(args.folder)
+        print(table(runs))
+        if args.hf is not None:
+            print("\n" + hf_table(runs, args.hf))
     return 0
 
 

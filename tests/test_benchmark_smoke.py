@@ -535,3 +535,45 @@ def test_the_8bit_eval_table_sums_every_depth(tmp_path):
     assert lines[0] == "| task | policy | C | float32 | int8 |"
     assert lines[2] == "| passkey | full | 64 | 7/8 | 6/8 |"
     assert lines[3] == "| passkey | tova | 32 | 3/8 | 2/8 |"
+
+
+def test_transformers_quantized_cache_beside_the_8bit_state(tiny_dir, tmp_path, capsys):
+    """benchmarks.hf_quantized on a tiny model: transformers' float32 cache, fed token by
+    token, gives the NLL of `msrnn ppl --policy full` on the same tokens (one model); its fp8
+    cache changes it; a backend whose package is missing is named, not run; and
+    quantized_table --hf puts both side by side (ours from `msrnn ppl --json` files)."""
+    import transformers
+
+    from benchmarks import hf_quantized, quantized_table
+    from msrnn_jax.cli import main as cli
+
+    if "fp8" not in __import__("inspect").getsource(transformers.QuantizedCache.__init__):
+        pytest.skip(f"transformers {transformers.__version__} has no fp8 QuantizedCache backend (5.25 has)")
+    (tmp_path / "data").mkdir()
+    text = "It was the best of times, it was the worst of times. Paris is the capital of France. " * 8
+    (tmp_path / "data" / "book.txt").write_text(text)
+    out = tmp_path / "hf"
+    assert hf_quantized.main(["--out", str(out), "--tokens", "40", "--data", str(tmp_path / "data"), "--books",
+                              "book", "--caches", "float32,fp8", "--model", tiny_dir]) == 0
+    rows = {r["cache"]: r for r in map(json.loads, (out / "book.jsonl").read_text().splitlines())}
+    assert rows["float32"]["tokens"] == rows["fp8"]["tokens"] == 40
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for d in ("float32", "int8", "fp8"):
+        capsys.readouterr()
+        assert cli(["ppl", str(tmp_path / "data" / "book.txt"), "--model", tiny_dir, "--policy", "full", "--tokens",
+                    "40", "--state-dtype", d, "--json"]) == 0
+        (ours / f"book-{d}.jsonl").write_text(capsys.readouterr().out)
+    mine = json.loads((ours / "book-float32.jsonl").read_text())
+    assert abs(rows["float32"]["mean_nll"] - mine["mean_nll"]) < 1e-5 * mine["mean_nll"]
+    assert rows["fp8"]["mean_nll"] != rows["float32"]["mean_nll"] and np.isfinite(rows["fp8"]["mean_nll"])
+    missing = [c for c in hf_quantized.CACHES if not hf_quantized.installed(c[3])]
+    table = quantized_table.hf_table(quantized_table.load(ours), out)
+    line = table.splitlines()[2]
+    assert line.startswith(f"| book | 40 | {mine['ppl']:.2f} |")
+    want = 100 * (rows["fp8"]["ppl"] / rows["float32"]["ppl"] - 1)
+    assert f"fp8 {want:+.2f}%" in line
+    if missing:  # the missing backends are named, with what to install
+        assert hf_quantized.main(["--out", str(out), "--tokens", "40", "--data", str(tmp_path / "data"), "--books",
+                                  "book", "--caches", missing[0][0], "--model", tiny_dir]) == 0
+        assert "pip install" in (out / "book.jsonl").read_text()
