@@ -7,6 +7,7 @@ per (layer, row, KV head); logits to 1e-5.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +112,30 @@ def test_oneshot_matches_reference(name, sinks):
     # the shapes test_policies compiles)
     if name not in ("h2o", "h2o-head"):
         continue_exact(params, cfg, name, state, ref, random_tokens(cfg, 32, seed=32), sinks)
+
+
+def test_one_forward_serves_every_cut():
+    """`decoding.oneshot_prompt` runs the forward once; `cut_prompt` then cuts it for each
+    policy and capacity (`eval ruler --mode once`): every cut keeps the reference's positions
+    (H2O's scores too), two rows of different lengths, the forward never changed by a cut."""
+    from msrnn_jax.run.decoding import cut_prompt, oneshot_prompt
+
+    cfg = tiny_config("gqa")
+    params = tiny_params(cfg)
+    rows = [random_tokens(cfg, T, seed=31).tolist(), random_tokens(cfg, T - 7, seed=35).tolist()]
+    last, prompt = oneshot_prompt(params, cfg, rows)
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(prompt)]
+    for name, C in [("tova", 6), ("h2o", 6), ("tova-head", 9), ("sink", 9), ("tova", 9)]:
+        state = cut_prompt(params, cfg, policy_obj(name), C, prompt)
+        for b, row in enumerate(rows):
+            ref_logits, ref_kept, ref = reference_oneshot(params, cfg, name, C, np.asarray(row))
+            np.testing.assert_array_equal(sorted_pos(state.pos)[:, b], ref_kept, err_msg=f"{name} C={C} row {b}")
+            np.testing.assert_allclose(np.asarray(last)[b], ref_logits[-1], atol=ATOL, rtol=RTOL)
+            if name == "h2o":
+                np.testing.assert_allclose(slot_scores_by_pos(state.pos, state.score)[:, b], ref.kept_scores(),
+                                           atol=1e-5, rtol=1e-5)
+        assert np.array_equal(np.asarray(state.length), [T, T - 7])
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(prompt)))
 
 
 @pytest.mark.parametrize("name", ["h2o", "h2o-head"])

@@ -6,6 +6,7 @@ then a cut back to C)."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 import math
 
 import jax
@@ -103,13 +104,24 @@ def reduce_candidates(policy: Policy, capacity: int, keys, values, pos, attn, sc
     return take(keys), take(values), pos, score
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity"))
+class Prompt(NamedTuple):
+    """What a oneshot cut reads from one parallel forward over a prompt (`oneshot_forward`):
+    keys, values [L,B,Hkv,T,D], their positions [L,B,Hkv,T] (-1 past a row's length), the
+    last token's and the column-summed attention per KV head [L,B,Hkv,T], the lengths [B]."""
+
+    keys: jax.Array
+    values: jax.Array
+    pos: jax.Array
+    a_last: jax.Array
+    colsum: jax.Array
+    lengths: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
 @exact_for_f32
-def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tokens, lengths=None):
-    """The official TOVA code's prompt handling: one parallel causal forward over the
-    prompt, then each layer keeps a top-C mask ranked by the last prompt token's
-    head-averaged attention (H2O: recent C/2 plus top by column-summed attention).
-    Returns (logits [B,T,V], state)."""
+def oneshot_forward(params, cfg: ModelConfig, tokens, lengths=None):
+    """The parallel forward of a oneshot prefill, before any cut: (logits [B,T,V], Prompt).
+    Several cuts (policies, capacities) of one prompt share it (`oneshot_cut`)."""
     B, T = tokens.shape
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
@@ -117,6 +129,14 @@ def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tok
     t = jnp.arange(T, dtype=jnp.int32)
     pos = jnp.where(t[None] < lengths[:, None], t[None], -1)  # [B,T]
     pos = jnp.broadcast_to(pos[None, :, None, :], K.shape[:-1])
+    return logits, Prompt(K, V, pos, a_last, colsum, lengths.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity", "dtype"))
+def oneshot_cut(cfg: ModelConfig, policy: Policy, capacity: int, prompt: Prompt, dtype=jnp.float32):
+    """The state a oneshot prefill leaves (`prefill_oneshot`), cut from a `oneshot_forward`:
+    each layer keeps its top C (keys and values stored in `dtype`)."""
+    K, V, pos, a_last, colsum, lengths = prompt
     if cfg.grouped:  # each group keeps its own capacity by its own policy
         empty = Groups.init(cfg, 1, capacity)
         states = []
@@ -125,14 +145,22 @@ def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tok
             keys, values, kpos, score = reduce_candidates(pol, st.capacity, K[at], V[at], pos[at],
                                                           _head_average(pol, a_last[at]),
                                                           _head_average(pol, colsum[at]))
-            states.append(State(keys.astype(params["embed"].dtype), values.astype(params["embed"].dtype),
-                                kpos, score, lengths.astype(jnp.int32)))
-        return logits, Groups(tuple(states), empty.windows)
+            states.append(State(keys.astype(dtype), values.astype(dtype), kpos, score, lengths))
+        return Groups(tuple(states), empty.windows)
     keys, values, pos, score = reduce_candidates(
         policy, capacity, K, V, pos, _head_average(policy, a_last), _head_average(policy, colsum))
-    state = State(keys.astype(params["embed"].dtype), values.astype(params["embed"].dtype),
-                  pos, score, lengths.astype(jnp.int32))
-    return logits, state
+    return State(keys.astype(dtype), values.astype(dtype), pos, score, lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity"))
+@exact_for_f32
+def prefill_oneshot(params, cfg: ModelConfig, policy: Policy, capacity: int, tokens, lengths=None):
+    """The official TOVA code's prompt handling: one parallel causal forward over the
+    prompt, then each layer keeps a top-C mask ranked by the last prompt token's
+    head-averaged attention (H2O: recent C/2 plus top by column-summed attention).
+    Returns (logits [B,T,V], state)."""
+    logits, prompt = oneshot_forward(params, cfg, tokens, lengths)
+    return logits, oneshot_cut(cfg, policy, capacity, prompt, params["embed"].dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "positions"), donate_argnames=("state",))

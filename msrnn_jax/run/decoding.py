@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import errors
 from ..config import ModelConfig
-from ..core.parallel import chunk_step, prefill_oneshot
+from ..core.parallel import Prompt, chunk_step, oneshot_cut, oneshot_forward
 from ..core.policies import Policy
 from ..core.positions import check_positions
 from ..core.state import Groups, State, as_storage, init_state
@@ -79,6 +79,26 @@ def _row_last(logits, n):
 
 
 @sharding.within_mesh
+def oneshot_prompt(params, cfg: ModelConfig, seqs: Sequence[Sequence[int]]) -> tuple[jax.Array, Prompt]:
+    """The parallel forward of a oneshot prefill over prompts, before any cut: (the logits
+    after each row's last token [B, V], the `Prompt` that `cut_prompt` cuts). Several
+    policies and capacities of one prompt share it (`eval ruler --mode once`)."""
+    tokens, active = pad_batch(seqs)
+    lengths = active.sum(1).astype(np.int32)
+    logits, prompt = oneshot_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths))
+    return _row_last(logits, lengths), prompt
+
+
+def cut_prompt(params, cfg: ModelConfig, policy: Policy, capacity: int, prompt: Prompt, dtype=None, mesh=None):
+    """The state a oneshot prefill of `policy` in `capacity` slots leaves, cut from
+    `oneshot_prompt`'s forward: equal to `prefill(..., mode="oneshot")`'s."""
+    dtype = dtype or params["embed"].dtype
+    state = oneshot_cut(cfg, policy, capacity, prompt, params["embed"].dtype)
+    store = lambda st: st.replace(keys=as_storage(st.keys, dtype), values=as_storage(st.values, dtype))  # noqa: E731
+    state = Groups(tuple(map(store, state.states)), state.windows) if isinstance(state, Groups) else store(state)
+    return state if mesh is None else sharding.place_state(state, mesh)
+
+
 def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capacity: int,
             seqs: Sequence[Sequence[int]], mode: str = "exact", chunk: int | None = None,
             dtype=None, positions: str = "absolute", mesh=None, layer_major: bool = True):
@@ -102,13 +122,8 @@ def prefill(params, cfg: ModelConfig, policy: Policy, state: State | None, capac
     if mode == "oneshot":
         if state is not None:
             raise InvalidArgument("oneshot prefill reads a prompt into an empty state; use exact or chunked")
-        lengths = active.sum(1).astype(np.int32)
-        logits, state = prefill_oneshot(params, cfg, policy, capacity, jnp.asarray(tokens), jnp.asarray(lengths))
-        store = lambda st: st.replace(keys=as_storage(st.keys, dtype), values=as_storage(st.values, dtype))  # noqa: E731
-        state = Groups(tuple(map(store, state.states)), state.windows) if isinstance(state, Groups) else store(state)
-        if mesh is not None:
-            state = sharding.place_state(state, mesh)
-        return _row_last(logits, lengths), state
+        last, prompt = oneshot_prompt(params, cfg, seqs)
+        return last, cut_prompt(params, cfg, policy, capacity, prompt, dtype, mesh)
     if state is None:
         state = init_state(cfg, B, capacity, dtype) if mesh is None else sharding.init_state(cfg, B, capacity, dtype, mesh)
     if mode == "exact":

@@ -230,18 +230,22 @@ def _interleave(states):
     return states[0].replace(length=mix(0)(*(s.length for s in states)), **fields)
 
 
-def answer_once(model: Model, members: Sequence[Policy], capacity: int, compressed, rest, max_new: int):
+def answer_once(model: Model, members: Sequence[Policy], capacity: int, compressed, rest, max_new: int,
+                prompt=None):
     """`once` mode: every prompt's compressed part cut to `capacity` by each member policy
     (`prefill` oneshot), the rest appended without eviction, then `max_new` greedy tokens.
-    Returns the answers' token lists, row b = prompt b // n under members[b % n]."""
+    prompt: `decoding.oneshot_prompt(compressed)`'s forward, shared by every policy and
+    capacity of these prompts (None: run it here). Returns the answers' token lists, row b =
+    prompt b // n under members[b % n]."""
     from ..core.policies import PerRow
-    from .decoding import generate_tokens, prefill
+    from .decoding import cut_prompt, generate_tokens, oneshot_prompt
     from .spec import RunSpec
 
     extra = max(len(r) for r in rest) + max_new
     with model.scope():
-        states = [_widen(prefill(model.params, model.cfg, p, None, capacity, compressed, "oneshot")[1], extra)
-                  for p in members]
+        if prompt is None:
+            prompt = oneshot_prompt(model.params, model.cfg, compressed)[1]
+        states = [_widen(cut_prompt(model.params, model.cfg, p, capacity, prompt), extra) for p in members]
         policy = members[0] if len(members) == 1 else PerRow(policies=tuple(members))
         spec = RunSpec(policy, capacity + extra)  # the continued state's slots; exact reading of the rest
         res = generate_tokens(model.params, model.cfg, spec, [r for r in rest for _ in members], max_new,
@@ -351,12 +355,20 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
             runs = defaultdict(list)
             for s in mine:
                 runs[None if s.policy == "full" else s.capacity_for(n_ctx)].append(s)
+            prompt, shared = None, 0.0  # `once`: one forward over the contexts, cut for every policy and capacity
+            if mode == "once" and any(cap is not None for cap in runs):
+                from .decoding import oneshot_prompt
+                t1 = time.perf_counter()
+                with model.scope():
+                    prompt = jax.block_until_ready(oneshot_prompt(model.params, model.cfg, [a for a, _ in parts])[1])
+                shared = (time.perf_counter() - t1) / sum(len(m) for c, m in runs.items() if c is not None)
             for cap, members in runs.items():
                 t1 = time.perf_counter()
-                answers = _answer(model, mode, [(s, by_pol[s.policy]) for s in members], cap, parts, max_new, fuse)
+                answers = _answer(model, mode, [(s, by_pol[s.policy]) for s in members], cap, parts, max_new, fuse,
+                                  prompt)
                 sec = time.perf_counter() - t1
                 for s, (toks, slots) in answers.items():
-                    seconds[s] += sec / len(answers)
+                    seconds[s] += sec / len(answers) + (shared if cap is not None else 0.0)
                     for smp, (a, b), tk in zip(group, parts, toks):
                         rows[s].append(_row(smp, model.decode(tk), s, len(a), len(a) + len(b), slots, n_ctx))
                     if bar is not None:
@@ -370,7 +382,8 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
     return [out / s.dirname(n, name) for n in lengths for s in settings]
 
 
-def _answer(model: Model, mode: str, members, cap: int | None, parts, max_new: int, fuse: bool) -> dict:
+def _answer(model: Model, mode: str, members, cap: int | None, parts, max_new: int, fuse: bool,
+            prompt=None) -> dict:
     """The answers of one task's prompts (`parts`: (compressed, rest) token ids) under the
     settings of one capacity (`members`: (setting, policy) pairs; `cap` None: full), the
     bounded policies side by side. Returns {setting: (token lists, state slots)}."""
@@ -383,7 +396,7 @@ def _answer(model: Model, mode: str, members, cap: int | None, parts, max_new: i
     # each policy once, even where two ratios round to one capacity
     for pol, group in side_by_side(list(dict.fromkeys(p for _, p in members)), fuse):
         if mode == "once":
-            toks = answer_once(model, group, cap, compressed, rest, max_new)
+            toks = answer_once(model, group, cap, compressed, rest, max_new, prompt)
         else:
             toks = answer_exact(model, pol, slots, [a + b for a, b in parts], max_new, len(group))
         answers.update({member: [toks[r] for r in pol.rows_of(i, len(toks))] for i, member in enumerate(group)})
