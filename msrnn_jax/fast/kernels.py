@@ -98,7 +98,7 @@ def _store_rows(o_ref, val, rows: int):
 def _tuned(x, C: int, block: int | None, warps: int | None) -> tuple[int, int | None]:
     """The block of slots per program and num_warps for buffer x of capacity C: the
     caller's, else TUNING's for the bytes of its stored numbers."""
-    limit, w = TUNING[jnp.dtype((x.data if isinstance(x, Quantized) else x).dtype).itemsize]
+    limit, w = TUNING.get(jnp.dtype((x.data if isinstance(x, Quantized) else x).dtype).itemsize, (256, None))
     return block or slot_block(C, limit), (w if warps is None else warps)
 
 
