@@ -309,3 +309,37 @@ def test_bad_input(capsys, tmp_path, argv, status, needle):
 def test_ruler_flags_refused_on_passkey(capsys):
     code = main(["eval", "passkey", "--policy", "full", "--ratio", "0.5"])
     assert code == 2 and "applies to msrnn eval ruler only" in capsys.readouterr().err
+
+
+def test_a_stopped_run_keeps_its_finished_tasks(tiny, tmp_path, monkeypatch):
+    """A run stopped after its first task and started again with the same settings answers
+    only the tasks it had not finished (the first from out/.partial/), and writes what an
+    uninterrupted run writes; `.partial/` is gone once the directories are written."""
+    tasks = ["niah_single_1", "niah_multikey_2"]
+    kw = dict(ratios=[0.5], lengths=[512], samples=2, tasks=tasks, mode="once", model_name="tiny")
+    whole = R.run_ruler(tiny, ["tova", "window"], out=tmp_path / "whole", **kw)
+    calls = []
+    real = R._answer
+
+    def stop_after_first_task(model, mode, members, cap, parts, *a, **k):
+        calls.append(parts)
+        if len({id(p) for p in calls}) > 1:  # the second task's prompts
+            raise KeyboardInterrupt
+        return real(model, mode, members, cap, parts, *a, **k)
+
+    monkeypatch.setattr(R, "_answer", stop_after_first_task)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_ruler(tiny, ["tova", "window"], out=tmp_path / "again", **kw)
+    assert len(list((tmp_path / "again" / ".partial").glob("*/niah_single_1.json"))) == 1
+    assert not list((tmp_path / "again").glob("ruler__*"))  # nothing written yet
+    monkeypatch.setattr(R, "_answer", real)
+    answered, said = [], []
+    monkeypatch.setattr(R, "_answer", lambda model, mode, members, cap, parts, *a, **k: (
+        answered.append(len(parts)), real(model, mode, members, cap, parts, *a, **k))[1])
+    again = R.run_ruler(tiny, ["tova", "window"], out=tmp_path / "again", log=said.append, **kw)
+    assert len(answered) == 1  # one capacity, the second task only
+    assert any("niah_single_1" in s and "kept" in s for s in said)
+    for a, b in zip(whole, again):
+        assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+        assert (a / "metrics.json").read_text() == (b / "metrics.json").read_text()
+    assert not (tmp_path / "again" / ".partial").exists()

@@ -347,7 +347,19 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
         data = build_samples(model, tasks, n, samples, seed, hay_words, qa, frame)
         rows: dict = defaultdict(list)
         seconds: dict = defaultdict(float)
+        saved = _Partial(out, n, {"settings": sorted(todo[(n, s)].name for s in mine), "mode": mode,
+                                  "query_aware": bool(query_aware), **wanted})
         for task, group in data.items():
+            restored = saved.load(task)
+            if restored is not None:  # a run that stopped finished this task: its answers are kept
+                for s in mine:
+                    rows[s] += restored["rows"][s.dirname(n, name)]
+                    seconds[s] += restored["seconds"][s.dirname(n, name)]
+                if bar is not None:
+                    bar.update(len(group) * len(mine))
+                log(f"{task} at {n} tokens: answers kept from a run that stopped")
+                continue
+            before = {s: (len(rows[s]), seconds[s]) for s in mine}
             max_new = rt.MAX_NEW_TOKENS[rt.family(task)]
             parts = [prompt_ids(model, smp, query_aware, frame) for smp in group]
             n_ctx = max(len(a) for a, _ in parts)
@@ -373,13 +385,52 @@ def run_ruler(model: Model, policies, ratios: Sequence[float] = (), capacities: 
                         rows[s].append(_row(smp, model.decode(tk), s, len(a), len(a) + len(b), slots, n_ctx))
                     if bar is not None:
                         bar.update(len(group))
+            saved.store(task, {s.dirname(n, name): rows[s][before[s][0]:] for s in mine},
+                        {s.dirname(n, name): seconds[s] - before[s][1] for s in mine})
         for s in mine:
             _write_dir(todo[(n, s)], s, n, name, rows[s], dict(
                 samples=samples, tasks=list(tasks), skipped_tasks=skipped, seed=seed,
                 haystack=str(hay_dir) if hay_dir else None, haystack_files=hay_files,
                 chat_template=bool(getattr(model._tok(), "chat_template", None)),
                 wall_clock_s=round(seconds[s], 1), length_wall_clock_s=round(time.perf_counter() - t0, 1)), out)
+        saved.clear()
     return [out / s.dirname(n, name) for n in lengths for s in settings]
+
+
+class _Partial:
+    """Each finished task's answers at one length, kept under `out/.partial/` until the
+    length's directories are written, so that a run stopped midway and started again with
+    the same settings (`key`) redoes only the tasks it had not finished."""
+
+    def __init__(self, out: Path, length: int, key: dict):
+        import hashlib
+
+        self.key = json.loads(json.dumps(key))
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
+        self.folder = out / ".partial" / f"{length}-{digest}"
+
+    def _path(self, task: str) -> Path:
+        return self.folder / f"{task}.json"
+
+    def load(self, task: str) -> dict | None:
+        try:
+            data = json.loads(self._path(task).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if data.get("key") == self.key else None
+
+    def store(self, task: str, rows: dict, seconds: dict) -> None:
+        from ..io.files import write_atomic
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._path(task), lambda f: json.dump({"key": self.key, "rows": rows, "seconds": seconds}, f))
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.parent.is_dir() and not any(self.folder.parent.iterdir()):
+            self.folder.parent.rmdir()
 
 
 def _answer(model: Model, mode: str, members, cap: int | None, parts, max_new: int, fuse: bool,
