@@ -230,21 +230,18 @@ def _interleave(states):
     return states[0].replace(length=mix(0)(*(s.length for s in states)), **fields)
 
 
-def answer_once(model: Model, members: Sequence[Policy], capacity: int, compressed, rest, max_new: int,
-                prompt=None):
+def answer_once(model: Model, members: Sequence[Policy], capacity: int, prompt, rest, max_new: int):
     """`once` mode: every prompt's compressed part cut to `capacity` by each member policy
-    (`prefill` oneshot), the rest appended without eviction, then `max_new` greedy tokens.
-    prompt: `decoding.oneshot_prompt(compressed)`'s forward, shared by every policy and
-    capacity of these prompts (None: run it here). Returns the answers' token lists, row b =
-    prompt b // n under members[b % n]."""
+    (oneshot prefill), the rest appended without eviction, then `max_new` greedy tokens.
+    prompt: `decoding.oneshot_prompt`'s forward over the compressed parts, shared by every
+    policy and capacity of these prompts. Returns the answers' token lists, row b = prompt
+    b // n under members[b % n]."""
     from ..core.policies import PerRow
-    from .decoding import cut_prompt, generate_tokens, oneshot_prompt
+    from .decoding import cut_prompt, generate_tokens
     from .spec import RunSpec
 
     extra = max(len(r) for r in rest) + max_new
     with model.scope():
-        if prompt is None:
-            prompt = oneshot_prompt(model.params, model.cfg, compressed)[1]
         states = [_widen(cut_prompt(model.params, model.cfg, p, capacity, prompt), extra) for p in members]
         policy = members[0] if len(members) == 1 else PerRow(policies=tuple(members))
         spec = RunSpec(policy, capacity + extra)  # the continued state's slots; exact reading of the rest
@@ -437,17 +434,18 @@ def _answer(model: Model, mode: str, members, cap: int | None, parts, max_new: i
             prompt=None) -> dict:
     """The answers of one task's prompts (`parts`: (compressed, rest) token ids) under the
     settings of one capacity (`members`: (setting, policy) pairs; `cap` None: full), the
-    bounded policies side by side. Returns {setting: (token lists, state slots)}."""
+    bounded policies side by side (`once`: cut from `prompt`, the compressed parts' forward).
+    Returns {setting: (token lists, state slots)}."""
     if cap is None:
         (s, _), = members
         return {s: (answer_full(model, [a + b for a, b in parts], max_new), None)}
-    compressed, rest = [a for a, _ in parts], [b for _, b in parts]
+    rest = [b for _, b in parts]
     slots = cap if mode == "once" else cap + max(map(len, rest))
     answers = {}
     # each policy once, even where two ratios round to one capacity
     for pol, group in side_by_side(list(dict.fromkeys(p for _, p in members)), fuse):
         if mode == "once":
-            toks = answer_once(model, group, cap, compressed, rest, max_new, prompt)
+            toks = answer_once(model, group, cap, prompt, rest, max_new)
         else:
             toks = answer_exact(model, pol, slots, [a + b for a, b in parts], max_new, len(group))
         answers.update({member: [toks[r] for r in pol.rows_of(i, len(toks))] for i, member in enumerate(group)})
