@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-# (name, backend, nbits, the package the backend needs)
+# (name, backend, nbits, the module the backend needs)
 CACHES = [("float32", None, None, None), ("fp8", "fp8", None, None), ("quanto int4", "quanto", 4, "optimum.quanto"),
           ("quanto int2", "quanto", 2, "optimum.quanto"), ("hqq int8", "hqq", 8, "hqq"), ("hqq int4", "hqq", 4, "hqq")]
+PIP = {"optimum.quanto": "optimum-quanto", "hqq": "hqq"}  # the distribution that installs each module
 BOOKS = ("pg_news_from_nowhere", "pg_jack_sheppard")
 
 
@@ -75,8 +76,7 @@ def run_book(model, ids, caches, log=print) -> list[dict]:
     rows = []
     for name, backend, nbits, need in caches:
         if not installed(need):
-            rows.append({"cache": name, "skipped": f"needs {need.split('.')[-1] if need else ''} "
-                                                   f"(pip install {'optimum-quanto' if need == 'optimum.quanto' else need})"})
+            rows.append({"cache": name, "skipped": f"needs {need} (pip install {PIP[need]})"})
             log(json.dumps(rows[-1]))
             continue
         t0 = time.perf_counter()
